@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""The project's two commands, each self-contained on a fresh machine.
+
+    python3 dev.py demo    # train, checkpoint, crash with SIGKILL, resume (examples/demo.py)
+    python3 dev.py test    # lint (ruff), type-check (mypy) and the whole test suite (pytest)
+
+Both create and fill ``.venv`` on first use (and refresh it when ``pyproject.toml``
+changes), so the only requirements are Python 3.10+ and pip. Extra arguments after
+``test`` go to pytest; extra arguments after ``demo`` go to the demo.
+Other commands: ``bench`` (benchmarks/run_all.py), ``shell`` (print the venv's python).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".trainhooks-installed"
+# The pinned CPU build; `pip install torch==2.13.0` resolves it without pulling CUDA wheels.
+TORCH = "torch==2.13.0"
+
+
+def _run(*cmd: str | os.PathLike[str]) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the project with its extras unless already current."""
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    if STAMP.exists() and STAMP.read_text().strip() == wanted:
+        return
+    if not PYTHON.exists():
+        print(f"Creating virtual environment in {VENV} ...", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = (PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q")
+    _run(*pip, "--upgrade", "pip")
+    # Torch first and pinned, so that the `torch` extra below is already satisfied.
+    _run(*pip, TORCH)
+    _run(*pip, "-e", ".[torch,test]")
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    ensure_venv()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if command == "shell":
+        print(PYTHON)
+        return 0
+    if command == "demo":
+        return subprocess.run([str(PYTHON), "examples/demo.py", *rest], cwd=ROOT, env=env).returncode
+    if command == "bench":
+        return subprocess.run([str(PYTHON), "benchmarks/run_all.py", *rest], cwd=ROOT, env=env).returncode
+    steps = [
+        [str(PYTHON), "-m", "ruff", "check", "src", "tests", "benchmarks", "examples", "tools"],
+        [str(PYTHON), "-m", "ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "tools"],
+        [str(PYTHON), "-m", "mypy"],
+        [str(PYTHON), "-m", "pytest", "-n", "2", *rest],
+    ]
+    for step in steps:
+        print("+", " ".join(step[1:]), flush=True)
+        code = subprocess.run(step, cwd=ROOT, env=env).returncode
+        if code != 0:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

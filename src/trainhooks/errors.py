@@ -1,0 +1,73 @@
+"""Errors raised by trainhooks, named after TensorFlow's ``tf.errors`` where the concept exists.
+
+Their meaning inside a monitored session is fixed by the reference semantics:
+
+* :class:`OutOfRangeError` (and the built-in ``StopIteration``) end training cleanly:
+  hooks' ``end`` runs.
+* :class:`AbortedError` and :class:`UnavailableError` are *preemption* errors: a
+  ``MonitoredSession`` closes the session, re-creates it (restoring the latest
+  checkpoint) and retries the same ``run``.
+* :class:`DataLossError` means a checkpoint failed verification; it names the
+  checkpoint, the file and the tensor.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AbortedError",
+    "DataLossError",
+    "DeadlineExceededError",
+    "Error",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "UnavailableError",
+    "UnknownError",
+]
+
+
+class Error(Exception):
+    """Base class of every error trainhooks raises on its own behalf."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class OutOfRangeError(Error):
+    """The input is exhausted; a monitored session treats it as a clean end of training."""
+
+
+class AbortedError(Error):
+    """The step was aborted (preemption, lost peer); a ``MonitoredSession`` recovers."""
+
+
+class UnavailableError(Error):
+    """A resource is temporarily unavailable; a ``MonitoredSession`` recovers."""
+
+
+class DataLossError(Error):
+    """A checkpoint is corrupt or truncated; it was not loaded."""
+
+
+class NotFoundError(Error):
+    """A checkpoint, file or entry that was asked for does not exist."""
+
+
+class InvalidArgumentError(Error):
+    """An argument or stored value has the wrong shape, dtype or form."""
+
+
+class DeadlineExceededError(Error):
+    """An operation did not finish within its time limit."""
+
+
+class UnknownError(Error):
+    """An error without a more specific class."""
+
+
+#: Errors that make a ``MonitoredSession`` re-create its session and retry the run.
+PREEMPTION_ERRORS: tuple[type[BaseException], ...] = (AbortedError, UnavailableError)
+
+#: Errors that end training cleanly: hooks' ``end`` is called.
+CLEAN_STOP_ERRORS: tuple[type[BaseException], ...] = (OutOfRangeError, StopIteration)

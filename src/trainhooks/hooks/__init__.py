@@ -1,0 +1,1 @@
+"""Hooks that act around training steps: timers, checkpoints, logging, summaries, profiling."""

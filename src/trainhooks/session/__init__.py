@@ -1,0 +1,1 @@
+"""Sessions: the raw session, the hook protocol, monitored sessions and their creators."""
