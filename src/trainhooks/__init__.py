@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "SessionRunValues": "trainhooks.session.run_hook",
     # sessions
     "Session": "trainhooks.session.session",
-    "MonitoredTrainingSession": "trainhooks.session.monitored",
+    "MonitoredTrainingSession": "trainhooks.session.training",
     "MonitoredSession": "trainhooks.session.monitored",
     "SingularMonitoredSession": "trainhooks.session.monitored",
     "StepContext": "trainhooks.session.monitored",
@@ -124,7 +124,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from trainhooks.session.creators import ChiefSessionCreator, Scaffold, WorkerSessionCreator
     from trainhooks.session.monitored import (
         MonitoredSession,
-        MonitoredTrainingSession,
         SingularMonitoredSession,
         StepContext,
     )
@@ -135,3 +134,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         SessionRunValues,
     )
     from trainhooks.session.session import Session
+    from trainhooks.session.training import MonitoredTrainingSession

@@ -67,27 +67,38 @@ class HookedSession:
     ) -> Any:
         if self._should_stop:
             raise RuntimeError("Run called even after should_stop requested.")
-        actual_fetches: dict[Any, Any] = {"caller": fetches}
-        run_context = SessionRunContext(SessionRunArgs(fetches, feed_dict), self._sess)
+        sess = self._sess
+        run_context = SessionRunContext(SessionRunArgs(fetches, feed_dict), sess)
         merged_options: dict[str, Any] = dict(options) if options else {}
-        feed = self._call_hook_before_run(run_context, actual_fetches, feed_dict, merged_options)
+        hook_fetches: dict[Any, Any] = {}
+        feed = self._call_hook_before_run(run_context, hook_fetches, feed_dict, merged_options)
         if run_metadata is None:
             run_metadata = {}
-        outputs = self._sess._run_step(actual_fetches, feed, merged_options, run_metadata)
+        if hook_fetches:
+            actual_fetches: dict[Any, Any] = {"caller": fetches}
+            actual_fetches.update(hook_fetches)
+            outputs = sess._run_step(actual_fetches, feed, merged_options, run_metadata)
+            result = outputs["caller"]
+        else:
+            # No hook fetches anything (the common case): run the caller's fetches alone.
+            outputs = hook_fetches
+            result = sess._run_step(fetches, feed, merged_options, run_metadata)
+        # Values are immutable, so hooks that fetched nothing can share one.
+        no_results = SessionRunValues(None, merged_options, run_metadata)
         for hook in self._hooks:
             hook.after_run(
                 run_context,
-                SessionRunValues(
-                    results=outputs.get(hook), options=merged_options, run_metadata=run_metadata
-                ),
+                SessionRunValues(outputs[hook], merged_options, run_metadata)
+                if hook in outputs
+                else no_results,
             )
         self._should_stop = self._should_stop or run_context.stop_requested
-        return outputs["caller"]
+        return result
 
     def _call_hook_before_run(
         self,
         run_context: SessionRunContext,
-        fetch_dict: dict[Any, Any],
+        hook_fetches: dict[Any, Any],
         user_feed_dict: Mapping[str, Any] | None,
         options: dict[str, Any],
     ) -> Mapping[str, Any] | None:
@@ -97,7 +108,7 @@ class HookedSession:
             if request is None:
                 continue
             if request.fetches is not None:
-                fetch_dict[hook] = request.fetches
+                hook_fetches[hook] = request.fetches
             if request.feed_dict:
                 _raise_if_feeds_intersect(
                     hook_feeds, request.feed_dict, "Same tensor is fed by two hooks."

@@ -13,6 +13,7 @@ Call order inside a monitored session (see ``MonitoredSession``)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -62,8 +63,8 @@ class SessionRunArgs(NamedTuple):
     """What a hook adds to a ``run``: fetches (names or callables, nested), feeds and options."""
 
     fetches: Any
-    feed_dict: dict[str, Any] | None = None
-    options: dict[str, Any] | None = None
+    feed_dict: Mapping[str, Any] | None = None
+    options: Mapping[str, Any] | None = None
 
 
 class SessionRunValues(NamedTuple):

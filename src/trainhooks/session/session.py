@@ -145,6 +145,12 @@ class Session:
     ) -> Any:
         """One training step: call the callables, advance the step, resolve the names."""
         self._check_open()
+        if callable(fetches):
+            # The common case, one step function: nothing to resolve afterwards.
+            value = _call(fetches, feed_dict)
+            if self.advance_global_step:
+                self._global_step += 1
+            return value
         namespace: list[Mapping[str, Any]] = []
         computed = self._call_fetches(fetches, feed_dict, namespace)
         if self.advance_global_step:
@@ -162,7 +168,7 @@ class Session:
             return fetches
         if callable(fetches):
             value = _call(fetches, feed)
-            if isinstance(value, Mapping):
+            if value is not None and isinstance(value, Mapping):
                 namespace.append(value)
             return _Computed(value)
         if isinstance(fetches, dict):

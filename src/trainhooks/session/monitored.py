@@ -1,0 +1,315 @@
+"""Monitored sessions: ``MonitoredSession`` and ``SingularMonitoredSession`` (TF's
+``monitored_session.py``); the ``MonitoredTrainingSession`` factory lives in
+:mod:`trainhooks.session.training` and is re-exported here.
+
+Lifecycle: every hook's ``begin()`` once; the session creator makes the raw session
+(restore or initialize); a new ``Coordinator``; every hook's
+``after_create_session(session, coord)``; then each ``run()`` is one hooked training
+step. ``OutOfRangeError`` and ``StopIteration`` end training cleanly (hooks' ``end``
+runs on close); any other error propagates, and ``end`` is not called. In a
+``MonitoredSession`` a preemption error (``AbortedError``, ``UnavailableError``, a lost
+``torch.distributed`` peer) closes the session, re-creates it from the latest
+checkpoint, calls ``after_create_session`` again and retries the same ``run``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from trainhooks import errors
+from trainhooks.session.creators import ChiefSessionCreator, Scaffold, SessionCreator
+from trainhooks.session.run_hook import SessionRunHook
+from trainhooks.session.session import Session
+from trainhooks.session.training import USE_DEFAULT, MonitoredTrainingSession
+from trainhooks.session.wrappers import (
+    CoordinatedSessionCreator,
+    RecoverableSession,
+    RunFn,
+)
+
+__all__ = [
+    "USE_DEFAULT",
+    "MonitoredSession",
+    "MonitoredTrainingSession",
+    "SingularMonitoredSession",
+    "StepContext",
+]
+
+
+class StepContext:
+    """What ``run_step_fn`` passes to the step function.
+
+    Args:
+      session: the raw session (its ``run`` calls no hooks).
+      run_with_hooks_fn: a full hooked ``run`` of the monitored session.
+
+    Example:
+        >>> def step_fn(step_context):
+        ...     loss = step_context.run_with_hooks(train_step)
+        ...     if loss < 0.01:
+        ...         step_context.request_stop()
+        ...     return loss
+    """
+
+    __slots__ = ("_run_with_hooks_fn", "_session")
+
+    def __init__(self, session: Session, run_with_hooks_fn: RunFn) -> None:
+        self._session = session
+        self._run_with_hooks_fn = run_with_hooks_fn
+
+    @property
+    def session(self) -> Session:
+        """The raw session."""
+        return self._session
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
+        """One hooked ``run``, with the same arguments as ``MonitoredSession.run``."""
+        return self._run_with_hooks_fn(*args, **kwargs)
+
+    def request_stop(self) -> None:
+        """Stop training: raises ``StopIteration``, so the step function's return value is lost."""
+        raise StopIteration("step_fn has requested the iterations to stop.")
+
+
+def _fn_args(fn: Any) -> tuple[str, ...]:
+    """The positional parameter names of ``fn`` the way TF's ``fn_args`` lists them."""
+    if isinstance(fn, functools.partial):
+        args = _fn_args(fn.func)
+        return tuple(a for a in args[len(fn.args) :] if a not in (fn.keywords or {}))
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        fn = fn.__call__  # a callable object
+    names = list(inspect.getfullargspec(fn).args)
+    if inspect.ismethod(fn) and names:
+        names.pop(0)  # a bound method's self or cls
+    return tuple(names)
+
+
+class _MonitoredSession:
+    """The shared body of ``MonitoredSession`` and ``SingularMonitoredSession``."""
+
+    def __init__(
+        self,
+        session_creator: SessionCreator | None,
+        hooks: Sequence[SessionRunHook] | None,
+        should_recover: bool,
+        stop_grace_period_secs: float = 120,
+    ) -> None:
+        self._hooks: list[SessionRunHook] = list(hooks or [])
+        for hook in self._hooks:
+            hook.begin()
+        self._coordinated_creator = CoordinatedSessionCreator(
+            session_creator=session_creator or ChiefSessionCreator(),
+            hooks=self._hooks,
+            stop_grace_period_secs=stop_grace_period_secs,
+        )
+        self._sess: Any = (
+            RecoverableSession(self._coordinated_creator)
+            if should_recover
+            else self._coordinated_creator.create_session()
+        )
+
+    def run(
+        self,
+        fetches: Any,
+        feed_dict: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        run_metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """One training step: the hooks' ``before_run``, the fetches, the hooks' ``after_run``.
+
+        Args:
+          fetches: a callable, a name, or a list/tuple/dict nesting them (see ``Session``).
+          feed_dict: keyword arguments for the callables, merged with the hooks' feeds.
+          options: run options, merged with the hooks' options.
+          run_metadata: a dict the hooks and the step may fill.
+
+        Returns:
+          the fetched values, in the structure of ``fetches``.
+
+        Raises:
+          RuntimeError: if the session is closed, or a hook already requested a stop.
+        """
+        sess = self._sess
+        if sess is None:
+            raise RuntimeError("Run called on a closed session; create a new monitored session.")
+        return sess.run(fetches, feed_dict, options, run_metadata)
+
+    def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
+        """Run ``step_fn(step_context)``, a step that decides itself how to call the session.
+
+        ``step_context.session`` is the raw session, ``step_context.run_with_hooks(...)``
+        a hooked run, and ``step_context.request_stop()`` ends training. A preemption
+        error inside ``step_fn`` recovers the session (MonitoredSession) and calls
+        ``step_fn`` again.
+
+        Args:
+          step_fn: a function of one argument, ``step_context`` (or a method
+            ``(self, step_context)``).
+
+        Returns:
+          what ``step_fn`` returns.
+
+        Raises:
+          ValueError: if ``step_fn`` has other arguments.
+
+        Example:
+            >>> def step_fn(step_context):
+            ...     return step_context.run_with_hooks(train_step)
+            >>> loss = sess.run_step_fn(step_fn)
+        """
+        step_fn_arguments = _fn_args(step_fn)
+        if step_fn_arguments not in (("step_context",), ("self", "step_context")):
+            raise ValueError(
+                "`step_fn` may either have one `step_context` argument, or `self` and "
+                "`step_context` arguments if it's an instance method. Got "
+                f"{step_fn_arguments} instead."
+            )
+        if self._sess is None:
+            raise RuntimeError("run_step_fn called on a closed session.")
+
+        def call_step_fn(raw_session: Session, run_with_hooks: RunFn) -> Any:
+            return step_fn(StepContext(raw_session, run_with_hooks))
+
+        return self._sess.run_step_fn(call_step_fn, None)
+
+    def should_stop(self) -> bool:
+        """True once a hook or the step requested a stop, or the session is closed.
+
+        An exception that a thread reported to the coordinator makes it True too (it
+        is raised by ``close``); in a ``SingularMonitoredSession`` it is raised here.
+        """
+        return self._sess is None or bool(self._sess.should_stop())
+
+    def close(self) -> None:
+        """Call every hook's ``end``, then close the session.
+
+        Raises:
+          RuntimeError: ``'Session is already closed.'`` on a second close.
+        """
+        self._close_internal()
+
+    def __enter__(self) -> _MonitoredSession:
+        return self
+
+    def __exit__(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if exception_type is not None and issubclass(exception_type, errors.CLEAN_STOP_ERRORS):
+            exception_type = None
+        self._close_internal(exception_type)
+        # Returning True swallows the exception: only for a clean stop.
+        return exception_type is None
+
+    def _close_internal(self, exception_type: type[BaseException] | None = None) -> None:
+        try:
+            if exception_type is None:
+                raw = self._coordinated_creator.tf_sess
+                for hook in self._hooks:
+                    hook.end(raw)  # type: ignore[arg-type]  # None on a second close, as TF
+        finally:
+            try:
+                if self._sess is None:
+                    raise RuntimeError("Session is already closed.")
+                self._sess.close()
+            finally:
+                self._sess = None
+                self._coordinated_creator.tf_sess = None
+                self._coordinated_creator.coord = None
+
+    def _is_closed(self) -> bool:
+        return self._sess is None
+
+    def _tf_sess(self) -> Session | None:
+        return self._coordinated_creator.tf_sess
+
+
+class MonitoredSession(_MonitoredSession):
+    """A session that runs hooks around each step and recovers from preemption errors.
+
+    Args:
+      session_creator: makes the raw session; default ``ChiefSessionCreator()``.
+      hooks: the :class:`~trainhooks.SessionRunHook` s, called in this order.
+      stop_grace_period_secs: how long ``close`` waits for coordinator threads.
+
+    Example:
+        >>> creator = ChiefSessionCreator(state={"w": w}, checkpoint_dir="ckpt")
+        >>> with MonitoredSession(session_creator=creator, hooks=[hook]) as sess:
+        ...     while not sess.should_stop():
+        ...         sess.run(train_step)
+    """
+
+    def __init__(
+        self,
+        session_creator: SessionCreator | None = None,
+        hooks: Sequence[SessionRunHook] | None = None,
+        stop_grace_period_secs: float = 120,
+    ) -> None:
+        super().__init__(
+            session_creator,
+            hooks,
+            should_recover=True,
+            stop_grace_period_secs=stop_grace_period_secs,
+        )
+
+
+class SingularMonitoredSession(_MonitoredSession):
+    """A monitored session for a single process: hooks but no recovery.
+
+    Preemption errors propagate like any other error. ``raw_session()`` gives the raw
+    :class:`~trainhooks.Session` (None once closed).
+
+    Args:
+      hooks: the hooks, called in this order.
+      scaffold: the :class:`Scaffold`; default ``Scaffold()``.
+      master: accepted for TF compatibility; unused.
+      config: accepted for TF compatibility; unused.
+      checkpoint_dir: restore the latest checkpoint from this directory.
+      stop_grace_period_secs: how long ``close`` waits for coordinator threads.
+      checkpoint_filename_with_path: restore this checkpoint prefix instead.
+      state: the training state (shortcut for ``Scaffold(state=...)``).
+      advance_global_step: False when the step function advances the global step itself.
+
+    Example:
+        >>> with SingularMonitoredSession(state={"w": w}, checkpoint_dir="ckpt") as sess:
+        ...     sess.run(train_step)
+    """
+
+    def __init__(
+        self,
+        hooks: Sequence[SessionRunHook] | None = None,
+        scaffold: Scaffold | None = None,
+        master: str = "",
+        config: Any = None,
+        checkpoint_dir: str | None = None,
+        stop_grace_period_secs: float = 120,
+        checkpoint_filename_with_path: str | None = None,
+        *,
+        state: Mapping[str, Any] | None = None,
+        advance_global_step: bool = True,
+    ) -> None:
+        session_creator = ChiefSessionCreator(
+            scaffold=scaffold,
+            master=master,
+            config=config,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_filename_with_path=checkpoint_filename_with_path,
+            state=state,
+            advance_global_step=advance_global_step,
+        )
+        super().__init__(
+            session_creator,
+            hooks,
+            should_recover=False,
+            stop_grace_period_secs=stop_grace_period_secs,
+        )
+
+    def raw_session(self) -> Session | None:
+        """The raw session, or None once closed."""
+        return self._tf_sess()

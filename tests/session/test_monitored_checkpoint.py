@@ -1,0 +1,386 @@
+"""Monitored sessions with real checkpoints: restore, recovery, the default chief hooks
+(ported from TF's monitored_session_test.py; uses Saver and CheckpointSaverHook)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from trainhooks import errors
+from trainhooks.checkpoint.saver import Saver
+from trainhooks.checkpoint.state_file import get_checkpoint_state, latest_checkpoint
+from trainhooks.hooks.basic import StepCounterHook, StopAtStepHook
+from trainhooks.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
+from trainhooks.hooks.summary import SummarySaverHook
+from trainhooks.session.creators import ChiefSessionCreator, Scaffold
+from trainhooks.session.monitored import (
+    MonitoredSession,
+    MonitoredTrainingSession,
+    SingularMonitoredSession,
+)
+from trainhooks.session.run_hook import (
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+from trainhooks.session.session import Session
+
+
+class CountingHook(SessionRunHook):
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {"begin": 0, "after_create_session": 0, "end": 0}
+
+    def begin(self) -> None:
+        self.calls["begin"] += 1
+
+    def after_create_session(self, session: Session, coord: Any) -> None:
+        self.calls["after_create_session"] += 1
+
+    def end(self, session: Session) -> None:
+        self.calls["end"] += 1
+
+
+class RaiseOnceAtCountN(SessionRunHook):
+    """Raises ``ex`` in the n-th ``before_run`` (or ``after_run``), once."""
+
+    def __init__(self, n: int, ex: BaseException, *, in_after_run: bool = False) -> None:
+        self.n, self.ex, self.in_after_run = n, ex, in_after_run
+        self.raised = False
+        self.count = 0
+
+    def _maybe_raise(self) -> None:
+        self.count += 1
+        if self.count == self.n and not self.raised:
+            self.raised = True
+            raise self.ex
+
+    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        if not self.in_after_run:
+            self._maybe_raise()
+        return None
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        if self.in_after_run:
+            self._maybe_raise()
+
+
+class RecordingListener(CheckpointSaverListener):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def begin(self) -> None:
+        self.events.append("begin")
+
+    def before_save(self, session: Session, global_step_value: int) -> None:
+        self.events.append(f"bs{global_step_value}")
+
+    def after_save(self, session: Session, global_step_value: int) -> None:
+        self.events.append(f"as{global_step_value}")
+
+    def end(self, session: Session, global_step_value: int) -> None:
+        self.events.append(f"end{global_step_value}")
+
+
+def make_state() -> dict[str, Any]:
+    return {"w": np.zeros(3, dtype=np.float32), "count": 0}
+
+
+def train_step(state: dict[str, Any]) -> Any:
+    def step() -> dict[str, float]:
+        state["w"] += 1.0
+        return {"loss": float(state["w"].sum())}
+
+    return step
+
+
+def saved_steps(checkpoint_dir: Path) -> list[int]:
+    ckpt = get_checkpoint_state(str(checkpoint_dir))
+    assert ckpt is not None
+    return [int(p.rsplit("-", 1)[1]) for p in ckpt.all_model_checkpoint_paths]
+
+
+def test_saving_restoring_checkpoint(tmp_path: Path) -> None:
+    state = make_state()
+    with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=state) as session:
+        assert session.run("global_step") == 1
+        assert session.run([train_step(state), "global_step"])[1] == 2
+    # A restart finds the checkpoint that end() wrote and restores it.
+    state2 = make_state()
+    with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=state2) as session:
+        assert session.run("global_step") == 3
+    assert state2["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_custom_saving_with_checkpoints_off(tmp_path: Path) -> None:
+    hook = CountingHook()
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path),
+        chief_only_hooks=[hook],
+        save_checkpoint_secs=0,
+        state=make_state(),
+    ) as session:
+        assert session.run("global_step") == 1
+    assert hook.calls["begin"] == 1
+    assert not (tmp_path / "checkpoint").exists()
+    # A restart finds no checkpoint, since nothing was saved.
+    with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=make_state()) as session:
+        assert session.run("global_step") == 1
+
+
+def test_default_chief_hooks_and_their_order(tmp_path: Path) -> None:
+    chief_hook, user_hook = CountingHook(), CountingHook()
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path),
+        chief_only_hooks=[chief_hook],
+        hooks=[user_hook],
+        state=make_state(),
+    ) as session:
+        hooks = session._hooks
+        # The checkpoint at the creation step is already there.
+        assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-0")
+    assert [type(h) for h in hooks] == [
+        CountingHook,
+        StepCounterHook,
+        SummarySaverHook,
+        CheckpointSaverHook,
+        CountingHook,
+    ]
+    assert hooks[0] is chief_hook and hooks[-1] is user_hook
+    assert hooks[2]._timer._every_steps == 100  # type: ignore[attr-defined]
+    assert hooks[3]._timer._every_secs == 600  # type: ignore[attr-defined]
+    assert hooks[3].checkpoint_dir == str(tmp_path)  # type: ignore[attr-defined]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+def test_summary_dir_takes_the_summaries(tmp_path: Path) -> None:
+    summaries = tmp_path / "summaries"
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path / "ckpt"), summary_dir=str(summaries), state=make_state()
+    ) as session:
+        session.run(lambda: None)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(summaries))
+    assert not any(n.startswith("events") for n in os.listdir(tmp_path / "ckpt"))
+
+
+def test_both_checkpoint_schedules_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=re.escape("Can not provide both every_secs and every_steps.")
+    ):
+        MonitoredTrainingSession(
+            checkpoint_dir=str(tmp_path),
+            save_checkpoint_secs=10,
+            save_checkpoint_steps=10,
+            state=make_state(),
+        )
+
+
+def test_checkpoint_every_3_steps_with_stop_at_10(tmp_path: Path) -> None:
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path),
+        save_checkpoint_steps=3,
+        hooks=[StopAtStepHook(last_step=10)],
+        state=make_state(),
+    ) as session:
+        while not session.should_stop():
+            session.run(lambda: None)
+    assert saved_steps(tmp_path) == [0, 3, 6, 9, 10]
+
+
+def test_last_step(tmp_path: Path) -> None:
+    state = make_state()
+    hooks = [StopAtStepHook(last_step=3)]
+    creator = ChiefSessionCreator(checkpoint_dir=str(tmp_path), state=state)
+    with MonitoredSession(session_creator=creator, hooks=hooks) as session:
+        assert session.run("global_step") == 1
+        assert not session.should_stop()
+        assert session.run("global_step") == 2
+        assert not session.should_stop()
+        assert session.run("global_step") == 3
+        assert session.should_stop()
+        raw = session._tf_sess()
+        assert raw is not None
+        save_path = Saver().save(raw, str(tmp_path / "step-3"))
+    assert save_path is not None
+
+    # Run to step 5, restoring step 3 in init_fn.
+    def load_ckpt(scaffold: Scaffold, sess: Session) -> None:
+        assert scaffold.saver is not None
+        scaffold.saver.restore(sess, save_path)
+
+    creator = ChiefSessionCreator(Scaffold(init_fn=load_ckpt, state=make_state()))
+    with MonitoredSession(session_creator=creator, hooks=[StopAtStepHook(last_step=5)]) as session:
+        assert session.run("global_step") == 4
+        assert not session.should_stop()
+        assert session.run("global_step") == 5
+        assert session.should_stop()
+
+
+def test_num_steps_after_restore(tmp_path: Path) -> None:
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path), hooks=[StopAtStepHook(num_steps=3)], state=make_state()
+    ) as session:
+        steps = []
+        while not session.should_stop():
+            steps.append(session.run("global_step"))
+    assert steps == [1, 2, 3]
+    # Restored at 3, num_steps=4 counts from there: stops at 7.
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path), hooks=[StopAtStepHook(num_steps=4)], state=make_state()
+    ) as session:
+        steps = []
+        while not session.should_stop():
+            steps.append(session.run("global_step"))
+    assert steps == [4, 5, 6, 7]
+
+
+def test_recovery(tmp_path: Path) -> None:
+    state = make_state()
+    scaffold = Scaffold(state=state)
+    hooks = [CheckpointSaverHook(str(tmp_path), save_steps=1, scaffold=scaffold)]
+    creator = ChiefSessionCreator(scaffold, checkpoint_dir=str(tmp_path))
+    with MonitoredSession(session_creator=creator, hooks=hooks) as session:
+        assert session.run([train_step(state), "global_step"])[1] == 1
+        assert session.run([train_step(state), "global_step"])[1] == 2
+    # A restart finds the checkpoint and restores it.
+    state["w"][:] = -1.0
+    with MonitoredSession(ChiefSessionCreator(scaffold, checkpoint_dir=str(tmp_path))) as session:
+        assert session.run("global_step") == 3
+        assert state["w"].tolist() == [2.0, 2.0, 2.0]
+    state["w"][:] = -1.0
+    path = latest_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / "model.ckpt-2")
+    creator = ChiefSessionCreator(scaffold, checkpoint_filename_with_path=path)
+    with MonitoredSession(creator) as session:
+        assert session.run("global_step") == 3
+        assert state["w"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_recover_and_retry_on_aborted_error(tmp_path: Path) -> None:
+    state = make_state()
+    scaffold = Scaffold(state=state)
+    listener = RecordingListener()
+    abort_hook = RaiseOnceAtCountN(4, errors.AbortedError("Abort"))
+    ckpt_hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=1, scaffold=scaffold, listeners=[listener]
+    )
+    creator = ChiefSessionCreator(scaffold, checkpoint_dir=str(tmp_path))
+    with MonitoredSession(session_creator=creator, hooks=[abort_hook, ckpt_hook]) as session:
+        assert session.run("global_step") == 1
+        assert session.run("global_step") == 2
+        assert session.run("global_step") == 3
+        assert not session.should_stop()
+        # The 4th run aborts in before_run: the session restores step 3 and retries.
+        assert session.run("global_step") == 4
+        assert abort_hook.raised
+        assert not session.should_stop()
+        assert session.run("global_step") == 5
+    assert listener.events == [
+        "begin",
+        *("bs0", "as0", "bs1", "as1", "bs2", "as2", "bs3", "as3"),
+        *("bs3", "as3"),  # the re-save at the restored step after recovery
+        *("bs4", "as4", "bs5", "as5"),
+        "end5",
+    ]
+
+
+def test_recovery_restores_the_state_changed_by_the_failed_step(tmp_path: Path) -> None:
+    state = make_state()
+    abort_hook = RaiseOnceAtCountN(3, errors.UnavailableError("peer gone"), in_after_run=True)
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path),
+        save_checkpoint_steps=1,
+        # after_run of the abort hook runs before the checkpoint hook's: no save at 3.
+        chief_only_hooks=[abort_hook],
+        state=state,
+    ) as session:
+        assert session.run([train_step(state), "global_step"])[1] == 1
+        assert session.run([train_step(state), "global_step"])[1] == 2
+        # The 3rd step changes w, then fails: w is restored from step 2 and the
+        # step runs again.
+        assert session.run([train_step(state), "global_step"])[1] == 3
+        assert state["w"].tolist() == [3.0, 3.0, 3.0]
+    assert abort_hook.raised
+
+
+def test_restore_torch_state_on_a_second_session(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 4)
+
+    def step() -> dict[str, float]:
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path),
+        hooks=[StopAtStepHook(last_step=3)],
+        state={"model": model, "optimizer": optimizer},
+    ) as session:
+        while not session.should_stop():
+            session.run(step)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2 = torch.nn.Linear(4, 2)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    with SingularMonitoredSession(
+        checkpoint_dir=str(tmp_path), state={"model": model2, "optimizer": optimizer2}
+    ) as session:
+        raw = session.raw_session()
+        assert raw is not None and raw.global_step == 3
+    for name, value in model2.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert optimizer2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
+def test_worker_restores_the_chief_checkpoint_and_writes_nothing(tmp_path: Path) -> None:
+    state = make_state()
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path), state=state, save_checkpoint_steps=1
+    ) as session:
+        session.run(train_step(state))
+        session.run(train_step(state))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+
+    worker_state = make_state()
+    with MonitoredTrainingSession(
+        is_chief=False, checkpoint_dir=str(tmp_path), state=worker_state
+    ) as session:
+        assert session.run("global_step") == 3
+        assert worker_state["w"].tolist() == [2.0, 2.0, 2.0]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_restart_falls_back_when_the_latest_checkpoint_is_corrupt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = make_state()
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path), state=state, save_checkpoint_steps=1
+    ) as session:
+        session.run(train_step(state))
+        session.run(train_step(state))
+    (data_file,) = (tmp_path / "model.ckpt-2").glob("*.safetensors")
+    raw = bytearray(data_file.read_bytes())
+    raw[-1] ^= 0xFF  # flip bits in the last tensor byte
+    data_file.write_bytes(bytes(raw))
+
+    state2 = make_state()
+    with (
+        caplog.at_level("WARNING"),
+        SingularMonitoredSession(checkpoint_dir=str(tmp_path), state=state2) as session,
+    ):
+        raw_session = session.raw_session()
+        assert raw_session is not None and raw_session.global_step == 1
+    assert state2["w"].tolist() == [1.0, 1.0, 1.0]
+    assert "model.ckpt-2" in caplog.text
