@@ -48,9 +48,9 @@ _EXPORTS: dict[str, str] = {
     "CheckpointSaverListener": "trainhooks.hooks.checkpoint",
     "StopAtStepHook": "trainhooks.hooks.basic",
     "StepCounterHook": "trainhooks.hooks.basic",
-    "LoggingTensorHook": "trainhooks.hooks.basic",
-    "NanTensorHook": "trainhooks.hooks.basic",
-    "NanLossDuringTrainingError": "trainhooks.hooks.basic",
+    "LoggingTensorHook": "trainhooks.hooks.tensors",
+    "NanTensorHook": "trainhooks.hooks.tensors",
+    "NanLossDuringTrainingError": "trainhooks.hooks.tensors",
     "GlobalStepWaiterHook": "trainhooks.hooks.basic",
     "FinalOpsHook": "trainhooks.hooks.basic",
     "FeedFnHook": "trainhooks.hooks.basic",
@@ -109,9 +109,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         FeedFnHook,
         FinalOpsHook,
         GlobalStepWaiterHook,
-        LoggingTensorHook,
-        NanLossDuringTrainingError,
-        NanTensorHook,
         StepCounterHook,
         StopAtStepHook,
     )
@@ -119,6 +116,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from trainhooks.hooks.listeners import BackupListener, EvaluationListener, KeepBestListener
     from trainhooks.hooks.profiler import ProfilerHook
     from trainhooks.hooks.summary import SummarySaverHook
+    from trainhooks.hooks.tensors import (
+        LoggingTensorHook,
+        NanLossDuringTrainingError,
+        NanTensorHook,
+    )
     from trainhooks.hooks.timers import NeverTriggerTimer, SecondOrStepTimer
     from trainhooks.session.coordinator import Coordinator
     from trainhooks.session.creators import ChiefSessionCreator, Scaffold, WorkerSessionCreator

@@ -49,6 +49,7 @@ class SecondOrStepTimer:
         self._last_triggered_time: float | None = None
 
     def reset(self) -> None:
+        """Forget the last trigger: the next :meth:`should_trigger_for_step` triggers."""
         self._last_triggered_step = None
         self._last_triggered_time = None
 
@@ -62,10 +63,9 @@ class SecondOrStepTimer:
             assert self._last_triggered_time is not None
             if self._clock() >= self._last_triggered_time + self._every_secs:
                 return True
-        if self._every_steps is not None:
-            if step >= self._last_triggered_step + self._every_steps:
-                return True
-        return False
+        return (
+            self._every_steps is not None and step >= self._last_triggered_step + self._every_steps
+        )
 
     def update_last_triggered_step(self, step: int) -> tuple[float | None, int | None]:
         """Record a trigger at ``step``; returns (elapsed seconds, elapsed steps) or (None, None)."""
@@ -82,6 +82,7 @@ class SecondOrStepTimer:
         return elapsed_secs, elapsed_steps
 
     def last_triggered_step(self) -> int | None:
+        """The step of the last trigger, or None if it never triggered."""
         return self._last_triggered_step
 
 
