@@ -1,0 +1,296 @@
+"""``CheckpointSaverHook`` and ``CheckpointSaverListener``: when to checkpoint, and who hears of it.
+
+The hook follows TensorFlow 2.x's ``tf.compat.v1.train.CheckpointSaverHook`` call for
+call (``shared/reference/tf_semantics.md`` §2 and §3), with one graph-free change fixed
+by DESIGN §2: after every run it reads the real global step from
+``run_context.session.global_step``; there is no stale-step pre-check.
+
+One save is split in two halves, :meth:`CheckpointSaverHook._before_save_and_write`
+(listeners' ``before_save``, then ``Saver.save``) and
+:meth:`CheckpointSaverHook._after_commit` (listeners' ``after_save``). With synchronous
+saving the second half runs right after the first; background saving (DESIGN §4) will
+deliver it at the first step boundary after the commit instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from trainhooks._clock import Clock, wall_clock
+from trainhooks.hooks.timers import SecondOrStepTimer
+from trainhooks.session.run_hook import SessionRunContext, SessionRunHook, SessionRunValues
+
+if TYPE_CHECKING:
+    from trainhooks.checkpoint.saver import Saver
+    from trainhooks.session.coordinator import Coordinator
+    from trainhooks.session.creators import Scaffold
+    from trainhooks.session.session import Session
+
+__all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointSaverListener:
+    """Interface for listeners that take action before or after a checkpoint save.
+
+    A listener triggers only in steps when its :class:`CheckpointSaverHook` saves, and
+    is called at these points:
+
+    * ``begin()``: before using the session (from the hook's ``begin``);
+    * ``before_save(session, global_step_value)``: before each ``Saver.save``;
+    * ``after_save(session, global_step_value)``: after each save, once the checkpoint
+      is committed. A truthy return asks training to stop after the current step
+      (only for saves made after a step; the save at session creation and the final
+      save in ``end`` cannot stop training);
+    * ``end(session, global_step_value)``: once, at the end of the session, after the
+      hook's final save (if one was needed), with the final step.
+
+    Saves include the one at session creation (also after a recovery, which re-saves
+    the restored step) and the final one. All methods do nothing by default.
+
+    A listener may act on its own, less frequent schedule, based on
+    ``global_step_value``. It should then implement ``end()`` to handle the last
+    checkpoint, but must not act twice when ``after_save()`` already handled that last
+    save: when the final step was just saved by a step, the hook does not save again
+    in ``end`` and ``end`` follows an ``after_save`` for the same step. Remember the
+    step you handled:
+
+    Example:
+        >>> import trainhooks as th
+        >>> class ExportEveryN(th.CheckpointSaverListener):
+        ...     def __init__(self, every_n_steps):
+        ...         self.every_n_steps = every_n_steps
+        ...         self.exported = []           # steps handled, in order
+        ...     def after_save(self, session, global_step_value):
+        ...         if global_step_value % self.every_n_steps == 0:
+        ...             self._export(global_step_value)
+        ...     def end(self, session, global_step_value):
+        ...         if not self.exported or self.exported[-1] != global_step_value:
+        ...             self._export(global_step_value)      # the last checkpoint, once
+        ...     def _export(self, step):
+        ...         self.exported.append(step)
+        >>> listener = ExportEveryN(every_n_steps=4)
+        >>> for step in (0, 2, 4, 6):          # the hook saving every 2 steps
+        ...     listener.after_save(None, step)
+        >>> listener.end(None, 6)               # 6 was saved but not handled: act now
+        >>> listener.end(None, 6)               # ... and never twice
+        >>> listener.exported
+        [0, 4, 6]
+
+    To use a listener, pass it to a hook:
+    ``CheckpointSaverHook(checkpoint_dir, save_steps=100, listeners=[listener])``.
+    """
+
+    def set_hook(self, hook: CheckpointSaverHook) -> None:
+        """Called by the hook before ``begin()``; the default keeps it as ``self.hook``.
+
+        Listeners that need the checkpoint directory or the path of the checkpoint
+        just written read them from the hook (``hook.checkpoint_dir``,
+        ``hook.last_checkpoint_path``).
+
+        Args:
+          hook: the :class:`CheckpointSaverHook` this listener was given to.
+        """
+        self.hook = hook
+
+    def begin(self) -> None:
+        """Called once, from the hook's ``begin``, before the session is created."""
+
+    def before_save(self, session: Session, global_step_value: int) -> None:
+        """Called before each save, with the step being saved."""
+
+    def after_save(self, session: Session, global_step_value: int) -> bool | None:
+        """Called after each save is committed; return True to ask training to stop."""
+        return None
+
+    def end(self, session: Session, global_step_value: int) -> None:
+        """Called once at the end of the session, after the final save, with the last step."""
+
+
+class CheckpointSaverHook(SessionRunHook):
+    """Saves checkpoints every N steps or N seconds, and at session creation and end.
+
+    When it acts (TF 2.x semantics):
+
+    * ``begin``: creates ``checkpoint_dir`` and calls every listener's ``begin``.
+    * ``after_create_session``: saves at the current global step (``model.ckpt-0`` for
+      a fresh run; the restored step again after a restore or recovery) and restarts
+      the timer from that step. A listener's stop request is ignored here.
+    * ``after_run``: reads the real global step; if the timer triggers for it, records
+      the trigger, then saves. If any listener's ``after_save`` returns a truthy value,
+      it requests a stop (every listener is still called).
+    * ``end``: saves the final step unless it is the step last saved by the timer, then
+      calls every listener's ``end`` with the final step. ``end`` runs only when the
+      session closes cleanly (including end of input), so an exception in the loop
+      leaves no final checkpoint.
+
+    Args:
+      checkpoint_dir: base directory for the checkpoint files.
+      save_secs: save every N seconds.
+      save_steps: save every N steps (``0``: every new step).
+      saver: the :class:`~trainhooks.Saver` used for saving.
+      checkpoint_basename: base name for the checkpoints (``model.ckpt`` gives
+        ``model.ckpt-<step>``).
+      scaffold: a :class:`~trainhooks.Scaffold` whose ``saver`` is used.
+      listeners: :class:`CheckpointSaverListener` instances, called in order around
+        each save.
+      async_save: save in the background (DESIGN §4); not available yet, only False.
+      clock: the time source for ``save_secs`` (tests pass a fake clock).
+
+    Raises:
+      ValueError: if both ``saver`` and ``scaffold`` are given, or not exactly one of
+        ``save_secs`` and ``save_steps``.
+
+    Example:
+        >>> import trainhooks as th
+        >>> hook = th.CheckpointSaverHook("/tmp/ckpt", save_steps=100)
+        >>> with th.MonitoredTrainingSession(  # doctest: +SKIP
+        ...     state={"model": model}, chief_only_hooks=[hook],
+        ... ) as sess:
+        ...     while not sess.should_stop():
+        ...         sess.run(train_step)
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str],
+        save_secs: float | None = None,
+        save_steps: int | None = None,
+        saver: Saver | None = None,
+        checkpoint_basename: str = "model.ckpt",
+        scaffold: Scaffold | None = None,
+        listeners: Iterable[CheckpointSaverListener] | None = None,
+        *,
+        async_save: bool = False,
+        clock: Clock = wall_clock,
+    ) -> None:
+        logger.info("Create CheckpointSaverHook.")
+        if saver is not None and scaffold is not None:
+            raise ValueError("You cannot provide both saver and scaffold.")
+        if async_save:
+            raise NotImplementedError(
+                "CheckpointSaverHook(async_save=True) is not available yet: pass "
+                "async_save=False (MonitoredTrainingSession: async_checkpoint=False)."
+            )
+        self._saver = saver
+        self._checkpoint_dir = os.fspath(checkpoint_dir)
+        self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
+        self._scaffold = scaffold
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
+        self._listeners: list[CheckpointSaverListener] = list(listeners or [])
+        self._last_checkpoint_path: str | None = None
+        for listener in self._listeners:
+            set_hook = getattr(listener, "set_hook", None)
+            if set_hook is not None:
+                set_hook(self)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """The directory the checkpoints are written to."""
+        return self._checkpoint_dir
+
+    @property
+    def save_path(self) -> str:
+        """The checkpoint prefix without the step (``<checkpoint_dir>/model.ckpt``)."""
+        return self._save_path
+
+    @property
+    def listeners(self) -> list[CheckpointSaverListener]:
+        """The listeners, in the order they are called."""
+        return list(self._listeners)
+
+    @property
+    def last_checkpoint_path(self) -> str | None:
+        """The prefix of the last committed checkpoint (``.../model.ckpt-200``), or None.
+
+        Set before listeners' ``after_save`` runs, so a listener reads the checkpoint
+        it is told about.
+        """
+        return self._last_checkpoint_path
+
+    @property
+    def saver(self) -> Saver:
+        """The saver: ``saver=``, else ``scaffold.saver``, else a default ``Saver()``."""
+        return self._get_saver()
+
+    def begin(self) -> None:
+        # TF's begin opens a summary writer for checkpoint_dir, which creates the
+        # directory; Saver.save expects its parent directory to exist.
+        os.makedirs(self._checkpoint_dir, exist_ok=True)
+        for listener in self._listeners:
+            listener.begin()
+
+    def after_create_session(self, session: Session, coord: Coordinator) -> None:
+        global_step = session.global_step
+        # A stop requested by a listener here is ignored, as in TF.
+        self._save(session, global_step)
+        self._timer.update_last_triggered_step(global_step)
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        global_step = run_context.session.global_step
+        if self._timer.should_trigger_for_step(global_step):
+            # Updated before saving, as TF does: a save that raises is not retried
+            # at the same step.
+            self._timer.update_last_triggered_step(global_step)
+            if self._save(run_context.session, global_step):
+                run_context.request_stop()
+
+    def end(self, session: Session) -> None:
+        last_step = session.global_step
+        if last_step != self._timer.last_triggered_step():
+            self._save(session, last_step)
+        for listener in self._listeners:
+            listener.end(session, last_step)
+
+    def _save(self, session: Session, step: int) -> bool:
+        """Saves a checkpoint at ``step``; returns True if a listener asked to stop.
+
+        The two halves are kept apart so that a background save can run the second
+        one later, on the training thread, once the checkpoint is committed.
+        """
+        checkpoint_path = self._before_save_and_write(session, step)
+        return self._after_commit(session, step, checkpoint_path)
+
+    def _before_save_and_write(self, session: Session, step: int) -> str | None:
+        """Listeners' ``before_save``, then ``Saver.save``; returns the checkpoint prefix."""
+        logger.info("Calling checkpoint listeners before saving checkpoint %d...", step)
+        for listener in self._listeners:
+            listener.before_save(session, step)
+        logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
+        return self._get_saver().save(session, self._save_path, global_step=step)
+
+    def _after_commit(self, session: Session, step: int, checkpoint_path: str | None) -> bool:
+        """Listeners' ``after_save`` for a committed checkpoint; True if one asked to stop."""
+        if checkpoint_path is not None:
+            self._last_checkpoint_path = checkpoint_path
+        logger.info("Calling checkpoint listeners after saving checkpoint %d...", step)
+        should_stop = False
+        for listener in self._listeners:
+            if listener.after_save(session, step):
+                logger.info(
+                    "A CheckpointSaverListener requested that training be stopped. listener: %s",
+                    listener,
+                )
+                should_stop = True
+        return should_stop
+
+    def _get_saver(self) -> Saver:
+        if self._saver is not None:
+            return self._saver
+        if self._scaffold is not None:
+            saver: Any = getattr(self._scaffold, "saver", None)
+            if saver is None:
+                raise RuntimeError(
+                    "CheckpointSaverHook(scaffold=...) found no saver in the scaffold: "
+                    "finalize the scaffold first, or pass saver= instead of scaffold=."
+                )
+            return saver
+        # Graph-free stand-in for TF's SAVERS collection: one default saver per hook.
+        from trainhooks.checkpoint.saver import Saver
+
+        self._saver = Saver()
+        return self._saver
