@@ -366,3 +366,30 @@ def test_text_format_round_trips(
     state = CheckpointState(model, paths, timestamps, preserved)
     assert CheckpointState.from_text(str(state)) == state
     assert CheckpointState.from_text(str(state).encode("utf-8")) == state
+
+
+def test_a_state_file_write_killed_before_its_rename_leaves_only_a_leftover_that_is_cleaned(
+    tmp_path: Path,
+) -> None:
+    """A process dying between writing the temp file and renaming it never damages the state
+    file, and the next start's leftover sweep removes the temp file."""
+    import subprocess
+    import sys
+
+    from trainhooks.checkpoint.commit import remove_leftovers
+
+    update_checkpoint_state(str(tmp_path), str(tmp_path / "model.ckpt-1"))
+    before = (tmp_path / "checkpoint").read_bytes()
+    child = (
+        "import os, sys\n"
+        "from trainhooks.checkpoint import state_file\n"
+        "os.replace = lambda *a: os._exit(9)\n"
+        "state_file.update_checkpoint_state(sys.argv[1], os.path.join(sys.argv[1], 'model.ckpt-2'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=False)
+    assert result.returncode == 9
+    assert (tmp_path / "checkpoint").read_bytes() == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint"]
+    assert len(leftovers) == 1 and leftovers[0].startswith("checkpoint.tmp-")
+    assert remove_leftovers(tmp_path) == [str(tmp_path / leftovers[0])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

@@ -20,7 +20,7 @@ import glob
 import logging
 import os
 import re
-import uuid
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -206,7 +206,8 @@ def _relative_to(path: str, save_dir: str) -> str:
 
 def _atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old content or the new one."""
-    tmp = f"{path}.tmp{uuid.uuid4().hex}"
+    # "<file>.tmp-<12 hex>" is the leftover pattern that commit.remove_leftovers cleans up.
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -1,0 +1,339 @@
+"""The on-disk checkpoint format: write a checkpoint directory, open it verified and mapped.
+
+::
+
+    <prefix>/manifest.json                      the commit record, written last
+    <prefix>/data-00000-of-00002.safetensors    standard safetensors files
+    <prefix>/data-00001-of-00002.safetensors
+
+:func:`write_checkpoint` (``commit.py``) runs the crash-safe commit protocol;
+:func:`open_checkpoint` checks the manifest and every data file's size and header,
+memory-maps the files and returns a :class:`MappedCheckpoint` whose tensors are
+checksummed before they are handed out. The manifest schema is in ``manifest.py``,
+the data files in ``datafile.py``.
+
+Threat model (a checkpoint may come from anywhere): file names are plain basenames
+opened relative to the checkpoint directory without following symlinks; header
+lengths, shapes and byte ranges are bounded by the real file sizes before anything is
+allocated; duplicate JSON keys are refused; truncation, extension and bit flips are
+caught by the size and checksum checks. Not covered: a file truncated in place
+*after* it was opened (the mapping then faults with SIGBUS); checkpoints are never
+modified in place by trainhooks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import mmap
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+from trainhooks.checkpoint.commit import (
+    delete_checkpoint,
+    is_checkpoint,
+    remove_leftovers,
+    write_checkpoint,
+)
+from trainhooks.checkpoint.datafile import check_header, read_header
+from trainhooks.checkpoint.manifest import (
+    GLOBAL_STEP_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    TensorEntry,
+    checksum,
+    decode_manifest,
+    tensors_by_file,
+)
+from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.errors import DataLossError, NotFoundError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MappedCheckpoint",
+    "delete_checkpoint",
+    "is_checkpoint",
+    "open_checkpoint",
+    "remove_leftovers",
+    "write_checkpoint",
+]
+
+# A manifest is ~150 bytes per tensor; anything this large is not one.
+_MAX_MANIFEST_BYTES = 2**31
+# A re-save swaps the directory under a reader; it then starts over on the new one.
+_OPEN_ATTEMPTS = 3
+# verify() reads each file ahead of its checksums in chunks of this size.
+_READ_CHUNK = 8 * 2**20
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+class MappedCheckpoint:
+    """A checkpoint opened by :func:`open_checkpoint`: manifest plus memory-mapped data files.
+
+    The manifest and every file's size and header were checked on opening. Tensor
+    bytes are checksummed on first access (:meth:`tensor_data`) or all at once
+    (:meth:`verify`); nothing unchecked is ever returned. Close it (or use ``with``)
+    to unmap the files; memoryviews handed out keep their mapping alive.
+
+    Example:
+        >>> with open_checkpoint("ckpt/model.ckpt-200") as ckpt:  # doctest: +SKIP
+        ...     ckpt.verify()
+        ...     w = ckpt.tensor_data("model/weight")
+    """
+
+    def __init__(self, prefix: str, manifest: Manifest) -> None:
+        self.prefix = prefix
+        self.manifest = manifest
+        self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
+        self._views: dict[str, memoryview] = {}
+        self._verified: set[str] = set()
+
+    def _map(self, file: str, fd: int, size: int) -> mmap.mmap:
+        """Map the open data file ``fd``; the mapping and fd now belong to this object."""
+        self._fds[file] = fd
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        self._maps[file] = mapped
+        self._views[file] = memoryview(mapped)
+        return mapped
+
+    @property
+    def global_step(self) -> int:
+        """The global step the checkpoint was saved at."""
+        return self.manifest.global_step
+
+    @property
+    def wall_time(self) -> float:
+        """When the checkpoint was written (seconds since the epoch)."""
+        return self.manifest.wall_time
+
+    @property
+    def tree(self) -> object:
+        """The state's structure as ``tree.flatten_state`` described it (JSON)."""
+        return self.manifest.tree
+
+    @property
+    def metadata(self) -> dict[str, object]:
+        """The user metadata passed to ``write_checkpoint``."""
+        return self.manifest.metadata
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, ``"global_step"`` included, sorted."""
+        return sorted(self.manifest.tensors)
+
+    def entry(self, name: str) -> TensorEntry:
+        """The manifest entry of tensor ``name``.
+
+        Raises:
+          NotFoundError: no tensor ``name``; the message lists close names.
+        """
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, self.manifest.tensors, n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise NotFoundError(f"Key {name} not found in checkpoint {self.prefix}.{hint}")
+        return entry
+
+    def tensor_data(self, name: str) -> TensorData:
+        """Tensor ``name`` as a read-only view of the mapped file, checksummed first.
+
+        Raises:
+          NotFoundError: no tensor ``name``.
+          DataLossError: its bytes do not match the manifest's checksum.
+        """
+        entry = self.entry(name)
+        view = self._views[entry.file][entry.start : entry.end]
+        if name not in self._verified:
+            self._check(name, entry, view)
+        return TensorData(entry.dtype, entry.shape, view)
+
+    def _check(self, name: str, entry: TensorEntry, view: memoryview) -> None:
+        actual = checksum(view)
+        if actual != entry.checksum:
+            raise DataLossError(
+                f"Checkpoint {self.prefix}: file {entry.file}: tensor {name!r}: checksum "
+                f"mismatch (manifest {entry.checksum}, data {actual}); the data is corrupt"
+            )
+        self._verified.add(name)
+
+    def verify(self, num_threads: int | None = None) -> None:
+        """Checksum every tensor, one thread per data file (at most ``num_threads``).
+
+        Raises:
+          DataLossError: naming the checkpoint, file and tensor of the first mismatch.
+        """
+        groups = tensors_by_file(self.manifest.tensors)
+        threads = num_threads or min(len(groups), os.cpu_count() or 1)
+
+        def verify_file(file: str) -> None:
+            _read_into_page_cache(self._fds[file], len(self._maps[file]))
+            view = self._views[file]
+            for name, entry in groups[file]:
+                if name not in self._verified:
+                    self._check(name, entry, view[entry.start : entry.end])
+
+        if threads <= 1 or len(groups) <= 1:
+            for file in groups:
+                verify_file(file)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-verify") as pool:
+            for future in [pool.submit(verify_file, file) for file in groups]:
+                future.result()
+
+    def close(self) -> None:
+        """Unmap the data files (those still viewed stay mapped until the views go)."""
+        for view in self._views.values():
+            view.release()
+        self._views = {}
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # a TensorData handed out still uses it; freed with it
+        self._maps = {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self) -> MappedCheckpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"MappedCheckpoint({self.prefix!r}, global_step={self.global_step}, "
+            f"tensors={len(self.manifest.tensors)}, files={len(self.manifest.files)})"
+        )
+
+
+def _read_into_page_cache(fd: int, size: int) -> None:
+    """Read a file with large sequential reads, so that checksumming its mapping does not
+    fault pages in one by one (about 5x slower from a cold cache)."""
+    scratch = memoryview(bytearray(min(size, _READ_CHUNK)))
+    position = 0
+    while position < size:
+        done = os.preadv(fd, [scratch], position)
+        if done <= 0:
+            break
+        position += done
+
+
+def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
+    """Open the checkpoint directory at ``prefix``: manifest, sizes and headers checked.
+
+    Files are opened relative to the directory as it was when opening began, so a
+    concurrent re-save of the same prefix (which swaps in a new directory) is seen
+    either entirely or not at all.
+
+    Args:
+      prefix: the checkpoint path, e.g. ``"ckpt/model.ckpt-200"``.
+
+    Returns:
+      A :class:`MappedCheckpoint`; call ``verify()`` to checksum everything.
+
+    Raises:
+      NotFoundError: nothing exists at ``prefix``.
+      DataLossError: the manifest or a data file is missing, malformed or corrupt.
+
+    Example:
+        >>> ckpt = open_checkpoint("ckpt/model.ckpt-200")  # doctest: +SKIP
+        >>> ckpt.global_step  # doctest: +SKIP
+        200
+    """
+    prefix = os.fspath(prefix)
+    prefix = prefix.rstrip("/") or prefix
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            dir_fd = os.open(prefix, os.O_RDONLY | _O_DIRECTORY)
+        except FileNotFoundError:
+            raise NotFoundError(f"Checkpoint {prefix} does not exist.") from None
+        except NotADirectoryError:
+            raise NotFoundError(
+                f"{prefix} is not a trainhooks checkpoint directory (a TensorFlow "
+                "checkpoint? convert it, or pass the prefix of a trainhooks save)"
+            ) from None
+        try:
+            return _open_at(prefix, dir_fd)
+        except DataLossError:
+            if attempt + 1 < _OPEN_ATTEMPTS and _was_replaced(prefix, dir_fd):
+                continue
+            raise
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")
+
+
+def _was_replaced(prefix: str, dir_fd: int) -> bool:
+    opened = os.fstat(dir_fd)
+    try:
+        now = os.stat(prefix)
+    except OSError:
+        return False
+    return (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino)
+
+
+def _open_file(prefix: str, dir_fd: int, name: str, what: str) -> tuple[int, int]:
+    """Open ``name`` inside the checkpoint (no symlinks); returns (fd, size)."""
+    where = f"Checkpoint {prefix}: {what} {name}"
+    try:
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise DataLossError(f"{where} is missing.") from None
+    except OSError as e:  # ELOOP: a symlink
+        raise DataLossError(f"{where} cannot be opened ({e}); it must be a plain file.") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DataLossError(f"{where} is not a regular file.")
+    return fd, info.st_size
+
+
+def _open_at(prefix: str, dir_fd: int) -> MappedCheckpoint:
+    fd, size = _open_file(prefix, dir_fd, MANIFEST_NAME, "manifest")
+    try:
+        if size > _MAX_MANIFEST_BYTES:
+            raise DataLossError(f"Checkpoint {prefix}: {MANIFEST_NAME} is {size} bytes; too large.")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read()
+    finally:
+        os.close(fd)
+    manifest = decode_manifest(raw, prefix)
+    groups = tensors_by_file(manifest.tensors)
+    ckpt = MappedCheckpoint(prefix, manifest)
+    try:
+        for file, entry in manifest.files.items():
+
+            def fail(message: str, file: str = file) -> DataLossError:
+                return DataLossError(f"Checkpoint {prefix}: data file {file}: {message}")
+
+            fd, size = _open_file(prefix, dir_fd, file, "data file")
+            if size != entry.size:
+                os.close(fd)
+                raise fail(
+                    f"{size} bytes, the manifest says {entry.size}; it is "
+                    f"{'truncated' if size < entry.size else 'extended'}"
+                )
+            mapped = ckpt._map(file, fd, size)
+            header = read_header(mapped, size, fail)
+            check_header(header, entry, groups.get(file, []), fail)
+        step = int.from_bytes(ckpt.tensor_data(GLOBAL_STEP_NAME).buffer, "little", signed=True)
+    except BaseException:
+        ckpt.close()
+        raise
+    if step != manifest.global_step:
+        ckpt.close()
+        raise DataLossError(
+            f"Checkpoint {prefix}: tensor {GLOBAL_STEP_NAME!r} holds {step}, "
+            f"the manifest says {manifest.global_step}"
+        )
+    return ckpt

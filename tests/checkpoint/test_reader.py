@@ -1,0 +1,280 @@
+"""Reading checkpoints: TF's reader API, laziness, and verification against corrupt or hostile files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+from trainhooks.checkpoint.format import MANIFEST_NAME, open_checkpoint, write_checkpoint
+from trainhooks.checkpoint.manifest import seal_manifest
+from trainhooks.checkpoint.reader import list_variables, load_checkpoint, load_variable
+from trainhooks.checkpoint.state_file import update_checkpoint_state
+from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.errors import DataLossError, NotFoundError
+
+
+class Flat(NamedTuple):  # tree.FlatState's shape
+    tensors: dict[str, TensorData]
+    tree: Any
+
+
+CODES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.float16): "F16"}
+
+
+def td(a: np.ndarray) -> TensorData:
+    return TensorData(CODES[a.dtype], a.shape, memoryview(a.reshape(-1).view(np.uint8)))
+
+
+ARRAYS = {
+    "model/dense/kernel": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "model/dense/bias": np.array([0.5, -1.5, 2.5], dtype=np.float32),
+    "optimizer/step": np.array(7, dtype=np.int64),
+    "optimizer/empty": np.zeros((0, 2), dtype=np.float16),
+}
+
+
+def save(prefix: Path, step: int = 42, max_shard_bytes: int = 64) -> Path:
+    flat = Flat({k: td(v) for k, v in ARRAYS.items()}, {"keys": sorted(ARRAYS)})
+    write_checkpoint(prefix, flat, global_step=step, max_shard_bytes=max_shard_bytes)
+    return prefix
+
+
+def checkpoint_files(prefix: Path) -> list[Path]:
+    return sorted(prefix.iterdir())
+
+
+def test_tf_reader_api(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "model.ckpt-42")
+    with load_checkpoint(prefix) as reader:
+        assert reader.global_step == 42
+        for name, a in ARRAYS.items():
+            value = reader.get_tensor(name)
+            assert value.dtype == a.dtype and value.shape == a.shape
+            np.testing.assert_array_equal(value, a)
+            value[...] = 0  # a new, writable array, like TF's
+        np.testing.assert_array_equal(
+            reader.get_tensor("model/dense/bias"), ARRAYS["model/dense/bias"]
+        )
+        assert reader.has_tensor("model/dense/bias") and not reader.has_tensor("model/dense")
+        assert reader.get_variable_to_shape_map() == {
+            **{k: list(v.shape) for k, v in ARRAYS.items()},
+            "global_step": [],
+        }
+        assert reader.get_variable_to_dtype_map()["model/dense/kernel"] == "F32"
+    assert list_variables(prefix) == sorted(
+        [(k, list(v.shape)) for k, v in ARRAYS.items()] + [("global_step", [])]
+    )
+    step = load_variable(prefix, "global_step")
+    assert step == 42 and step.dtype == np.int64 and step.shape == ()
+    np.testing.assert_array_equal(
+        load_variable(prefix, "model/dense/bias:0"), ARRAYS["model/dense/bias"]
+    )
+
+
+def test_a_directory_means_its_latest_checkpoint(tmp_path: Path) -> None:
+    for step in (10, 20):
+        save(tmp_path / f"model.ckpt-{step}", step=step)
+    update_checkpoint_state(str(tmp_path), str(tmp_path / "model.ckpt-20"))
+    assert load_variable(tmp_path, "global_step") == 20
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="Couldn't find 'checkpoint' file"):
+        load_checkpoint(empty)
+    with pytest.raises(NotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "model.ckpt-30")
+
+
+def test_unknown_names_list_close_ones(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    with pytest.raises(
+        NotFoundError, match=r"model/dense/kernal.*Did you mean: model/dense/kernel"
+    ):
+        load_variable(prefix, "model/dense/kernal")
+
+
+def test_reading_is_lazy_one_tensor_costs_one_tensor(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1", max_shard_bytes=10**9)
+    [data_file] = [p for p in checkpoint_files(prefix) if p.suffix == ".safetensors"]
+    manifest = json.loads((prefix / MANIFEST_NAME).read_text())
+    start, _ = manifest["tensors"]["model/dense/kernel"][3]
+    raw = bytearray(data_file.read_bytes())
+    raw[start] ^= 0x40
+    data_file.write_bytes(raw)
+    with load_checkpoint(prefix) as reader:  # opening checks structure, not every byte
+        np.testing.assert_array_equal(
+            reader.get_tensor("model/dense/bias"), ARRAYS["model/dense/bias"]
+        )
+        with pytest.raises(DataLossError, match=rf"m-1.*{data_file.name}.*'model/dense/kernel'"):
+            reader.get_tensor("model/dense/kernel")
+
+
+def test_dtypes_numpy_lacks_come_back_through_torch(tmp_path: Path) -> None:
+    bf16 = torch.randn(3, 2).to(torch.bfloat16)
+    raw = bf16.reshape(-1).view(torch.uint8).numpy()
+    write_checkpoint(
+        tmp_path / "m",
+        Flat({"w": TensorData("BF16", (3, 2), memoryview(raw))}, None),
+        global_step=0,
+    )
+    value = load_variable(tmp_path / "m", "w")
+    assert isinstance(value, torch.Tensor) and torch.equal(value, bf16)
+
+
+# --- corruption ------------------------------------------------------------------------
+
+
+def open_and_verify(prefix: Path) -> None:
+    with open_checkpoint(prefix) as ckpt:
+        ckpt.verify()
+
+
+def test_every_single_bit_flip_is_detected(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    rng = random.Random(0)
+    for path in checkpoint_files(prefix):
+        original = path.read_bytes()
+        # 150 random bytes of every file (manifest, headers, tensor data), one random bit each
+        for offset in rng.sample(range(len(original)), min(150, len(original))):
+            corrupt = bytearray(original)
+            corrupt[offset] ^= 1 << rng.randrange(8)
+            path.write_bytes(corrupt)
+            with pytest.raises(DataLossError, match="m-1"):
+                open_and_verify(prefix)
+        path.write_bytes(original)
+    open_and_verify(prefix)
+
+
+def test_truncation_and_extension_are_detected(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    rng = random.Random(1)
+    for path in checkpoint_files(prefix):
+        original = path.read_bytes()
+        for length in {0, 7, 8, 9, len(original) - 1, *rng.sample(range(len(original)), 60)}:
+            path.write_bytes(original[:length])
+            with pytest.raises(DataLossError, match=path.name):
+                open_and_verify(prefix)
+        path.write_bytes(original + b"\0")
+        with pytest.raises(DataLossError, match=path.name):
+            open_and_verify(prefix)
+        path.write_bytes(original)
+    open_and_verify(prefix)
+
+
+def test_missing_files_are_detected(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    for path in checkpoint_files(prefix):
+        original = path.read_bytes()
+        path.unlink()
+        with pytest.raises(DataLossError, match=rf"m-1.*{path.name}.*missing"):
+            open_and_verify(prefix)
+        path.write_bytes(original)
+
+
+def forge(prefix: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite the manifest with ``edit`` applied and a valid checksum: an attacker's file."""
+    doc = json.loads((prefix / MANIFEST_NAME).read_text())
+    del doc["manifest_checksum"]
+    edit(doc)
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    (prefix / MANIFEST_NAME).write_bytes(seal_manifest(text))
+
+
+def first_file(doc: dict[str, Any]) -> str:
+    return next(iter(doc["files"]))
+
+
+def rename_file(doc: dict[str, Any], new: str) -> None:
+    old = first_file(doc)
+    doc["files"] = {(new if k == old else k): v for k, v in doc["files"].items()}
+    for entry in doc["tensors"].values():  # [file, dtype, shape, [start, end], checksum]
+        if entry[0] == old:
+            entry[0] = new
+
+
+def set_bias(field: int, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["tensors"]["model/dense/bias"][field] = value
+
+    return edit
+
+
+HOSTILE: dict[str, Callable[[dict[str, Any]], None]] = {
+    "escapes with ..": lambda d: rename_file(d, "../secret"),
+    "absolute path": lambda d: rename_file(d, "/etc/passwd"),
+    "sub directory": lambda d: rename_file(d, "sub/data.safetensors"),
+    "the manifest itself": lambda d: rename_file(d, MANIFEST_NAME),
+    "absurd shape": set_bias(2, [2**40, 2**40]),
+    "zero dim hides absurd one": set_bias(2, [0, 2**70]),
+    "negative dim": set_bias(2, [-3]),
+    "range past the end": set_bias(3, [0, 10**12]),
+    "range in the header": set_bias(3, [0, 12]),
+    "range as floats": set_bias(3, [64.0, 76.0]),
+    "absurd file size": lambda d: d["files"][first_file(d)].update(size=2**62),
+    "unknown dtype": set_bias(1, "F128"),
+    "unlisted file": set_bias(0, "other.safetensors"),
+    "entry not a list": lambda d: d["tensors"].update({"model/dense/bias": {"file": 1}}),
+    "newer version": lambda d: d.update(version=99),
+    "step mismatch": lambda d: d.update(global_step=43),
+    "no global step": lambda d: d["tensors"].pop("global_step"),
+    "wrong format": lambda d: d.update(format="orbax"),
+    "tensor dropped": lambda d: d["tensors"].pop("model/dense/bias"),
+    "bool as int": lambda d: d.update(global_step=True),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_hostile_manifests_are_refused(tmp_path: Path, attack: str) -> None:
+    prefix = save(tmp_path / "m-1")
+    (tmp_path / "secret").write_bytes(b"\0" * 64)
+    forge(prefix, HOSTILE[attack])
+    with pytest.raises(DataLossError, match="m-1"):
+        open_and_verify(prefix)
+
+
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    text = (prefix / MANIFEST_NAME).read_bytes()
+    doc = json.loads(text)
+    del doc["manifest_checksum"]
+    body = json.dumps(doc, separators=(",", ":"))
+    bias = json.dumps(doc["tensors"]["model/dense/bias"], separators=(",", ":"))
+    duplicated = body.replace('"tensors":{', f'"tensors":{{"model/dense/bias":{bias},', 1)
+    (prefix / MANIFEST_NAME).write_bytes(seal_manifest(duplicated.encode()))
+    with pytest.raises(DataLossError, match="duplicate key 'model/dense/bias'"):
+        open_and_verify(prefix)
+
+
+def test_symlinked_data_files_are_refused(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    data = next(p for p in checkpoint_files(prefix) if p.suffix == ".safetensors")
+    outside = tmp_path / "outside.safetensors"
+    data.rename(outside)
+    data.symlink_to(outside)
+    with pytest.raises(DataLossError, match=rf"{data.name}.*plain file"):
+        open_and_verify(prefix)
+
+
+def test_absurd_header_length_is_refused_before_allocating(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    data = next(p for p in checkpoint_files(prefix) if p.suffix == ".safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[:8] = struct.pack("<Q", 2**62)
+    data.write_bytes(raw)
+    with pytest.raises(DataLossError, match=rf"{data.name}: header length {2**62} exceeds"):
+        open_and_verify(prefix)
+
+
+def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> None:
+    prefix = save(tmp_path / "m-1")
+    os.remove(prefix / MANIFEST_NAME)
+    with pytest.raises(DataLossError, match=r"manifest manifest\.json is missing"):
+        load_checkpoint(prefix)
