@@ -1,0 +1,588 @@
+"""``Saver``: TensorFlow's ``tf.compat.v1.train.Saver`` over a session's state.
+
+A save names the checkpoint (``<save_path>-<step>``), flattens the state into tensors,
+writes and commits a checkpoint directory at that prefix, then records it: the state
+file is replaced and retention (``max_to_keep``, ``keep_checkpoint_every_n_hours``)
+deletes what it no longer keeps. The steps are separate methods so that a background
+save can take the snapshot on the training thread and run the rest elsewhere.
+
+A restore opens the checkpoint, verifies every byte of it, and only then writes into
+the user's objects and sets the session's global step.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+from trainhooks import errors
+from trainhooks._clock import Clock, wall_clock
+from trainhooks.checkpoint import format as checkpoint_format
+from trainhooks.checkpoint import tree
+from trainhooks.checkpoint.background import BackgroundWriter
+from trainhooks.checkpoint.datafile import DEFAULT_MAX_FILE_BYTES
+from trainhooks.checkpoint.retention import Retention
+from trainhooks.checkpoint.snapshot import SnapshotPool
+from trainhooks.checkpoint.state_file import (
+    DEFAULT_LATEST_FILENAME,
+    checkpoint_exists,
+    get_checkpoint_state,
+    update_checkpoint_state,
+)
+from trainhooks.checkpoint.tensor import TensorData
+
+__all__ = ["CommittedSave", "Saver", "StateHolder"]
+
+logger = logging.getLogger(__name__)
+
+
+class StateHolder(Protocol):
+    """What a Saver saves from and restores into: the raw ``Session`` is one."""
+
+    @property
+    def state(self) -> dict[str, Any]: ...
+
+    @property
+    def global_step(self) -> int: ...
+
+    @global_step.setter
+    def global_step(self, value: int) -> None: ...
+
+
+class _PendingSave(NamedTuple):
+    """One save between its snapshot (training thread) and its commit."""
+
+    prefix: str
+    save_dir: str
+    latest_filename: str
+    write_state: bool
+    global_step: int
+    flat: tree.FlatState
+
+
+class CommittedSave(NamedTuple):
+    """A background save that has committed: returned by :meth:`Saver.poll_committed`.
+
+    ``prefix`` is what :meth:`Saver.save` returned; ``global_step`` the step recorded in
+    the checkpoint.
+    """
+
+    prefix: str
+    global_step: int
+
+
+class Saver:
+    """Saves and restores a session's state as checkpoints, with TF's naming and retention.
+
+    Args:
+      var_list: what to save: None for the whole ``session.state``; a dict of names to
+        values to save instead of the session's state; or a list of keys of
+        ``session.state`` to save only those entries.
+      max_to_keep: how many recent checkpoints to keep; older ones are deleted. None or
+        0 keeps every checkpoint (the state file then lists only the newest).
+      keep_checkpoint_every_n_hours: additionally keep, for good, one checkpoint per
+        this many hours of training.
+      pad_step_number: name checkpoints ``<save_path>-%08d`` instead of ``-%d``.
+      save_relative_paths: write paths relative to the directory in the state file,
+        so the directory can be moved.
+      filename: the save path used when ``save`` is given ``save_path=None``.
+      allow_empty: with an empty ``var_list``, make ``save`` and ``restore`` no-ops
+        instead of raising ``ValueError("No variables to save")``.
+      max_shard_bytes: split the tensors across data files of about this size, so
+        that large states are written and read in parallel; None: the format's default.
+      async_save: save in the background (DESIGN §4): :meth:`save` copies the state
+        into reused host buffers and returns; writing, commit, state file and retention
+        run on a background thread, one save at a time. See :meth:`wait`,
+        :meth:`poll_committed` and :meth:`close`.
+      clock: the time source for ``keep_checkpoint_every_n_hours``.
+
+    Example:
+        >>> import numpy as np, trainhooks as th
+        >>> sess = th.Session({"w": np.zeros(3)})
+        >>> saver = th.Saver(max_to_keep=2)
+        >>> saver.save(sess, "/tmp/run/model.ckpt", global_step=10)  # doctest: +SKIP
+        '/tmp/run/model.ckpt-10'
+        >>> saver.restore(sess, th.latest_checkpoint("/tmp/run"))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        var_list: Mapping[str, Any] | Sequence[str] | None = None,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        pad_step_number: bool = False,
+        save_relative_paths: bool = False,
+        filename: str | None = None,
+        *,
+        allow_empty: bool = False,
+        max_shard_bytes: int | None = None,
+        async_save: bool = False,
+        clock: Clock = wall_clock,
+    ) -> None:
+        self._var_list = _check_var_list(var_list)
+        self._is_empty = self._var_list is not None and len(self._var_list) == 0
+        if self._is_empty and not allow_empty:
+            raise ValueError("No variables to save")
+        if max_shard_bytes is not None and max_shard_bytes <= 0:
+            raise ValueError(
+                f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}; "
+                "pass None for a single data file."
+            )
+        self._retention = Retention(max_to_keep, keep_checkpoint_every_n_hours, clock=clock)
+        self._pad_step_number = bool(pad_step_number)
+        self._save_relative_paths = bool(save_relative_paths)
+        self._filename = filename
+        self._max_shard_bytes = max_shard_bytes
+        self._async_save = bool(async_save)
+        self._clock = clock
+        self._cleaned_dirs: set[str] = set()
+        self._pool = SnapshotPool()
+        self._writer: BackgroundWriter[CommittedSave] = BackgroundWriter()
+
+    @property
+    def max_to_keep(self) -> int | None:
+        """How many recent checkpoints are kept (None or 0: all)."""
+        return self._retention.max_to_keep
+
+    @property
+    def keep_checkpoint_every_n_hours(self) -> float:
+        """One checkpoint per this many hours is kept for good."""
+        return self._retention.keep_checkpoint_every_n_hours
+
+    @property
+    def async_save(self) -> bool:
+        """Whether :meth:`save` writes in the background."""
+        return self._async_save
+
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """The prefixes of the checkpoints retention still tracks, oldest first.
+
+        With ``async_save`` a checkpoint joins the list when it commits.
+        """
+        return self._retention.last_checkpoints
+
+    def set_last_checkpoints(self, last_checkpoints: Sequence[str]) -> None:
+        """Deprecated in TF: like :meth:`set_last_checkpoints_with_time`, times of +inf.
+
+        Args:
+          last_checkpoints: prefixes, oldest first.
+        """
+        self._writer.wait(raise_error=False)
+        self._retention.set_last_checkpoints_with_time(
+            [(os.fspath(p), float("inf")) for p in last_checkpoints]
+        )
+
+    def set_last_checkpoints_with_time(
+        self, last_checkpoints_with_time: Sequence[tuple[str, float]]
+    ) -> None:
+        """Replace the retention bookkeeping (after the save in flight, if any, commits).
+
+        Args:
+          last_checkpoints_with_time: ``(prefix, seconds since the epoch)`` pairs, oldest first.
+
+        Example:
+            >>> saver = Saver()
+            >>> saver.set_last_checkpoints_with_time([("/tmp/run/m-1", 1.0e9)])
+            >>> saver.last_checkpoints
+            ['/tmp/run/m-1']
+        """
+        self._writer.wait(raise_error=False)
+        self._retention.set_last_checkpoints_with_time(last_checkpoints_with_time)
+
+    def recover_last_checkpoints(self, checkpoint_paths: Sequence[str]) -> None:
+        """Rebuild the retention bookkeeping after a restart, from checkpoints on disk.
+
+        Each checkpoint's time is its file time; checkpoints that no longer exist are
+        left out.
+
+        Args:
+          checkpoint_paths: prefixes, oldest first (``CheckpointState.all_model_checkpoint_paths``).
+
+        Example:
+            >>> ckpt = get_checkpoint_state("/tmp/run")  # doctest: +SKIP
+            >>> saver.recover_last_checkpoints(ckpt.all_model_checkpoint_paths)  # doctest: +SKIP
+        """
+        self._writer.wait(raise_error=False)
+        self._retention.recover(checkpoint_paths)
+
+    # ---- save -----------------------------------------------------------------------
+
+    def save(
+        self,
+        session: StateHolder,
+        save_path: str | os.PathLike[str] | None,
+        global_step: int | None = None,
+        latest_filename: str | None = None,
+        write_state: bool = True,
+    ) -> str | None:
+        """Save the session's state and global step as a checkpoint.
+
+        Args:
+          session: the session (or any :class:`StateHolder`) to save.
+          save_path: the checkpoint prefix without the step, e.g. ``"ckpt/model.ckpt"``;
+            its directory must exist.
+          global_step: appended to the name (``ckpt/model.ckpt-200``). The checkpoint
+            always records ``session.global_step``.
+          latest_filename: the state file's name in the directory (default ``"checkpoint"``).
+          write_state: record the checkpoint in the state file and apply retention.
+
+        With ``async_save`` this first waits for the save in flight (raising its error
+        if it failed), copies the state into the snapshot buffers, starts the write in
+        the background and returns; the checkpoint is committed later (see :meth:`wait`
+        and :meth:`poll_committed`). The state may be modified as soon as it returns.
+
+        Returns:
+          The checkpoint prefix, to pass to :meth:`restore`; None for an empty saver.
+
+        Raises:
+          ValueError: ``latest_filename`` has a directory part, the save path without a
+            step is the state file, or the parent directory does not exist.
+          Exception: with ``async_save``, the error of the previous background save.
+
+        Example:
+            >>> saver.save(sess, "/tmp/run/model.ckpt", global_step=200)  # doctest: +SKIP
+            '/tmp/run/model.ckpt-200'
+        """
+        if not self._async_save:
+            pending = self._snapshot(session, save_path, global_step, latest_filename, write_state)
+            if pending is None:
+                return None
+            self._write(pending)
+            self._commit(pending)
+            return pending.prefix
+        self._writer.wait()  # one save in flight at most; its buffers are reused below
+        pending = self._snapshot(
+            session, save_path, global_step, latest_filename, write_state, copy=True
+        )
+        if pending is None:
+            return None
+        self._writer.submit(pending.prefix, lambda: self._write_and_commit(pending))
+        return pending.prefix
+
+    @property
+    def pending(self) -> str | None:
+        """The prefix of the background save in flight (not yet committed), or None."""
+        return self._writer.in_flight
+
+    def wait(self) -> None:
+        """Block until the background save in flight, if any, has committed.
+
+        Raises:
+          Exception: the error of a background save that failed (raised once).
+
+        Example:
+            >>> saver = Saver(async_save=True)
+            >>> saver.save(sess, "/tmp/run/model.ckpt", global_step=1)  # doctest: +SKIP
+            >>> saver.wait()  # /tmp/run/model.ckpt-1 is now committed and listed
+        """
+        self._writer.wait()
+
+    def poll_committed(self) -> list[CommittedSave]:
+        """The background saves committed since the last call, oldest first; never blocks.
+
+        A :class:`CheckpointSaverHook` calls this at every step boundary and runs its
+        listeners' ``after_save`` for each. Always empty without ``async_save``.
+
+        Returns:
+          A :class:`CommittedSave` (prefix, global step) per committed save.
+
+        Raises:
+          Exception: a background save failed; raised once, after the saves committed
+            before it have been returned.
+
+        Example:
+            >>> for done in saver.poll_committed():  # doctest: +SKIP
+            ...     print("committed", done.prefix, "at step", done.global_step)
+        """
+        return self._writer.poll()
+
+    def close(self) -> None:
+        """Wait for the save in flight, then release the snapshot buffers.
+
+        The saver stays usable: the next save allocates its buffers again.
+
+        Raises:
+          Exception: the error of a background save that failed.
+        """
+        try:
+            self._writer.close()
+        finally:
+            self._pool.clear()
+
+    def _snapshot(
+        self,
+        session: StateHolder,
+        save_path: str | os.PathLike[str] | None,
+        global_step: int | None,
+        latest_filename: str | None,
+        write_state: bool,
+        *,
+        copy: bool = False,
+    ) -> _PendingSave | None:
+        """Name the checkpoint and flatten the state: the part on the training thread.
+
+        With ``copy=False`` the buffers alias the live arrays, so :meth:`_write` must
+        run before training continues. A background save passes ``copy=True``: the
+        tensors are copied into the saver's :class:`SnapshotPool` (a snapshot the loop
+        may run on from) and :meth:`_write` and :meth:`_commit` run elsewhere, in that
+        order, one save at a time.
+        """
+        if latest_filename is None:
+            latest_filename = DEFAULT_LATEST_FILENAME
+        if os.path.split(latest_filename)[0]:
+            raise ValueError("'latest_filename' must not contain path components")
+        if save_path is None:
+            save_path = self._filename
+        if save_path is None:
+            raise ValueError(
+                "save_path is None and the Saver has no filename: pass the checkpoint "
+                "prefix, e.g. 'ckpt/model.ckpt'."
+            )
+        save_path = os.fspath(save_path)
+        prefix = self._checkpoint_name(save_path, global_step, latest_filename)
+        if self._is_empty:
+            return None
+        save_dir = os.path.dirname(save_path)
+        if not os.path.isdir(save_dir or os.curdir):
+            raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
+        self._remove_leftovers_once(save_dir or os.curdir)
+        state = self._state_of(session)
+        flat = self._pool.take(state) if copy else tree.flatten_state(state)
+        return _PendingSave(
+            prefix, save_dir, latest_filename, write_state, int(session.global_step), flat
+        )
+
+    def _checkpoint_name(
+        self, save_path: str, global_step: int | None, latest_filename: str
+    ) -> str:
+        if global_step is not None:
+            try:
+                step = operator.index(global_step)
+            except TypeError:
+                raise TypeError(
+                    f"global_step must be an integer (e.g. session.global_step), got "
+                    f"{global_step!r}."
+                ) from None
+            return f"{save_path}-{step:08d}" if self._pad_step_number else f"{save_path}-{step}"
+        if os.path.basename(save_path) == latest_filename:
+            raise ValueError(
+                f"'latest_filename' collides with 'save_path': '{latest_filename}' and "
+                f"'{save_path}'"
+            )
+        return save_path
+
+    def _remove_leftovers_once(self, directory: str) -> None:
+        """Remove a crashed save's temporary directories, on the first save in ``directory``."""
+        key = os.path.abspath(directory)
+        if key not in self._cleaned_dirs:
+            checkpoint_format.remove_leftovers(directory)
+            self._cleaned_dirs.add(key)
+
+    def _write(self, pending: _PendingSave) -> None:
+        """Write and commit the checkpoint directory; durable when this returns."""
+        checkpoint_format.write_checkpoint(
+            pending.prefix,
+            pending.flat,
+            global_step=pending.global_step,
+            max_shard_bytes=self._max_shard_bytes or DEFAULT_MAX_FILE_BYTES,
+        )
+
+    def _commit(self, pending: _PendingSave) -> None:
+        """Record the checkpoint, replace the state file, then apply retention.
+
+        The state file is written after the oldest entry has left the list and before
+        its files are deleted, so it never names a deleted checkpoint.
+        """
+        if not pending.write_state:
+            return
+        self._retention.record(pending.prefix)
+        update_checkpoint_state(
+            pending.save_dir,
+            pending.prefix,
+            self.last_checkpoints,
+            pending.latest_filename,
+            save_relative_paths=self._save_relative_paths,
+        )
+        self._retention.delete_dropped()
+
+    def _write_and_commit(self, pending: _PendingSave) -> CommittedSave:
+        """The background half of an ``async_save``, on the writer thread."""
+        self._write(pending)
+        self._commit(pending)
+        return CommittedSave(pending.prefix, pending.global_step)
+
+    # ---- restore --------------------------------------------------------------------
+
+    def restore(
+        self, session: StateHolder, save_path: str | os.PathLike[str], *, strict: bool = True
+    ) -> None:
+        """Restore the checkpoint at ``save_path`` into the session.
+
+        The whole checkpoint is verified before anything is written into the user's
+        objects; then the state is restored in place and ``session.global_step`` is set.
+
+        Args:
+          session: the session (or any :class:`StateHolder`) to restore into.
+          save_path: a checkpoint prefix, as returned by :meth:`save` or ``latest_checkpoint``.
+          strict: refuse a checkpoint whose entries differ from the state's (missing or
+            unexpected names); False restores what matches.
+
+        Raises:
+          ValueError: there is no checkpoint at ``save_path``, or it is a TensorFlow one.
+          DataLossError: the checkpoint failed verification; nothing was changed.
+
+        Example:
+            >>> saver.restore(sess, th.latest_checkpoint("/tmp/run"))  # doctest: +SKIP
+        """
+        if self._is_empty:
+            return
+        if save_path is None:
+            raise ValueError("Can't load save_path when it is None.")
+        self._writer.wait(raise_error=False)  # it may be writing this very checkpoint
+        prefix = os.fspath(save_path)
+        if not checkpoint_exists(prefix):
+            raise ValueError("The passed save_path is not a valid checkpoint: " + prefix)
+        if not checkpoint_format.is_checkpoint(prefix):
+            raise ValueError(
+                f"The passed save_path is a TensorFlow checkpoint, not a trainhooks one: "
+                f"{prefix}. trainhooks restores only checkpoint directories it wrote; pass "
+                "a prefix returned by Saver.save or latest_checkpoint."
+            )
+        logger.info("Restoring parameters from %s", prefix)
+        try:
+            reader = checkpoint_format.open_checkpoint(prefix)
+        except errors.NotFoundError:  # deleted since the check above
+            raise ValueError("The passed save_path is not a valid checkpoint: " + prefix) from None
+        with reader:
+            reader.verify()
+            saved_tree = reader.tree
+            if not isinstance(saved_tree, Mapping):
+                raise errors.DataLossError(f"Checkpoint {prefix}: the manifest holds no state tree")
+
+            def get_tensor(name: str) -> TensorData:
+                try:
+                    return reader.tensor_data(name)
+                except errors.NotFoundError:
+                    raise KeyError(name) from None
+
+            state = self._state_of(session)
+            tree.restore_state(state, saved_tree, get_tensor, strict=strict)
+            if isinstance(self._var_list, list):  # entries replaced in the copy go back
+                session.state.update(state)
+            session.global_step = reader.global_step
+
+    def restore_latest(
+        self,
+        session: StateHolder,
+        checkpoint_dir: str | os.PathLike[str],
+        latest_filename: str | None = None,
+    ) -> str | None:
+        """Restore the newest checkpoint listed in ``checkpoint_dir`` that verifies.
+
+        Checkpoints that are missing or fail verification are skipped, newest first,
+        with a WARNING naming each and why. Retention bookkeeping is then recovered
+        from the state file, so ``max_to_keep`` keeps working across restarts.
+
+        Args:
+          session: the session (or any :class:`StateHolder`) to restore into.
+          checkpoint_dir: the directory holding the state file.
+          latest_filename: the state file's name (default ``"checkpoint"``).
+
+        Returns:
+          The prefix restored, or None when there is no state file.
+
+        Raises:
+          ValueError: the state file lists only checkpoints that do not exist.
+          DataLossError: none of the listed checkpoints verifies.
+
+        Example:
+            >>> saver.restore_latest(sess, "/tmp/run")  # doctest: +SKIP
+            '/tmp/run/model.ckpt-200'
+        """
+        ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
+        if ckpt is None:
+            return None
+        newest = ckpt.model_checkpoint_path
+        candidates = [
+            newest,
+            *(p for p in reversed(ckpt.all_model_checkpoint_paths) if p != newest),
+        ]
+        skipped: list[str] = []
+        missing_only = True
+        for prefix in candidates:
+            try:
+                self.restore(session, prefix)
+            except errors.DataLossError as e:
+                missing_only = False
+                skipped.append(f"{prefix} (failed verification: {e})")
+                continue
+            except ValueError as e:
+                if checkpoint_exists(prefix):
+                    raise
+                skipped.append(f"{prefix} (missing: {e})")
+                continue
+            if skipped:
+                logger.warning(
+                    "Restored %s instead of the latest checkpoint; skipped: %s",
+                    prefix,
+                    "; ".join(skipped),
+                )
+            self.recover_last_checkpoints(ckpt.all_model_checkpoint_paths)
+            return prefix
+        if missing_only:
+            raise ValueError("The passed save_path is not a valid checkpoint: " + newest)
+        raise errors.DataLossError(
+            f"No checkpoint listed in {checkpoint_dir} could be restored: " + "; ".join(skipped)
+        )
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _state_of(self, session: StateHolder) -> dict[str, Any]:
+        """The mapping this saver saves: the session's state, ``var_list``, or a subset."""
+        if self._var_list is None:
+            return session.state
+        if isinstance(self._var_list, dict):
+            return self._var_list
+        state = session.state
+        missing = [k for k in self._var_list if k not in state]
+        if missing:
+            raise KeyError(
+                f"Saver(var_list=...) names {missing}, which the session's state does not "
+                f"hold; its entries are {sorted(state)}."
+            )
+        return {k: state[k] for k in self._var_list}
+
+    def __repr__(self) -> str:
+        return (
+            f"Saver(max_to_keep={self.max_to_keep}, keep_checkpoint_every_n_hours="
+            f"{self.keep_checkpoint_every_n_hours}, async_save={self._async_save}, "
+            f"last_checkpoints={self.last_checkpoints})"
+        )
+
+
+def _check_var_list(
+    var_list: Mapping[str, Any] | Sequence[str] | None,
+) -> dict[str, Any] | list[str] | None:
+    if var_list is None:
+        return None
+    if isinstance(var_list, Mapping):
+        bad = [k for k in var_list if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"var_list keys must be strings (entry names), got {bad!r}.")
+        return var_list if isinstance(var_list, dict) else dict(var_list)
+    if isinstance(var_list, (str, bytes)) or not isinstance(var_list, Sequence):
+        raise TypeError(
+            f"var_list must be a dict of names to values or a list of state keys, got "
+            f"{type(var_list).__name__}."
+        )
+    bad = [k for k in var_list if not isinstance(k, str)]
+    if bad:
+        raise TypeError(
+            f"var_list as a list must hold keys of session.state (strings), got {bad!r}; "
+            "pass a dict of names to values to save other objects."
+        )
+    return list(var_list)
