@@ -7,15 +7,19 @@
 
 Every (state, method) pair runs in its own subprocess, which builds the state, saves
 it (timed, durable: each method's files are fsynced), evicts the files from the page
-cache (``posix_fadvise(DONTNEED)``, so the restore reads the disk as after a restart),
-restores it (timed) and reports its peak memory above the state during the save
-(``VmHWM`` after resetting it through ``/proc/self/clear_refs``).
+cache (fsync, then ``posix_fadvise(DONTNEED)`` on every file it wrote, so the restore
+reads the disk as after a restart), restores it (timed: "cold"), restores it again
+without evicting ("warm": the page cache holds the files) and reports its peak memory
+above the state during the save (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``). Every restore produces usable arrays.
 
 Methods: ``floor`` (the tensors' bytes written to one file with ``os.writev`` and read
-back into the state's arrays with ``os.preadv``: the least I/O any format needs),
-``torch`` (``torch.save`` / ``torch.load(weights_only=True)``), ``safetensors``
-(``save_file`` / ``load_file``) and ``trainhooks`` (``Saver.save`` / ``Saver.restore``,
-which verifies every checksum and restores in place).
+back into one fresh buffer with ``os.preadv``: the least work any format needs),
+``torch`` (``torch.save`` / ``torch.load(weights_only=True)``, new tensors),
+``safetensors`` (``save_file`` / ``load_file``, new arrays), ``trainhooks``
+(``Saver.save`` / ``Saver.restore``: verifies every checksum, then restores in place)
+and ``format`` (trainhooks without ``Saver``: ``flatten_state`` + ``write_checkpoint``,
+``open_checkpoint`` + ``verify`` + ``restore_state``; what the format itself costs).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("floor", "torch", "safetensors", "trainhooks")
+METHODS = ("floor", "torch", "safetensors", "trainhooks", "format")
 MIB = 2**20
 
 
@@ -109,14 +113,20 @@ def floor(state: dict[str, np.ndarray], d: str) -> tuple[Callable[[], None], Cal
         _fsync_file_dir(d)
 
     def restore() -> None:
+        fresh = memoryview(np.empty(sum(len(v) for v in views), np.uint8))
+        targets, offset = [], 0
+        for v in views:  # one view of the fresh buffer per tensor, as a format would give
+            targets.append(fresh[offset : offset + len(v)])
+            offset += len(v)
         fd = os.open(path, os.O_RDONLY)
         try:
             offset = 0
-            for i in range(0, len(views), 1024):
-                batch = views[i : i + 1024]
+            for i in range(0, len(targets), 1024):
+                batch = targets[i : i + 1024]
                 offset += os.preadv(fd, batch, offset)
         finally:
             os.close(fd)
+        assert offset == len(fresh)
 
     return save, restore
 
@@ -165,7 +175,7 @@ class _Holder:
 
 
 def trainhooks_method(
-    state: dict[str, np.ndarray], d: str
+    state: dict[str, np.ndarray], d: str, format_only: bool = False
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     holder = _Holder(state)
     prefix = os.path.join(d, "model.ckpt")
@@ -174,7 +184,7 @@ def trainhooks_method(
     except ImportError:
         Saver = None  # fall back to the format layer alone
 
-    if Saver is not None:
+    if Saver is not None and not format_only:
         saver = Saver()
 
         def save() -> None:
@@ -186,18 +196,15 @@ def trainhooks_method(
         return save, restore
 
     from trainhooks.checkpoint.format import open_checkpoint, write_checkpoint
-    from trainhooks.checkpoint.tensor import TensorData
+    from trainhooks.checkpoint.tree import flatten_state, restore_state
 
     def save() -> None:
-        tensors = {k: TensorData("F32", v.shape, memoryview(v).cast("B")) for k, v in state.items()}
-        flat = type("Flat", (), {"tensors": tensors, "tree": None})
-        write_checkpoint(f"{prefix}-100", flat, global_step=100)
+        write_checkpoint(f"{prefix}-100", flatten_state(state), global_step=100)
 
     def restore() -> None:
         with open_checkpoint(f"{prefix}-100") as ckpt:
             ckpt.verify()
-            for k, v in state.items():
-                memoryview(v).cast("B")[:] = ckpt.tensor_data(k).buffer
+            restore_state(state, ckpt.tree, ckpt.tensor_data)  # type: ignore[arg-type]
 
     return save, restore
 
@@ -207,6 +214,7 @@ FACTORIES = {
     "torch": torch_method,
     "safetensors": safetensors_method,
     "trainhooks": trainhooks_method,
+    "format": lambda state, d: trainhooks_method(state, d, format_only=True),
 }
 
 
@@ -226,9 +234,16 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         restore()
         restore_s = time.perf_counter() - start
+        start = time.perf_counter()
+        restore()
+        warm_s = time.perf_counter() - start
     finally:
         shutil.rmtree(directory)
-    print(json.dumps({"save_s": save_s, "restore_s": restore_s, "peak_mib": peak / MIB}))
+    print(
+        json.dumps(
+            {"save_s": save_s, "restore_s": restore_s, "warm_s": warm_s, "peak_mib": peak / MIB}
+        )
+    )
 
 
 def run_one(state: str, method: str, args: argparse.Namespace) -> dict[str, float]:
@@ -318,7 +333,10 @@ def main() -> None:
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, dir {args.dir or tempfile.gettempdir()}"
     )
-    header = f"{'state':<22} {'method':<12} {'save s':>7} {'x floor':>7} {'restore s':>9} {'x floor':>7} {'peak MiB':>8}"
+    header = (
+        f"{'state':<22} {'method':<12} {'save s':>7} {'x floor':>7} {'restore s':>9} "
+        f"{'x floor':>7} {'warm s':>7} {'x floor':>7} {'peak MiB':>8}"
+    )
     print(header)
     for state in args.states.split(","):
         label = (
@@ -337,7 +355,8 @@ def main() -> None:
             base = base or r
             print(
                 f"{label:<22} {method:<12} {r['save_s']:7.2f} {r['save_s'] / base['save_s']:7.2f} "
-                f"{r['restore_s']:9.2f} {r['restore_s'] / base['restore_s']:7.2f} {r['peak_mib']:8.1f}",
+                f"{r['restore_s']:9.2f} {r['restore_s'] / base['restore_s']:7.2f} "
+                f"{r['warm_s']:7.2f} {r['warm_s'] / base['warm_s']:7.2f} {r['peak_mib']:8.1f}",
                 flush=True,
             )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -213,8 +214,11 @@ def test_tensors_are_aligned_to_their_item_size(tmp_path: Path) -> None:
         tmp_path / "m", Flat({k: td(v) for k, v in arrays.items()}, None), global_step=0
     )
     manifest = json.loads((tmp_path / "m" / MANIFEST_NAME).read_text())
-    for _, dtype, _, (start, _), _ in manifest["tensors"].values():
-        assert start % DTYPE_ITEMSIZE[dtype] == 0
+    for file in manifest["files"].values():  # tensors lie back to back from data_start
+        start = file["data_start"]
+        for dtype, shape in zip(file["dtypes"], file["shapes"]):
+            assert start % DTYPE_ITEMSIZE[dtype] == 0
+            start += DTYPE_ITEMSIZE[dtype] * math.prod(shape)
 
 
 def test_manifest_records_what_the_issue_lists(tmp_path: Path, clock: Any) -> None:
@@ -228,9 +232,12 @@ def test_manifest_records_what_the_issue_lists(tmp_path: Path, clock: Any) -> No
     assert manifest["format"] == "trainhooks.checkpoint" and manifest["version"] == 1
     assert manifest["global_step"] == 9 and manifest["wall_time"] == clock.now
     assert manifest["checksum_algorithm"] == "xxh3_128"
-    file, dtype, shape, (start, end), checksum = manifest["tensors"]["w"]
-    assert (dtype, shape, end - start, len(checksum)) == ("F32", [2], 8, 32)
-    assert manifest["files"][file]["size"] == os.path.getsize(tmp_path / "m-9" / file)
+    [(file, columns)] = manifest["files"].items()
+    at = columns["tensors"].index("w")
+    dtype, shape = columns["dtypes"][at], columns["shapes"][at]
+    assert (dtype, shape) == ("F32", [2])
+    assert all(len(checksum) == 32 for _, checksum in columns["checksums"])
+    assert columns["size"] == os.path.getsize(tmp_path / "m-9" / file)
     assert manifest["manifest_checksum"]
 
 

@@ -21,6 +21,7 @@ checkpoints, which :func:`remove_leftovers` deletes on the next start.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import secrets
@@ -41,9 +42,9 @@ from trainhooks.checkpoint.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
-    TensorEntry,
     encode_json,
     encode_manifest,
+    paused_gc,
 )
 from trainhooks.checkpoint.storage import LocalStorage, Storage
 from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
@@ -107,30 +108,44 @@ def _check_flat(flat: FlatStateLike, global_step: int) -> dict[str, TensorData]:
     if not -(2**63) <= global_step < 2**63:
         raise ValueError(f"global_step {global_step} does not fit in 64 bits")
     tensors = {GLOBAL_STEP_NAME: TensorData("I64", (), memoryview(struct.pack("<q", global_step)))}
-    for name, t in flat.tensors.items():
-        if name == GLOBAL_STEP_NAME:
-            raise ValueError(
-                f"the tensor name {GLOBAL_STEP_NAME!r} is reserved for the global step; "
-                "pass the step as global_step= and rename the tensor"
-            )
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(
-                f"tensor names must be non-empty strings other than '__metadata__' "
-                f"(reserved by safetensors), got {name!r}"
-            )
-        if t.dtype not in DTYPE_ITEMSIZE:
-            raise ValueError(
-                f"tensor {name!r}: unknown dtype code {t.dtype!r}; use one of {sorted(DTYPE_ITEMSIZE)}"
-            )
-        if t.buffer.nbytes != t.nbytes:
-            raise ValueError(
-                f"tensor {name!r}: buffer holds {t.buffer.nbytes} bytes, but shape {t.shape} "
-                f"of {t.dtype} needs {t.nbytes}"
-            )
-        if not t.buffer.c_contiguous:
-            raise ValueError(f"tensor {name!r}: buffer is not C-contiguous")
+    itemsizes, prod, reserved = DTYPE_ITEMSIZE, math.prod, (GLOBAL_STEP_NAME, "__metadata__")
+    for name, t in flat.tensors.items():  # one tight loop: states may hold 100k tensors
+        itemsize = itemsizes.get(t.dtype) if type(t.dtype) is str else None
+        if (
+            type(name) is not str
+            or not name
+            or name in reserved
+            or itemsize is None
+            or t.buffer.nbytes != itemsize * prod(t.shape)
+            or not t.buffer.c_contiguous
+        ):
+            _refuse(name, t)
         tensors[name] = t
     return tensors
+
+
+def _refuse(name: object, t: TensorData) -> None:
+    """Raise the error that says why ``flat.tensors[name]`` cannot be written."""
+    if name == GLOBAL_STEP_NAME:
+        raise ValueError(
+            f"the tensor name {GLOBAL_STEP_NAME!r} is reserved for the global step; "
+            "pass the step as global_step= and rename the tensor"
+        )
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise ValueError(
+            f"tensor names must be non-empty strings other than '__metadata__' "
+            f"(reserved by safetensors), got {name!r}"
+        )
+    if t.dtype not in DTYPE_ITEMSIZE:
+        raise ValueError(
+            f"tensor {name!r}: unknown dtype code {t.dtype!r}; use one of {sorted(DTYPE_ITEMSIZE)}"
+        )
+    if t.buffer.nbytes != t.nbytes:
+        raise ValueError(
+            f"tensor {name!r}: buffer holds {t.buffer.nbytes} bytes, but shape {t.shape} "
+            f"of {t.dtype} needs {t.nbytes}"
+        )
+    raise ValueError(f"tensor {name!r}: buffer is not C-contiguous")
 
 
 def write_checkpoint(
@@ -177,10 +192,11 @@ def write_checkpoint(
     storage = LocalStorage() if storage is None else storage
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    tensors = _check_flat(flat, global_step)
-    user_metadata = dict(metadata or {})
-    encode_json(user_metadata, "metadata")  # fail before writing anything
-    tree_json = encode_json(flat.tree, "the state tree")
+    with paused_gc():
+        tensors = _check_flat(flat, global_step)
+        user_metadata = dict(metadata or {})
+        encode_json(user_metadata, "metadata")  # fail before writing anything
+        tree_json = encode_json(flat.tree, "the state tree")
     parent = _parent(prefix)
     if not storage.is_dir(parent):
         raise NotFoundError(f"Parent directory of {prefix} doesn't exist, can't save.")
@@ -190,7 +206,8 @@ def write_checkpoint(
             "remove it or save under another path"
         )
 
-    groups = plan_files(tensors, max_shard_bytes)
+    with paused_gc():
+        groups = plan_files(tensors, max_shard_bytes)
     tmp = _sibling(prefix, "tmp")
     try:
         _save(
@@ -226,9 +243,10 @@ def _save(
 ) -> None:
     storage.mkdir(tmp)
     try:
-        files, entries = _write_files(storage, tmp, groups, num_threads)
-        manifest = Manifest(global_step, clock(), tree, user_metadata, files, entries)
-        encoded = encode_manifest(manifest, tree_json)
+        files = _write_files(storage, tmp, groups, num_threads)
+        manifest = Manifest(global_step, clock(), tree, user_metadata, files, {})
+        with paused_gc():
+            encoded = encode_manifest(manifest, tree_json)
         f = storage.create(os.path.join(tmp, MANIFEST_NAME))
         try:
             f.write([encoded])
@@ -244,7 +262,7 @@ def _save(
 
 def _write_files(
     storage: Storage, tmp: str, groups: list[list[tuple[str, TensorData]]], num_threads: int | None
-) -> tuple[dict[str, FileEntry], dict[str, TensorEntry]]:
+) -> dict[str, FileEntry]:
     names = [data_file_name(i, len(groups)) for i in range(len(groups))]
     threads = num_threads or min(len(groups), os.cpu_count() or 1)
     jobs = [(storage, os.path.join(tmp, n), g) for n, g in zip(names, groups)]
@@ -254,12 +272,7 @@ def _write_files(
         with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-write") as pool:
             futures = [pool.submit(write_data_file, *job) for job in jobs]
             results = [fut.result() for fut in futures]
-    files: dict[str, FileEntry] = {}
-    entries: dict[str, TensorEntry] = {}
-    for name, (file_entry, tensor_entries) in zip(names, results):
-        files[name] = file_entry
-        entries.update(tensor_entries)
-    return files, entries
+    return dict(zip(names, results))
 
 
 def _publish(storage: Storage, tmp: str, prefix: str) -> None:

@@ -25,6 +25,7 @@ write it out before the next training step changes the array, or pass ``copy=Tru
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "EXTENDED_DTYPES",
     "copy_into_numpy",
     "copy_into_torch",
+    "host_bytes",
     "logical_itemsize",
     "numpy_dtype",
     "numpy_dtype_code",
@@ -243,6 +245,7 @@ def copy_into_numpy(target: np.ndarray[Any, Any], data: TensorData) -> None:
 # --- PyTorch ---------------------------------------------------------------------------
 
 
+@functools.cache
 def _torch_codes() -> dict[Any, str]:
     import torch
 
@@ -277,8 +280,14 @@ def torch_dtype(code: str) -> torch.dtype:
     raise TypeError(f"Dtype {code} has no torch equivalent in this torch version.")
 
 
-def _host_bytes(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
-    """A uint8 NumPy view of a contiguous CPU tensor's memory (no copy)."""
+def host_bytes(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
+    """A uint8 NumPy view of a contiguous CPU tensor's memory (no copy).
+
+    Example:
+        >>> import torch
+        >>> host_bytes(torch.ones(1, dtype=torch.int16)).tolist()
+        [1, 0]
+    """
     import torch
 
     if not tensor.numel():  # an empty tensor may have any strides; it has no bytes anyway
@@ -307,7 +316,7 @@ def torch_to_tensor_data(tensor: torch.Tensor, *, copy: bool = False) -> TensorD
     if copy and aliases and host.data_ptr() == tensor.data_ptr() and host.numel():
         host = host.clone()
     storage, storage_shape = storage_spec(code, shape)
-    return TensorData(storage, storage_shape, _host_bytes(host).data)
+    return TensorData(storage, storage_shape, host_bytes(host).data)
 
 
 def tensor_data_to_torch(
@@ -325,7 +334,7 @@ def tensor_data_to_torch(
     import torch
 
     out = torch.empty(shape, dtype=dtype)
-    _host_bytes(out)[:] = np.frombuffer(data.buffer, dtype=np.uint8)
+    host_bytes(out)[:] = np.frombuffer(data.buffer, dtype=np.uint8)
     return out if torch.device(device).type == "cpu" else out.to(device)
 
 
@@ -345,7 +354,7 @@ def copy_into_torch(target: torch.Tensor, data: TensorData) -> None:
         and not target.is_neg()
     )
     if direct:
-        _host_bytes(target)[:] = np.frombuffer(data.buffer, dtype=np.uint8)
+        host_bytes(target)[:] = np.frombuffer(data.buffer, dtype=np.uint8)
         return
     staged = tensor_data_to_torch(data, target.dtype, tuple(target.shape))
     with torch.no_grad():

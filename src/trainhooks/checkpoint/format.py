@@ -30,21 +30,25 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
+import xxhash
+
 from trainhooks.checkpoint.commit import (
     delete_checkpoint,
     is_checkpoint,
     remove_leftovers,
     write_checkpoint,
 )
-from trainhooks.checkpoint.datafile import check_header, read_header
+from trainhooks.checkpoint.datafile import verify_header
 from trainhooks.checkpoint.manifest import (
     GLOBAL_STEP_NAME,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Chunk,
     Manifest,
     TensorEntry,
     checksum,
     decode_manifest,
-    tensors_by_file,
+    paused_gc,
 )
 from trainhooks.checkpoint.tensor import TensorData
 from trainhooks.errors import DataLossError, NotFoundError
@@ -59,14 +63,14 @@ __all__ = [
     "write_checkpoint",
 ]
 
-# A manifest is ~150 bytes per tensor; anything this large is not one.
-_MAX_MANIFEST_BYTES = 2**31
 # A re-save swaps the directory under a reader; it then starts over on the new one.
 _OPEN_ATTEMPTS = 3
-# verify() reads each file ahead of its checksums in chunks of this size.
-_READ_CHUNK = 8 * 2**20
+# verify() reads each file through a buffer of this size (small enough to stay in cache).
+_READ_CHUNK = 2**20
+_FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", 2)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 class MappedCheckpoint:
@@ -89,7 +93,8 @@ class MappedCheckpoint:
         self._maps: dict[str, mmap.mmap] = {}
         self._fds: dict[str, int] = {}
         self._views: dict[str, memoryview] = {}
-        self._verified: set[str] = set()
+        self._verified: set[tuple[str, int]] = set()  # (file, chunk index)
+        self._all_verified = False
 
     def _map(self, file: str, fd: int, size: int) -> mmap.mmap:
         """Map the open data file ``fd``; the mapping and fd now belong to this object."""
@@ -140,48 +145,69 @@ class MappedCheckpoint:
     def tensor_data(self, name: str) -> TensorData:
         """Tensor ``name`` as a read-only view of the mapped file, checksummed first.
 
+        The checksum covers the run of tensors stored with it (``manifest.py``); once
+        checked, the run is not checked again.
+
         Raises:
           NotFoundError: no tensor ``name``.
           DataLossError: its bytes do not match the manifest's checksum.
         """
-        entry = self.entry(name)
-        view = self._views[entry.file][entry.start : entry.end]
-        if name not in self._verified:
-            self._check(name, entry, view)
-        return TensorData(entry.dtype, entry.shape, view)
-
-    def _check(self, name: str, entry: TensorEntry, view: memoryview) -> None:
-        actual = checksum(view)
-        if actual != entry.checksum:
-            raise DataLossError(
-                f"Checkpoint {self.prefix}: file {entry.file}: tensor {name!r}: checksum "
-                f"mismatch (manifest {entry.checksum}, data {actual}); the data is corrupt"
+        entry = self.manifest.tensors.get(name) or self.entry(name)
+        if not self._all_verified and (entry.file, entry.chunk) not in self._verified:
+            chunk = self.manifest.files[entry.file].chunks[entry.chunk]
+            self._check(
+                entry.file, entry.chunk, checksum(self._views[entry.file][chunk.start : chunk.end])
             )
-        self._verified.add(name)
+        return TensorData(
+            entry.dtype, entry.shape, self._views[entry.file][entry.start : entry.end]
+        )
+
+    def _check(self, file: str, index: int, actual: str) -> None:
+        chunk = self.manifest.files[file].chunks[index]
+        if actual != chunk.checksum:
+            names = self.manifest.files[file].names[chunk.first : chunk.first + chunk.tensor_count]
+            which = (
+                f"tensor {names[0]!r}"
+                if len(names) == 1
+                else f"one of the {len(names)} tensors checksummed together: "
+                + ", ".join(repr(n) for n in names[:5])
+                + (", ..." if len(names) > 5 else "")
+            )
+            raise DataLossError(
+                f"Checkpoint {self.prefix}: file {file}: {which}: checksum mismatch "
+                f"(manifest {chunk.checksum}, data {actual}, bytes [{chunk.start}, "
+                f"{chunk.end})); the data is corrupt"
+            )
+        self._verified.add((file, index))
 
     def verify(self, num_threads: int | None = None) -> None:
         """Checksum every tensor, one thread per data file (at most ``num_threads``).
 
+        Each file is read with large sequential reads into a small scratch buffer and
+        checksummed from there (no page faults on the mapping, one pass over memory),
+        which also leaves it in the page cache for the copies that follow.
+
         Raises:
           DataLossError: naming the checkpoint, file and tensor of the first mismatch.
         """
-        groups = tensors_by_file(self.manifest.tensors)
-        threads = num_threads or min(len(groups), os.cpu_count() or 1)
+        files = self.manifest.files
+        threads = num_threads or min(len(files), os.cpu_count() or 1)
 
         def verify_file(file: str) -> None:
-            _read_into_page_cache(self._fds[file], len(self._maps[file]))
-            view = self._views[file]
-            for name, entry in groups[file]:
-                if name not in self._verified:
-                    self._check(name, entry, view[entry.start : entry.end])
+            chunks = files[file].chunks
+            todo = [i for i in range(len(chunks)) if (file, i) not in self._verified]
+            digests = _read_and_checksum(self._fds[file], [chunks[i] for i in todo])
+            for index, digest in zip(todo, digests):
+                self._check(file, index, digest)
 
-        if threads <= 1 or len(groups) <= 1:
-            for file in groups:
+        if threads <= 1 or len(files) <= 1:
+            for file in files:
                 verify_file(file)
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-verify") as pool:
-            for future in [pool.submit(verify_file, file) for file in groups]:
-                future.result()
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-verify") as pool:
+                for future in [pool.submit(verify_file, file) for file in files]:
+                    future.result()
+        self._all_verified = True
 
     def close(self) -> None:
         """Unmap the data files (those still viewed stay mapped until the views go)."""
@@ -216,16 +242,29 @@ class MappedCheckpoint:
         )
 
 
-def _read_into_page_cache(fd: int, size: int) -> None:
-    """Read a file with large sequential reads, so that checksumming its mapping does not
-    fault pages in one by one (about 5x slower from a cold cache)."""
-    scratch = memoryview(bytearray(min(size, _READ_CHUNK)))
-    position = 0
-    while position < size:
-        done = os.preadv(fd, [scratch], position)
-        if done <= 0:
-            break
-        position += done
+def _read_and_checksum(fd: int, chunks: list[Chunk]) -> list[str]:
+    """The checksum of each byte range in ``chunks`` (in file order), read with ``preadv``.
+
+    Reads go through a buffer of ``_READ_CHUNK`` bytes that stays in the CPU cache for
+    the checksum; runs that are adjacent are read as one stream.
+    """
+    scratch = bytearray(_READ_CHUNK)
+    view = memoryview(scratch)
+    digests = []
+    if hasattr(os, "posix_fadvise") and chunks:
+        os.posix_fadvise(fd, chunks[0].start, chunks[-1].end - chunks[0].start, _FADV_SEQUENTIAL)
+    for chunk in chunks:
+        hasher = xxhash.xxh3_128()
+        position = chunk.start
+        while position < chunk.end:
+            want = min(len(scratch), chunk.end - position)
+            done = os.preadv(fd, [view[:want]], position)
+            if done <= 0:
+                break  # truncated under us: the checksum will not match
+            hasher.update(view[:done])
+            position += done
+        digests.append(hasher.hexdigest())
+    return digests
 
 
 def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
@@ -286,7 +325,8 @@ def _open_file(prefix: str, dir_fd: int, name: str, what: str) -> tuple[int, int
     """Open ``name`` inside the checkpoint (no symlinks); returns (fd, size)."""
     where = f"Checkpoint {prefix}: {what} {name}"
     try:
-        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO planted in place of a file must not block the open.
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         raise DataLossError(f"{where} is missing.") from None
     except OSError as e:  # ELOOP: a symlink
@@ -301,14 +341,13 @@ def _open_file(prefix: str, dir_fd: int, name: str, what: str) -> tuple[int, int
 def _open_at(prefix: str, dir_fd: int) -> MappedCheckpoint:
     fd, size = _open_file(prefix, dir_fd, MANIFEST_NAME, "manifest")
     try:
-        if size > _MAX_MANIFEST_BYTES:
+        if size > MAX_MANIFEST_BYTES:
             raise DataLossError(f"Checkpoint {prefix}: {MANIFEST_NAME} is {size} bytes; too large.")
         with os.fdopen(os.dup(fd), "rb") as f:
             raw = f.read()
     finally:
         os.close(fd)
     manifest = decode_manifest(raw, prefix)
-    groups = tensors_by_file(manifest.tensors)
     ckpt = MappedCheckpoint(prefix, manifest)
     try:
         for file, entry in manifest.files.items():
@@ -324,8 +363,9 @@ def _open_at(prefix: str, dir_fd: int) -> MappedCheckpoint:
                     f"{'truncated' if size < entry.size else 'extended'}"
                 )
             mapped = ckpt._map(file, fd, size)
-            header = read_header(mapped, size, fail)
-            check_header(header, entry, groups.get(file, []), fail)
+            with paused_gc():
+                expected = [(n, manifest.tensors[n]) for n in entry.names]
+                verify_header(mapped, size, entry, expected, fail)
         step = int.from_bytes(ckpt.tensor_data(GLOBAL_STEP_NAME).buffer, "little", signed=True)
     except BaseException:
         ckpt.close()

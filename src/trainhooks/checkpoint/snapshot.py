@@ -75,17 +75,13 @@ class SnapshotPool:
         Raises:
           TypeError, ValueError: as ``tree.flatten_state`` for a state it cannot save.
         """
-        flat = tree.flatten_state(state, copy=False)
-        already_copied = set(_device_tensor_names(flat.tree))
-        tensors: dict[str, TensorData] = {}
-        for name, data in flat.tensors.items():
-            if name in already_copied:  # a fresh host copy made by flatten_state
-                tensors[name] = data
-            else:
-                tensors[name] = self._copy_bytes(name, data)
-        for name in set(self._host) - set(tensors):  # entries the state no longer has
+        flat = tree.flatten_state(state, copy=True, host_copy=self.copy_leaf)
+        self.synchronize()
+        for name in set(self._host) - set(flat.tensors):  # entries the state no longer has
             del self._host[name]
-        return tree.FlatState(tensors, flat.tree)
+        for name in set(self._pinned) - set(flat.tensors):
+            del self._pinned[name]
+        return flat
 
     def copy_leaf(self, name: str, value: Any) -> TensorData | None:
         """Copy one array leaf into the pool: the per-leaf form of :meth:`take`.

@@ -104,17 +104,17 @@ class LocalFile:
 
     def write(self, buffers: Sequence[memoryview | bytes]) -> None:
         fd = self._require_fd()
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        views = [b if type(b) is memoryview else memoryview(b) for b in buffers]
         while views:
             batch = views[:_IOV_MAX]
             written = os.writev(fd, batch) if len(batch) > 1 else os.write(fd, batch[0])
             # Drop what went out; keep the unwritten tail of a short write.
             done = 0
-            while done < len(batch) and written >= len(batch[done]):
-                written -= len(batch[done])
+            while done < len(batch) and written >= batch[done].nbytes:
+                written -= batch[done].nbytes
                 done += 1
             if done < len(batch):
-                batch[done] = batch[done][written:]
+                batch[done] = batch[done].cast("B")[written:]
             views = batch[done:] + views[len(batch) :]
 
     def fsync(self) -> None:

@@ -6,16 +6,20 @@ paths, ``"model/fc.weight"``, ``"optimizer/state/0/exp_avg"``) and ``tree`` reco
 the names nest, the adapters used and every other value as JSON. :func:`restore_state`
 checks a checkpoint against the state and only then writes it back in place.
 
-Tree nodes are JSON objects tagged by ``"type"``:
+The tree is compact, because a state may hold 100k arrays: an array is a JSON array
+``[framework, dtype, shape]`` (``[framework, dtype, shape, device, scalar]`` when it
+lives on an accelerator or is a NumPy scalar) and its tensor name is implied by where it
+sits. Other nodes are JSON objects:
 
-* ``tensor``: ``framework``, ``name``, logical ``dtype`` (see ``dtypes.py``), ``shape``,
-  optional ``device`` and ``scalar``;
-* ``object``: an object's ``state_dict()`` under ``state`` (``class`` for the reader,
-  ``metadata`` for a torch state dict's ``_metadata``);
-* ``dict`` (``items``: ``[key, node]`` pairs, a non-str key as its value node), ``list``,
-  ``tuple`` (``items``: nodes);
-* Python values: ``none``, ``bool``, ``int``, ``float``, ``str``, ``bytes``
-  (``adapters/python.py``).
+* ``{"dict": [keys], "values": [nodes]}`` (a non-str key as its value node);
+* ``{"list": [nodes]}``, ``{"tuple": [nodes]}``;
+* ``{"object": "module.Class", "state": node}``: an object's ``state_dict()``
+  (``metadata`` for a torch state dict's ``_metadata``);
+* Python values: ``{"type": "int", "value": 3}`` and alike (``adapters/python.py``).
+
+Names: a dict's entry ``k`` under name ``n`` is ``n/k`` (``str(k)``), a list's item ``i``
+is ``n/i``, an object's state dict keeps the object's name; top-level entries are their
+key. ``dtype`` is the logical code (see ``dtypes.py``).
 
 Matching on restore: arrays and objects must be where the state has them; dict keys must
 match; a list or tuple holding only Python values, like a Python value, is replaced by the
@@ -29,16 +33,39 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from trainhooks import errors
-from trainhooks.checkpoint.adapters import array_adapter_for, stateful_adapter_for
+from trainhooks.checkpoint.adapters import ArrayAdapter, array_adapter_for
 from trainhooks.checkpoint.adapters import python as pyvalues
-from trainhooks.checkpoint.tensor import TensorData
-from trainhooks.checkpoint.tree_restore import SUPPORTED, Mismatch, Restorer, pure
+from trainhooks.checkpoint.adapters.numpy import NumpyAdapter, numpy_code
+from trainhooks.checkpoint.manifest import paused_gc
+from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.tree_nodes import (
+    ARRAY,
+    DICT,
+    KEY,
+    METADATA,
+    OBJECT,
+    ROOT,
+    SEQUENCE,
+    STATE_DICT,
+    SUPPORTED,
+    VALUE,
+    MalformedTree,
+    Mismatch,
+    Path,
+    kind_of,
+    pure,
+    render,
+)
+from trainhooks.checkpoint.tree_restore import Restorer
 
 __all__ = [
     "RESERVED_NAMES",
     "TREE_VERSION",
     "FlatState",
+    "MalformedTree",
     "Mismatch",
     "StateMismatchError",
     "check_state",
@@ -48,7 +75,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TREE_VERSION = 1
+TREE_VERSION = 2
+NUMPY = NumpyAdapter()
+
+
+def _tensor_data(fields: tuple[str, tuple[int, ...], memoryview]) -> TensorData:
+    return tuple.__new__(TensorData, fields)  # TensorData(...) without its Python-level __new__
+
+
 #: top-level state keys the format uses itself.
 RESERVED_NAMES = frozenset({"global_step"})
 
@@ -76,7 +110,12 @@ class StateMismatchError(errors.Error, ValueError):
         self.problems = problems
 
 
-def flatten_state(state: Mapping[str, Any], *, copy: bool = False) -> FlatState:
+def flatten_state(
+    state: Mapping[str, Any],
+    *,
+    copy: bool = False,
+    host_copy: Callable[[str, Any], TensorData | None] | None = None,
+) -> FlatState:
     """Split ``state`` into named tensors and a JSON tree.
 
     Args:
@@ -85,6 +124,10 @@ def flatten_state(state: Mapping[str, Any], *, copy: bool = False) -> FlatState:
         memory: write them out before the state changes (the next step). Pass True for a
         snapshot the training loop may run on from (background saving); arrays that
         must be copied anyway (accelerator tensors, strided views) are copied only once.
+      host_copy: called with ``(tensor name, array)`` for every array; when it returns
+        ``TensorData`` that is used instead of the adapter's conversion (e.g. a copy
+        into a reused pinned buffer, ``SnapshotPool.copy_leaf``); None falls back to
+        the adapter.
 
     Returns:
       A :class:`FlatState`; its ``tree`` is JSON-serialisable.
@@ -99,8 +142,9 @@ def flatten_state(state: Mapping[str, Any], *, copy: bool = False) -> FlatState:
         >>> sorted(flat.tensors), flat.tensors["w"].dtype
         (['w'], 'F32')
     """
-    flattener = _Flattener(collect=True, copy=copy)
-    root = flattener.root(state)
+    flattener = _Flattener(collect=True, copy=copy, host_copy=host_copy)
+    with paused_gc():
+        root = flattener.root(state)
     tree = {"version": TREE_VERSION, "frameworks": sorted(flattener.frameworks), "root": root}
     return FlatState(flattener.tensors, tree)
 
@@ -120,7 +164,7 @@ def check_state(state: Mapping[str, Any]) -> None:
         ...
         TypeError: state['fn'] has unsupported type builtin_function_or_method: pass ...
     """
-    _Flattener(collect=False, copy=False).root(state)
+    _Flattener(collect=False, copy=False, host_copy=None).root(state)
 
 
 def restore_state(
@@ -146,6 +190,11 @@ def restore_state(
     Returns:
       The entries that were skipped (empty when ``strict``); they are also logged.
 
+    Raises:
+      StateMismatchError: with ``strict``, the checkpoint does not fit the state.
+      ValueError: the tree is of another version.
+      MalformedTree: (a ``DataLossError``) the tree is not one ``flatten_state`` writes.
+
     Example:
         >>> import numpy as np
         >>> w = np.zeros(2)
@@ -161,13 +210,12 @@ def restore_state(
             f"trainhooks reads version {TREE_VERSION}."
         )
     restorer = Restorer(get_tensor)
-    if strict:
-        restorer.restore(state, tree["root"], "state")
-        if restorer.problems:
-            raise StateMismatchError(restorer.problems)
-    restorer.apply = True
-    restorer.problems = []
-    restorer.restore(state, tree["root"], "state")
+    with paused_gc():
+        restorer.plan(state, tree["root"])
+    if strict and restorer.problems:
+        raise StateMismatchError(restorer.problems)
+    with paused_gc():
+        restorer.apply()
     for problem in restorer.problems:
         logger.warning("Not restored (strict=False): %s", problem)
     return restorer.problems
@@ -176,17 +224,23 @@ def restore_state(
 # --- flatten ---------------------------------------------------------------------------
 
 
-def _join(name: str, key: object) -> str:
-    return f"{name}/{key}" if name else str(key)
-
-
 class _Flattener:
-    def __init__(self, *, collect: bool, copy: bool) -> None:
+    def __init__(
+        self,
+        *,
+        collect: bool,
+        copy: bool,
+        host_copy: Callable[[str, Any], TensorData | None] | None,
+    ) -> None:
         self.collect = collect
         self.copy = copy
+        self.host_copy = host_copy
         self.tensors: dict[str, TensorData] = {}
         self.frameworks: set[str] = set()
-        self._paths: dict[str, str] = {}  # tensor name -> path, to catch collisions
+        self._names: set[str] = set()  # to catch two values saved under one name
+        self._state: Mapping[str, Any] = {}
+        self.find: str | None = None  # set by _path_of: stop at the value named so
+        self._leaves: dict[tuple[str, str, tuple[int, ...]], list[Any]] = {}
 
     def root(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state, Mapping):
@@ -196,67 +250,130 @@ class _Flattener:
                 f"state[{name!r}]: the name {name!r} is reserved (checkpoints store the global "
                 "step under it); the session tracks the step itself, so rename this entry."
             )
-        return self.node(dict(state), "state", "")
+        self._state = state
+        return self.node(dict(state), ROOT, "")
 
-    def node(self, value: Any, path: str, name: str) -> dict[str, Any]:
-        adapter = array_adapter_for(value)
-        if adapter is not None:
-            try:
-                spec = adapter.spec(value)
-            except TypeError as e:
-                raise TypeError(f"{path} {e}.") from None
-            self._claim(name, path)
-            self.frameworks.add(adapter.framework)
-            if self.collect:
-                self.tensors[name] = adapter.to_tensor_data(value, copy=self.copy)
-            node: dict[str, Any] = {
-                "type": "tensor",
-                "framework": adapter.framework,
-                "name": name,
-                "dtype": spec.dtype,
-                "shape": list(spec.shape),
+    def node(self, value: Any, path: Path, name: str) -> Any:
+        if type(value) is np.ndarray:
+            return self.ndarray_leaf(value, path, name)
+        kind = kind_of(value)
+        if kind is ARRAY:
+            return self.leaf(array_adapter_for(value), value, path, name)  # type: ignore[arg-type]
+        if kind is DICT:
+            keys, values = [], []
+            for key, child in value.items():
+                if type(key) is str:
+                    keys.append(key)
+                    child_name = f"{name}/{key}" if name else key
+                elif isinstance(key, pyvalues.DICT_KEY_TYPES):
+                    keys.append(pyvalues.encode_key(key))
+                    child_name = f"{name}/{key}" if name else str(key)
+                else:
+                    raise TypeError(
+                        f"{render(path)} has a key of unsupported type {type(key).__qualname__} "
+                        f"({key!r}): pass a dict with str, int, float, bool or None keys."
+                    )
+                values.append(self.node(child, (path, KEY, key), child_name))
+            return {"dict": keys, "values": values}
+        if kind is SEQUENCE:
+            tag = "list" if isinstance(value, list) else "tuple"
+            return {
+                tag: [
+                    self.node(v, (path, KEY, i), f"{name}/{i}" if name else str(i))
+                    for i, v in enumerate(value)
+                ]
             }
-            if spec.device is not None:
-                node["device"] = spec.device
-            if spec.scalar:
-                node["scalar"] = True
-            return node
-        if stateful_adapter_for(value) is not None:
+        if kind is OBJECT:
             state_dict = value.state_dict()
-            path = f"{path}.state_dict()"
+            path = (path, STATE_DICT, None)
             cls = type(value)
             node = {
-                "type": "object",
-                "class": f"{cls.__module__}.{cls.__qualname__}",
+                "object": f"{cls.__module__}.{cls.__qualname__}",
                 "state": self.node(state_dict, path, name),
             }
             metadata = getattr(state_dict, "_metadata", None)
             if isinstance(metadata, dict) and pure(metadata):
-                node["metadata"] = self.node(metadata, f"{path}._metadata", name)
+                node["metadata"] = self.node(metadata, (path, METADATA, None), name)
             return node
-        if isinstance(value, dict):
-            items = []
-            for key, child in value.items():
-                if not isinstance(key, (str, *pyvalues.DICT_KEY_TYPES)):
-                    raise TypeError(
-                        f"{path} has a key of unsupported type {type(key).__qualname__} "
-                        f"({key!r}): pass a dict with str, int, float, bool or None keys."
-                    )
-                child_node = self.node(child, f"{path}[{key!r}]", _join(name, key))
-                items.append([pyvalues.encode_key(key), child_node])
-            return {"type": "dict", "items": items}
-        if isinstance(value, (list, tuple)):
-            kind = "list" if isinstance(value, list) else "tuple"
-            children = [self.node(v, f"{path}[{i}]", _join(name, i)) for i, v in enumerate(value)]
-            return {"type": kind, "items": children}
-        if pyvalues.is_value(value):
+        if kind is VALUE:
             return pyvalues.encode_value(value)
-        raise TypeError(f"{path} has unsupported type {type(value).__qualname__}: {SUPPORTED}.")
+        raise TypeError(
+            f"{render(path)} has unsupported type {type(value).__qualname__}: {SUPPORTED}."
+        )
 
-    def _claim(self, name: str, path: str) -> None:
-        other = self._paths.setdefault(name, path)
-        if other != path:
+    def ndarray_leaf(self, value: np.ndarray[Any, Any], path: Path, name: str) -> list[Any]:
+        """:meth:`leaf` for a plain NumPy array: the common case, in as few steps as possible."""
+        try:
+            code = numpy_code(value.dtype)
+        except TypeError:
+            return self.leaf(NUMPY, value, path, name)  # raises, naming the path
+        if (
+            self.copy
+            or self.host_copy is not None
+            or not value.ndim
+            or code not in DTYPE_ITEMSIZE
+            or value.dtype.byteorder == ">"
+            or not value.flags.c_contiguous
+            or name in self._names  # raises the collision error
+            or self.find is not None
+        ):
+            return self.leaf(NUMPY, value, path, name)
+        shape = value.shape
+        if self.collect:
+            try:
+                self.tensors[name] = _tensor_data((code, shape, value.data.cast("B")))
+            except (TypeError, ValueError):  # a dtype without a buffer format
+                return self.leaf(NUMPY, value, path, name)
+        self._names.add(name)
+        self.frameworks.add("numpy")
+        key = ("numpy", code, shape)
+        node = self._leaves.get(key)
+        if node is None:
+            node = self._leaves[key] = ["numpy", code, list(shape)]
+        return node
+
+    def _path_of(self, name: str) -> str:
+        """The path of the first value saved as ``name`` (walks the state again: errors only)."""
+        finder = _Flattener(collect=False, copy=False, host_copy=None)
+        finder.find = name
+        try:
+            finder.root(self._state)
+        except _Found as found:
+            return render(found.path)
+        return "another entry"
+
+    def leaf(self, adapter: ArrayAdapter, value: Any, path: Path, name: str) -> list[Any]:
+        try:
+            spec = adapter.spec(value)
+        except TypeError as e:
+            raise TypeError(f"{render(path)} {e}.") from None
+        if name == self.find:
+            raise _Found(path)
+        if name in self._names:
             raise ValueError(
-                f"{path} and {other} would both be saved as tensor {name!r} (names join "
-                "keys with '/'): rename one of the keys."
+                f"{render(path)} and {self._path_of(name)} would both be saved as tensor "
+                f"{name!r} (names join keys with '/'): rename one of the keys."
             )
+        self._names.add(name)
+        framework = adapter.framework
+        self.frameworks.add(framework)
+        if self.collect:
+            data = None if self.host_copy is None else self.host_copy(name, value)
+            if data is None:
+                data = adapter.to_tensor_data(value, copy=self.copy)
+            self.tensors[name] = data
+        if spec.scalar or spec.device not in (None, "cpu"):
+            return [framework, spec.dtype, list(spec.shape), spec.device, spec.scalar]
+        key = (framework, spec.dtype, spec.shape)
+        node = self._leaves.get(key)  # one shared JSON node per kind of array
+        if node is None:
+            node = self._leaves[key] = [framework, spec.dtype, list(spec.shape)]
+        return node
+
+
+class _Found(Exception):
+    """Raised by a :class:`_Flattener` with ``find`` set, at the value it was looking for."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path

@@ -1,73 +1,72 @@
 """Restoring a state tree into the user's objects: the walk behind ``tree.restore_state``.
 
-:class:`Restorer` walks the state and the tree together. Run once with ``apply=False``
-it only collects :class:`Mismatch` entries; with ``apply=True`` it also writes, skipping
-every entry that mismatches. ``tree.restore_state`` runs the check pass first when strict,
-so a mismatch is reported before anything is touched.
+:class:`Restorer` walks the state and the tree together once (:meth:`Restorer.plan`):
+it collects every :class:`Mismatch` and, for the entries that match, what to do: array
+copies into the user's memory, ``load_state_dict`` calls, values to replace in their
+containers. Nothing is written until :meth:`Restorer.apply`, which ``tree.restore_state``
+calls only when the plan found no problem (or ``strict=False``). Copies into host
+memory run in one batch, the large ones on a few threads.
+
+Paths for messages (``state['model'].state_dict()['weight']``) are built only when a
+message needs one: during the walk a path is a chain of tuples (:data:`Path`).
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
 
 from trainhooks import errors
 from trainhooks.checkpoint.adapters import (
+    ArrayAdapter,
     ArraySpec,
     array_adapter_for,
     array_adapter_named,
     stateful_adapter_for,
 )
 from trainhooks.checkpoint.adapters import python as pyvalues
+from trainhooks.checkpoint.adapters.numpy import numpy_code
 from trainhooks.checkpoint.dtypes import storage_spec
-from trainhooks.checkpoint.tensor import TensorData
-
-__all__ = ["SUPPORTED", "Mismatch", "Restorer", "pure"]
-
-SUPPORTED = (
-    "pass an object with state_dict()/load_state_dict(), a NumPy array, torch tensor or "
-    "JAX array, a bool/int/float/str/bytes/None, or a dict/list/tuple nesting these"
+from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.tree_nodes import (
+    ARRAY,
+    DICT,
+    KEY,
+    METADATA,
+    OBJECT,
+    ROOT,
+    SEQUENCE,
+    STATE_DICT,
+    SUPPORTED,
+    UNSUPPORTED,
+    VALUE,
+    MalformedTree,
+    Mismatch,
+    Path,
+    describe,
+    dict_items,
+    kind_of,
+    leaf_spec,
+    node_kind,
+    node_pure,
+    pure,
+    render,
+    sequence_items,
 )
 
+__all__ = ["Restorer"]
 
-class Mismatch(NamedTuple):
-    """One entry of the state that a checkpoint cannot be restored into."""
-
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.path} {self.problem}"
+# Copies of at least this many bytes run on the copy threads.
+_PARALLEL_COPY_BYTES = 4 * 2**20
 
 
-def pure(value: object) -> bool:
-    """Whether ``value`` is Python data only (values and containers of them)."""
-    if isinstance(value, (list, tuple)):
-        return all(pure(v) for v in value)
-    if isinstance(value, dict):
-        return all(pure(v) for v in value.values())
-    return pyvalues.is_value(value) and array_adapter_for(value) is None
-
-
-def _describe(node: Mapping[str, Any]) -> str:
-    kind = node.get("type")
-    if kind == "tensor":
-        return f"an array ({node['dtype']}, shape {node['shape']})"
-    if kind == "object":
-        return f"the state of a {node.get('class', 'stateful object')}"
-    return f"a {kind}" if kind in ("dict", "list", "tuple") else f"a Python {kind}"
-
-
-def _node_pure(node: Mapping[str, Any]) -> bool:
-    kind = node["type"]
-    if kind in ("tensor", "object"):
-        return False
-    if kind == "dict":
-        return all(_node_pure(child) for _, child in node["items"])
-    if kind in ("list", "tuple"):
-        return all(_node_pure(child) for child in node["items"])
-    return True
+def _child_name(name: str, key: object) -> str:
+    return f"{name}/{key}" if name else str(key)
 
 
 def _rebuild_tuple(old: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
@@ -79,81 +78,112 @@ def _rebuild_tuple(old: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
         return tuple(items)
 
 
+#: A deferred replacement: called during apply, returns what the container should hold.
+Replacement = Callable[[], Any]
+
+
 class Restorer:
-    """Walks the state and the tree together; checks only, or (``apply``) also writes."""
+    """Plans a restore (checking everything) with :meth:`plan`, then writes with :meth:`apply`."""
 
     def __init__(self, get_tensor: Callable[[str], TensorData]) -> None:
         self.get_tensor = get_tensor
-        self.apply = False
         self.problems: list[Mismatch] = []
         self._data: dict[str, TensorData | None] = {}
+        self._host_copies: list[tuple[np.ndarray[Any, Any], TensorData]] = []
+        self._small_copies: list[tuple[np.ndarray[Any, Any], memoryview]] = []
+        self._actions: list[Callable[[], None]] = []
 
-    def problem(self, path: str, text: str) -> None:
-        self.problems.append(Mismatch(path, text))
+    def problem(self, path: Path, text: str) -> None:
+        self.problems.append(Mismatch(render(path), text))
 
-    def restore(self, target: Any, node: Mapping[str, Any], path: str) -> Any:
-        """Restore ``node`` into ``target``; returns what the container should hold."""
-        adapter = array_adapter_for(target)
-        if adapter is not None:
-            return self._restore_array(adapter, target, node, path)
-        stateful = stateful_adapter_for(target)
-        if stateful is not None:
-            return self._restore_object(stateful, target, node, path)
-        if isinstance(target, dict):
-            return self._restore_dict(target, node, path)
-        replaceable = pyvalues.is_value(target) or (
-            isinstance(target, (list, tuple)) and node["type"] in ("list", "tuple") and pure(target)
+    def plan(self, state: dict[str, Any], root: Any) -> None:
+        """Check ``state`` against the tree's ``root`` and record what apply will do."""
+        if self._restore(state, root, ROOT, "") is not None:
+            raise MalformedTree("the state tree's root is not a dict")
+
+    def apply(self) -> None:
+        """Write everything planned: host copies (batched), then the rest in order."""
+        for target, buffer in self._small_copies:
+            target.data.cast("B")[:] = buffer
+        copies = self._host_copies
+        large = [c for c in copies if c[0].nbytes >= _PARALLEL_COPY_BYTES]
+        for dst, data in copies:
+            if dst.nbytes < _PARALLEL_COPY_BYTES:
+                dst[:] = np.frombuffer(data.buffer, np.uint8)
+        if len(large) > 1:
+            workers = min(len(large), os.cpu_count() or 1, 8)
+            with ThreadPoolExecutor(workers, thread_name_prefix="trainhooks-restore") as pool:
+                list(pool.map(_copy, large))
+        else:
+            for job in large:
+                _copy(job)
+        for action in self._actions:
+            action()
+
+    # --- the walk ----------------------------------------------------------------------
+
+    def _restore(self, target: Any, node: Any, path: Path, name: str) -> Replacement | None:
+        """Plan restoring ``node`` into ``target``; a Replacement if the container must change."""
+        kind = kind_of(target)
+        if kind is ARRAY:
+            return self._restore_array(target, node, path, name)
+        if kind is OBJECT:
+            self._restore_object(target, node, path, name)
+            return None
+        if kind is DICT:
+            self._restore_dict(target, node, path, name)
+            return None
+        saved_kind = node_kind(node)
+        replaceable = kind is VALUE or (
+            kind is SEQUENCE and saved_kind in ("list", "tuple") and pure(target)
         )
-        if replaceable and _node_pure(node):
+        if replaceable and node_pure(node):
             return self._replace(target, node, path)
-        if isinstance(target, (list, tuple)):
-            return self._restore_sequence(target, node, path)
-        if not pyvalues.is_value(target):
+        if kind is SEQUENCE:
+            return self._restore_sequence(target, node, saved_kind, path, name)
+        if kind is UNSUPPORTED:
             self.problem(path, f"has unsupported type {type(target).__qualname__}: {SUPPORTED}")
         else:
             self.problem(
-                path, f"is a Python {type(target).__name__}, the checkpoint has {_describe(node)}"
+                path, f"is a Python {type(target).__name__}, the checkpoint has {describe(node)}"
             )
-        return target
+        return None
 
-    def _fetch(self, node: Mapping[str, Any], path: str) -> TensorData | None:
-        name = node["name"]
-        if name not in self._data:
-            data: TensorData | None
+    def _fetch(self, name: str, spec: ArraySpec, path: Path) -> TensorData | None:
+        if name in self._data:
+            return self._data[name]
+        data: TensorData | None
+        try:
+            data = self.get_tensor(name)
+        except (KeyError, errors.NotFoundError):
+            data = None
+            self.problem(path, f"is saved as tensor {name!r}, which the checkpoint's data lacks")
+        else:
             try:
-                data = self.get_tensor(name)
-            except (KeyError, errors.NotFoundError):
-                data = None
+                expected = storage_spec(spec.dtype, spec.shape)
+            except ValueError as e:
+                raise MalformedTree(str(e)) from None
+            if (data.dtype, tuple(data.shape)) != expected or data.buffer.nbytes != data.nbytes:
                 self.problem(
-                    path, f"is saved as tensor {name!r}, which the checkpoint's data lacks"
+                    path,
+                    f"is saved as tensor {name!r} of {expected}, but the data holds "
+                    f"{data.dtype} {tuple(data.shape)} in {data.buffer.nbytes} bytes",
                 )
-            else:
-                expected = storage_spec(node["dtype"], tuple(node["shape"]))
-                if (data.dtype, tuple(data.shape)) != expected or data.buffer.nbytes != data.nbytes:
-                    self.problem(
-                        path,
-                        f"is saved as tensor {name!r} of {expected}, but the data holds "
-                        f"{data.dtype} {tuple(data.shape)} in {data.buffer.nbytes} bytes",
-                    )
-                    data = None
-            self._data[name] = data
-        return self._data[name]
+                data = None
+        self._data[name] = data
+        return data
 
-    @staticmethod
-    def _spec(node: Mapping[str, Any]) -> ArraySpec:
-        shape = tuple(int(n) for n in node["shape"])
-        return ArraySpec(node["dtype"], shape, node.get("device"), bool(node.get("scalar")))
-
-    def _restore_array(self, adapter: Any, target: Any, node: Mapping[str, Any], path: str) -> Any:
-        if node["type"] != "tensor":
-            self.problem(path, f"is an array, the checkpoint has {_describe(node)}")
-            return target
+    def _restore_array(self, target: Any, node: Any, path: Path, name: str) -> Replacement | None:
+        if type(node) is not list:
+            self.problem(path, f"is an array, the checkpoint has {describe(node)}")
+            return None
+        _, want = leaf_spec(node)
+        adapter: ArrayAdapter = array_adapter_for(target)  # type: ignore[assignment]
         try:
             have = adapter.spec(target)
         except TypeError as e:
             self.problem(path, f"{e}")
-            return target
-        want = self._spec(node)
+            return None
         count = len(self.problems)
         if have.dtype != want.dtype:
             self.problem(path, f"has dtype {have.dtype}, the checkpoint has {want.dtype}")
@@ -164,108 +194,185 @@ class Restorer:
         unwritable = adapter.writable_problem(target)
         if unwritable:
             self.problem(path, unwritable)
-        data = self._fetch(node, path)
-        if data is None or len(self.problems) > count or not self.apply:
-            return target
-        return adapter.restore(target, data, want)
+        data = self._fetch(name, want, path)
+        if data is None or len(self.problems) > count:
+            return None
+        view = adapter.host_view(target)
+        if view is not None:
+            self._host_copies.append((view, data))
+            return None
+        return lambda: adapter.restore(target, data, want)
 
-    def _restore_object(self, adapter: Any, target: Any, node: Mapping[str, Any], path: str) -> Any:
-        if node["type"] != "object":
+    def _plan_ndarray(self, target: np.ndarray[Any, Any], node: Any, name: str) -> bool:
+        """Plan the copy into a plain NumPy array that matches its node exactly; False
+        (nothing recorded) for anything else, which the general path then handles."""
+        if type(node) is not list or len(node) != 3 or name in self._data:
+            return False
+        _, dtype, shape = node
+        try:
+            code = numpy_code(target.dtype)
+        except TypeError:
+            return False
+        if (
+            code != dtype
+            or code not in DTYPE_ITEMSIZE
+            or type(shape) is not list
+            or list(target.shape) != shape
+            or not target.flags.writeable
+            or not target.flags.c_contiguous
+            or target.dtype.byteorder == ">"
+        ):
+            return False
+        try:
+            data = self.get_tensor(name)
+        except (KeyError, errors.NotFoundError):
+            return False
+        buffer = data.buffer
+        if data.dtype != code or data.shape != target.shape or buffer.nbytes != target.nbytes:
+            return False
+        self._data[name] = data
+        if target.nbytes >= _PARALLEL_COPY_BYTES or not target.ndim:
+            self._host_copies.append((target.reshape(-1).view(np.uint8), data))
+        else:
+            self._small_copies.append((target, buffer))
+        return True
+
+    def _restore_object(self, target: Any, node: Any, path: Path, name: str) -> None:
+        if node_kind(node) != "object":
             self.problem(
-                path, f"is a {type(target).__qualname__}, the checkpoint has {_describe(node)}"
+                path, f"is a {type(target).__qualname__}, the checkpoint has {describe(node)}"
             )
-            return target
+            return
+        adapter = stateful_adapter_for(target)
+        assert adapter is not None
+        state_path = (path, STATE_DICT, None)
         count = len(self.problems)
-        saved = self._construct(node["state"], f"{path}.state_dict()", build=False)
+        saved = self._construct(node["state"], state_path, name, build=False)
         if len(self.problems) > count:
-            return target  # its saved tensors are unreadable
+            return  # its saved tensors are unreadable
         found = adapter.problems(target, saved)
         for key, text in found:
-            self.problem(f"{path}.state_dict()" + ("" if key is None else f"[{key!r}]"), text)
-        if not self.apply or any(key is None for key, _ in found):
-            return target
-        state_dict = self._construct(node["state"], f"{path}.state_dict()", build=True)
-        if found and isinstance(state_dict, dict):
-            for key, _ in found:
-                state_dict.pop(key, None)
-        if "metadata" in node and isinstance(state_dict, dict):
-            state_dict = OrderedDict(state_dict)
-            state_dict._metadata = self._construct(node["metadata"], path, build=True)  # type: ignore[attr-defined]
-        adapter.load(target, state_dict, strict=not found)
-        return target
+            self.problem(state_path if key is None else (state_path, KEY, key), text)
+        if any(key is None for key, _ in found):
+            return
+        metadata = None
+        if "metadata" in node:
+            metadata = self._construct(node["metadata"], (path, METADATA, None), name, build=True)
 
-    def _restore_dict(self, target: dict[Any, Any], node: Mapping[str, Any], path: str) -> Any:
-        if node["type"] != "dict":
-            self.problem(path, f"is a dict, the checkpoint has {_describe(node)}")
-            return target
-        saved = {pyvalues.decode_key(key): child for key, child in node["items"]}
-        for key, value in list(target.items()):
-            child_path = f"{path}[{key!r}]"
-            if key not in saved:
+        def load() -> None:
+            state_dict = self._construct(node["state"], state_path, name, build=True)
+            if found and isinstance(state_dict, dict):
+                for key, _ in found:
+                    state_dict.pop(key, None)
+            if metadata is not None and isinstance(state_dict, dict):
+                state_dict = OrderedDict(state_dict)
+                state_dict._metadata = metadata  # type: ignore[attr-defined]
+            adapter.load(target, state_dict, strict=not found)
+
+        self._actions.append(load)
+
+    def _restore_dict(self, target: dict[Any, Any], node: Any, path: Path, name: str) -> None:
+        if node_kind(node) != "dict":
+            self.problem(path, f"is a dict, the checkpoint has {describe(node)}")
+            return
+        saved = dict(dict_items(node))
+        ndarray = np.ndarray
+        for key, value in target.items():
+            child_path = (path, KEY, key)
+            child = saved.get(key, saved)  # saved itself: a sentinel no node can be
+            if child is saved:
                 self.problem(child_path, "is missing from the checkpoint")
                 continue
-            new = self.restore(value, saved[key], child_path)
-            if self.apply and new is not value:
-                target[key] = new
+            child_name = f"{name}/{key}" if name else str(key)
+            if type(value) is ndarray and self._plan_ndarray(value, child, child_name):
+                continue
+            replace = self._restore(value, child, child_path, child_name)
+            if replace is not None:
+                self._actions.append(_setter(target, key, value, replace))
         for key in saved:
             if key not in target:
-                self.problem(f"{path}[{key!r}]", "is in the checkpoint but not in the state")
-        return target
+                self.problem((path, KEY, key), "is in the checkpoint but not in the state")
 
-    def _restore_sequence(self, target: Any, node: Mapping[str, Any], path: str) -> Any:
+    def _restore_sequence(
+        self, target: Any, node: Any, saved_kind: str, path: Path, name: str
+    ) -> Replacement | None:
         kind = type(target).__name__
-        if node["type"] not in ("list", "tuple"):
-            self.problem(path, f"is a {kind}, the checkpoint has {_describe(node)}")
-            return target
-        if len(node["items"]) != len(target):
-            self.problem(path, f"has {len(target)} items, the checkpoint has {len(node['items'])}")
-            return target
-        items = [
-            self.restore(value, child, f"{path}[{i}]")
-            for i, (value, child) in enumerate(zip(target, node["items"]))
+        if saved_kind not in ("list", "tuple"):
+            self.problem(path, f"is a {kind}, the checkpoint has {describe(node)}")
+            return None
+        items = sequence_items(node, saved_kind)
+        if len(items) != len(target):
+            self.problem(path, f"has {len(target)} items, the checkpoint has {len(items)}")
+            return None
+        replacements = [
+            self._restore(value, child, (path, KEY, i), _child_name(name, i))
+            for i, (value, child) in enumerate(zip(target, items))
         ]
-        if not self.apply:
-            return target
         if isinstance(target, list):
-            for i, (old, new) in enumerate(zip(target, items)):
-                if new is not old:
-                    target[i] = new
-            return target
-        changed = any(new is not old for old, new in zip(target, items))
-        return _rebuild_tuple(target, items) if changed else target
+            for i, replace in enumerate(replacements):
+                if replace is not None:
+                    self._actions.append(_setter(target, i, target[i], replace))
+            return None
+        if all(r is None for r in replacements):
+            return None
 
-    def _replace(self, target: Any, node: Mapping[str, Any], path: str) -> Any:
-        if not self.apply:
-            return target
-        new = self._construct(node, path, build=True)
-        if isinstance(target, list) and isinstance(new, list):
-            target[:] = new  # keep the caller's list object
-            return target
-        if isinstance(target, tuple) and isinstance(new, tuple) and len(new) == len(target):
-            return _rebuild_tuple(target, list(new))  # keep a namedtuple's type
-        return new
+        def rebuild() -> Any:
+            new = [old if r is None else r() for old, r in zip(target, replacements)]
+            changed = any(n is not o for n, o in zip(new, target))
+            return _rebuild_tuple(target, new) if changed else target
 
-    def _construct(self, node: Mapping[str, Any], path: str, *, build: bool) -> Any:
+        return rebuild
+
+    def _replace(self, target: Any, node: Any, path: Path) -> Replacement:
+        new = self._construct(node, path, "", build=True)  # pure: no arrays, cheap
+
+        def replacement() -> Any:
+            if isinstance(target, list) and isinstance(new, list):
+                target[:] = new  # keep the caller's list object
+                return target
+            if isinstance(target, tuple) and isinstance(new, tuple) and len(new) == len(target):
+                return _rebuild_tuple(target, list(new))  # keep a namedtuple's type
+            return new
+
+        return replacement
+
+    def _construct(self, node: Any, path: Path, name: str, *, build: bool) -> Any:
         """The saved value of ``node``: arrays built (``build``) or as :class:`ArraySpec`."""
-        kind = node["type"]
+        kind = node_kind(node)
         if kind == "tensor":
-            spec = self._spec(node)
-            data = self._fetch(node, path)
+            framework, spec = leaf_spec(node)
+            data = self._fetch(name, spec, path)
             if not build or data is None:
                 return spec
-            return array_adapter_named(node["framework"]).build(data, spec)
+            return array_adapter_named(framework).build(data, spec)
         if kind == "object":
-            return self._construct(node["state"], f"{path}.state_dict()", build=build)
+            return self._construct(node["state"], (path, STATE_DICT, None), name, build=build)
         if kind == "dict":
-            out = {}
-            for key, child in node["items"]:
-                key = pyvalues.decode_key(key)
-                out[key] = self._construct(child, f"{path}[{key!r}]", build=build)
-            return out
+            return {
+                key: self._construct(child, (path, KEY, key), _child_name(name, key), build=build)
+                for key, child in dict_items(node)
+            }
         if kind in ("list", "tuple"):
             items = [
-                self._construct(child, f"{path}[{i}]", build=build)
-                for i, child in enumerate(node["items"])
+                self._construct(child, (path, KEY, i), _child_name(name, i), build=build)
+                for i, child in enumerate(sequence_items(node, kind))
             ]
             return items if kind == "list" else tuple(items)
-        return pyvalues.decode_value(dict(node))
+        try:
+            return pyvalues.decode_value(dict(node))
+        except (KeyError, TypeError, ValueError) as e:
+            raise MalformedTree(f"a value node {str(node)[:80]} is malformed ({e})") from None
+
+
+def _copy(job: tuple[np.ndarray[Any, Any], TensorData]) -> None:
+    dst, data = job
+    dst[:] = np.frombuffer(data.buffer, np.uint8)  # releases the GIL
+
+
+def _setter(container: Any, key: Any, old: Any, replace: Replacement) -> Callable[[], None]:
+    def action() -> None:
+        new = replace()
+        if new is not old:
+            container[key] = new
+
+    return action

@@ -41,12 +41,20 @@ STATEFUL_ADAPTERS: tuple[StatefulAdapter, ...] = (
 )
 
 
+# Whether a value is an array, and of which framework, depends only on its type.
+_BY_TYPE: dict[type, ArrayAdapter | None] = {}
+
+
 def array_adapter_for(value: object) -> ArrayAdapter | None:
     """The adapter whose framework ``value`` is an array of, or None."""
-    for adapter in ARRAY_ADAPTERS:
-        if adapter.owns(value):
-            return adapter
-    return None
+    cls = type(value)
+    try:
+        return _BY_TYPE[cls]
+    except KeyError:
+        pass
+    found = next((a for a in ARRAY_ADAPTERS if a.owns(value)), None)
+    _BY_TYPE[cls] = found
+    return found
 
 
 def array_adapter_named(framework: str) -> ArrayAdapter:

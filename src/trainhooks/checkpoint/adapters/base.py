@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from trainhooks.checkpoint.tensor import TensorData
 
 __all__ = ["ArrayAdapter", "ArraySpec", "StatefulAdapter"]
@@ -47,6 +49,14 @@ class ArrayAdapter(Protocol):
 
     def restore(self, target: Any, data: TensorData, spec: ArraySpec) -> Any:
         """Write ``data`` into ``target`` in place and return it, or return a replacement."""
+        ...
+
+    def host_view(self, target: Any) -> np.ndarray[Any, Any] | None:
+        """A writable uint8 NumPy view of ``target``'s bytes when copying raw little-endian
+        bytes into it restores it (contiguous host memory), else None (use ``restore``).
+
+        Restores copy into these views in one batch, large ones on several threads.
+        """
         ...
 
     def build(self, data: TensorData, spec: ArraySpec) -> Any:

@@ -49,6 +49,9 @@ class JaxAdapter:
         host = dtypes.tensor_data_to_numpy(data, np.dtype(target.dtype), spec.shape).copy()
         return jax.device_put(host, target.sharding)
 
+    def host_view(self, target: Any) -> np.ndarray[Any, Any] | None:
+        return None  # immutable: restored by replacement
+
     def build(self, data: TensorData, spec: ArraySpec) -> Any:
         import jax.numpy as jnp
 

@@ -12,9 +12,19 @@ import numpy as np
 
 from trainhooks.checkpoint import dtypes
 from trainhooks.checkpoint.adapters.base import ArraySpec
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
 
-__all__ = ["NumpyAdapter"]
+__all__ = ["NumpyAdapter", "numpy_code"]
+
+_CODES: dict[np.dtype[Any], str] = {}
+
+
+def numpy_code(dtype: np.dtype[Any]) -> str:
+    """``dtypes.numpy_dtype_code``, remembered per dtype."""
+    code = _CODES.get(dtype)
+    if code is None:
+        code = _CODES[dtype] = dtypes.numpy_dtype_code(dtype)
+    return code
 
 
 class NumpyAdapter:
@@ -29,6 +39,8 @@ class NumpyAdapter:
         return isinstance(value, np.generic) and value.dtype.kind in "biufcV"
 
     def spec(self, value: Any) -> ArraySpec:
+        if type(value) is np.ndarray:  # the common case, without the checks below
+            return ArraySpec(numpy_code(value.dtype), value.shape)
         if isinstance(value, np.ma.MaskedArray):
             raise TypeError(
                 "a NumPy masked array would lose its mask: pass its .data and "
@@ -42,7 +54,25 @@ class NumpyAdapter:
         )
 
     def to_tensor_data(self, value: Any, *, copy: bool) -> TensorData:
+        if not copy and type(value) is np.ndarray and value.flags.c_contiguous:
+            code = numpy_code(value.dtype)
+            if code in DTYPE_ITEMSIZE and value.dtype.byteorder != ">" and value.ndim:
+                try:  # zero-copy: the array's own memory, as bytes
+                    return TensorData(code, value.shape, value.data.cast("B"))
+                except (TypeError, ValueError):  # a dtype without a buffer format
+                    pass
         return dtypes.numpy_to_tensor_data(np.asarray(value), copy=copy)
+
+    def host_view(self, target: Any) -> np.ndarray[Any, Any] | None:
+        if (
+            type(target) is np.ndarray
+            and target.flags.c_contiguous
+            and target.flags.writeable
+            and target.dtype.byteorder != ">"
+            and numpy_code(target.dtype) in DTYPE_ITEMSIZE
+        ):
+            return target.reshape(-1).view(np.uint8)
+        return None
 
     def writable_problem(self, value: Any) -> str | None:
         if isinstance(value, np.ndarray) and not value.flags.writeable:

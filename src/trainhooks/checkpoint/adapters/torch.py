@@ -11,9 +11,11 @@ import logging
 import sys
 from typing import Any
 
+import numpy as np
+
 from trainhooks.checkpoint import dtypes
 from trainhooks.checkpoint.adapters.base import ArraySpec
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
 
 __all__ = ["TorchAdapter"]
 
@@ -46,6 +48,21 @@ class TorchAdapter:
         return ArraySpec(code, tuple(int(n) for n in value.shape), device=str(value.device))
 
     def to_tensor_data(self, value: Any, *, copy: bool) -> TensorData:
+        if (
+            not copy
+            and value.is_cpu
+            and value.is_contiguous()
+            and not value.is_conj()
+            and not value.is_neg()
+            and value.dim()
+        ):
+            code = dtypes.torch_dtype_code(value.dtype)
+            if code in DTYPE_ITEMSIZE:
+                try:  # zero-copy: the tensor's own memory, as bytes
+                    array = value.detach().numpy()
+                    return TensorData(code, tuple(value.shape), array.data.cast("B"))
+                except (TypeError, ValueError, RuntimeError):  # bfloat16, float8: no NumPy type
+                    pass
         return dtypes.torch_to_tensor_data(value, copy=copy)
 
     def writable_problem(self, value: Any) -> str | None:
@@ -59,6 +76,17 @@ class TorchAdapter:
     def restore(self, target: Any, data: TensorData, spec: ArraySpec) -> Any:
         dtypes.copy_into_torch(target, data)
         return target
+
+    def host_view(self, target: Any) -> np.ndarray[Any, Any] | None:
+        if (
+            target.device.type == "cpu"
+            and target.is_contiguous()
+            and not target.is_conj()
+            and not target.is_neg()
+            and dtypes.torch_dtype_code(target.dtype) in DTYPE_ITEMSIZE
+        ):
+            return dtypes.host_bytes(target)
+        return None
 
     def build(self, data: TensorData, spec: ArraySpec) -> Any:
         import torch
