@@ -187,6 +187,27 @@ def test_restore_waits_for_the_save_in_flight(tmp_path: Path) -> None:
     np.testing.assert_array_equal(target.state["w"], 7.0)
 
 
+def test_restore_latest_waits_for_another_savers_save_into_the_directory(tmp_path: Path) -> None:
+    # A recovering session restores with the scaffold's saver while the hook's own
+    # saver may still be committing: the restore must see that newest checkpoint.
+    clock = GatedClock()
+    writer = Saver(async_save=True, clock=clock)
+    sess = Session({"w": np.full(1000, 1.0)}, global_step=1)
+    writer.save(sess, str(tmp_path / "m"), global_step=1)
+    writer.wait()
+    sess.state["w"][:] = 2.0
+    sess.global_step = 2
+    clock.gate.clear()
+    prefix = writer.save(sess, str(tmp_path / "m"), global_step=2)
+    assert writer.pending == prefix
+    threading.Thread(target=clock.gate.set).start()
+    target = Session({"w": np.zeros(1000)})
+    assert Saver().restore_latest(target, tmp_path) == prefix
+    np.testing.assert_array_equal(target.state["w"], 2.0)
+    assert target.global_step == 2
+    assert writer.poll_committed() == [CommittedSave(str(tmp_path / "m-1"), 1), (prefix, 2)]
+
+
 def test_close_completes_the_save_in_flight(tmp_path: Path) -> None:
     clock = GatedClock()
     saver = Saver(async_save=True, clock=clock)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import gc
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +16,7 @@ import numpy as np
 import pytest
 
 from trainhooks import errors
+from trainhooks.checkpoint.lock import LOCK_FILE_NAME
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.state_file import (
     checkpoint_exists,
@@ -20,6 +25,7 @@ from trainhooks.checkpoint.state_file import (
     latest_checkpoint,
     remove_checkpoint,
 )
+from trainhooks.checkpoint.storage import LocalStorage
 from trainhooks.session.session import Session
 
 if TYPE_CHECKING:
@@ -35,6 +41,11 @@ def _assert_state(save_dir: Path, model: str, paths: list[str]) -> None:
     assert ckpt is not None
     assert ckpt.model_checkpoint_path == model
     assert ckpt.all_model_checkpoint_paths == paths
+
+
+def _files(directory: Path) -> list[str]:
+    """The directory's entries, sorted, without the writer lock file the first save creates."""
+    return sorted(n for n in os.listdir(directory) if n != LOCK_FILE_NAME)
 
 
 def _corrupt(prefix: str) -> None:
@@ -109,7 +120,7 @@ def test_max_to_keep_non_sharded(tmp_path: Path) -> None:
     assert save3.last_checkpoints == [s2, s1]
     assert checkpoint_exists(s2)
     _assert_state(tmp_path, s1, [s2, s1])
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "s1", "s2"]
+    assert _files(tmp_path) == ["checkpoint", "s1", "s2"]
 
 
 def test_state_file_is_replaced_before_the_dropped_checkpoint_is_deleted(
@@ -169,7 +180,7 @@ def test_sharded_checkpoints_are_deleted_whole(tmp_path: Path) -> None:
     assert not os.path.exists(first)
     data_files = [p for p in os.listdir(str(prefixes[2])) if p.endswith(".safetensors")]
     assert len(data_files) > 1
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m-2", "m-3"]
+    assert _files(tmp_path) == ["checkpoint", "m-2", "m-3"]
 
 
 # ---- KeepCheckpointEveryNHoursTest ------------------------------------------------------
@@ -249,7 +260,7 @@ def test_recovered_bookkeeping_keeps_max_to_keep_across_restarts(tmp_path: Path)
     assert restarted.restore_latest(_session(), str(tmp_path)) == str(tmp_path / "model.ckpt-2")
     assert restarted.last_checkpoints == [str(tmp_path / f"model.ckpt-{s}") for s in (1, 2)]
     restarted.save(sess, str(tmp_path / "model.ckpt"), global_step=3)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "model.ckpt-2", "model.ckpt-3"]
+    assert _files(tmp_path) == ["checkpoint", "model.ckpt-2", "model.ckpt-3"]
 
 
 # ---- LatestCheckpointWithRelativePaths --------------------------------------------------
@@ -330,7 +341,7 @@ def test_remove_checkpoint(tmp_path: Path, max_shard_bytes: int | None) -> None:
     assert prefix is not None and checkpoint_exists(prefix)
     remove_checkpoint(prefix)
     assert not checkpoint_exists(prefix)
-    assert os.listdir(tmp_path) == ["checkpoint"]
+    assert _files(tmp_path) == ["checkpoint"]
 
 
 # ---- save(): names, arguments and errors ------------------------------------------------
@@ -362,7 +373,7 @@ def test_latest_filename_must_not_contain_path_components(tmp_path: Path) -> Non
 
 def test_custom_latest_filename(tmp_path: Path) -> None:
     prefix = Saver().save(_session(), str(tmp_path / "m"), 1, latest_filename="latest")
-    assert sorted(os.listdir(tmp_path)) == ["latest", "m-1"]
+    assert _files(tmp_path) == ["latest", "m-1"]
     assert latest_checkpoint(str(tmp_path), "latest") == prefix
 
 
@@ -378,7 +389,7 @@ def test_write_state_false_leaves_state_file_and_bookkeeping(tmp_path: Path) -> 
         prefix = saver.save(_session(), str(tmp_path / "m"), step, write_state=False)
         assert prefix is not None and checkpoint_exists(prefix)
     assert saver.last_checkpoints == []
-    assert sorted(os.listdir(tmp_path)) == ["m-1", "m-2"]
+    assert _files(tmp_path) == ["m-1", "m-2"]
 
 
 def test_save_relative_paths(tmp_path: Path) -> None:
@@ -400,7 +411,7 @@ def test_first_save_removes_crash_leftovers(tmp_path: Path) -> None:
     leftover.mkdir()
     (leftover / "data-00000-of-00001.safetensors").write_bytes(b"partial")
     Saver().save(_session(), str(tmp_path / "model.ckpt"), global_step=6)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "model.ckpt-6"]
+    assert _files(tmp_path) == ["checkpoint", "model.ckpt-6"]
 
 
 def test_resave_of_an_existing_step_replaces_it(tmp_path: Path) -> None:
@@ -413,7 +424,7 @@ def test_resave_of_an_existing_step_replaces_it(tmp_path: Path) -> None:
     target = _session(0.0)
     Saver().restore(target, str(prefix))
     assert target.state["v"].tolist() == [9.0, 9.0]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m-5"]
+    assert _files(tmp_path) == ["checkpoint", "m-5"]
 
 
 def test_var_list_validation() -> None:
@@ -541,3 +552,71 @@ def test_restore_latest_does_not_hide_a_state_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not match the state"):
         Saver().restore_latest(other, str(tmp_path))
     assert other.state["w"].tolist() == [0.0, 0.0]
+
+
+# ---- the writer lock and the storage ----------------------------------------------------
+
+_SAVE_IN_ANOTHER_PROCESS = """
+import sys
+import numpy as np
+from trainhooks.checkpoint.saver import Saver
+from trainhooks.session.session import Session
+Saver().save(Session({"v": np.ones(2)}, global_step=9), sys.argv[1] + "/m", global_step=9)
+"""
+
+
+def _save_in_another_process(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _SAVE_IN_ANOTHER_PROCESS, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_saver_holds_the_writer_lock_from_its_first_save_until_close(tmp_path: Path) -> None:
+    saver = Saver()
+    reader = Saver()
+    reader.restore_latest(_session(), str(tmp_path))  # restores never take the lock
+    saver.save(_session(), str(tmp_path / "m"), global_step=1)
+    refused = _save_in_another_process(tmp_path)
+    assert refused.returncode != 0
+    assert "CheckpointDirLockedError" in refused.stderr
+    assert f"locked for writing by process {os.getpid()}" in refused.stderr
+    assert not os.path.exists(tmp_path / "m-9")
+    saver.save(_session(), str(tmp_path / "m"), global_step=2)  # still ours
+    saver.close()
+    assert _save_in_another_process(tmp_path).returncode == 0
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-9")
+
+
+def test_a_saver_dropped_without_close_releases_the_lock(tmp_path: Path) -> None:
+    Saver().save(_session(), str(tmp_path / "m"), global_step=1)
+    gc.collect()
+    assert _save_in_another_process(tmp_path).returncode == 0
+
+
+class _FailingStorage(LocalStorage):
+    """The local disk, failing with ENOSPC once ``fail`` is set, and counting directories."""
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.made: list[str] = []
+
+    def mkdir(self, path: str) -> None:
+        if self.fail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.made.append(os.path.basename(path))
+        super().mkdir(path)
+
+
+def test_checkpoint_directories_are_written_through_the_storage(tmp_path: Path) -> None:
+    storage = _FailingStorage()
+    saver = Saver(storage=storage)
+    first = saver.save(_session(), str(tmp_path / "m"), global_step=1)
+    assert [name.split(".tmp-")[0] for name in storage.made] == ["m-1"]
+    storage.fail = True
+    with pytest.raises(OSError, match=r"No space left on device: saving checkpoint .*m-2"):
+        saver.save(_session(), str(tmp_path / "m"), global_step=2)
+    _assert_state(tmp_path, str(first), [str(first)])

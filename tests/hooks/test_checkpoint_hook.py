@@ -149,11 +149,6 @@ def test_constructor_logs_like_tf(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert "Create CheckpointSaverHook." in caplog.messages
 
 
-def test_async_save_is_refused_with_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="async_save=False"):
-        th.CheckpointSaverHook(tmp_path, save_steps=1, async_save=True)
-
-
 def test_uses_the_scaffolds_saver(tmp_path: Path) -> None:
     scaffold = th.Scaffold(saver=th.Saver(max_to_keep=2)).finalize()
     hook = th.CheckpointSaverHook(tmp_path, save_steps=1, scaffold=scaffold)

@@ -6,72 +6,42 @@ file is replaced and retention (``max_to_keep``, ``keep_checkpoint_every_n_hours
 deletes what it no longer keeps. The steps are separate methods so that a background
 save can take the snapshot on the training thread and run the rest elsewhere.
 
-A restore opens the checkpoint, verifies every byte of it, and only then writes into
-the user's objects and sets the session's global step.
+The first save into a directory takes that directory's writer lock
+(``checkpoint/lock.py``) and removes what crashed saves left there; the saver keeps the
+lock until :meth:`Saver.close`, so a second process saving into the directory fails at
+once with ``CheckpointDirLockedError``. Restores never take it.
+
+Restoring lives in ``checkpoint/restore.py``, ``var_list`` handling in
+``checkpoint/var_list.py``, names in ``checkpoint/naming.py`` and the directory claims
+in ``checkpoint/directories.py``, and writing a snapshot in ``checkpoint/save_job.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
-from trainhooks import errors
 from trainhooks._clock import Clock, wall_clock
-from trainhooks.checkpoint import format as checkpoint_format
 from trainhooks.checkpoint import tree
 from trainhooks.checkpoint.background import BackgroundWriter
-from trainhooks.checkpoint.datafile import DEFAULT_MAX_FILE_BYTES
-from trainhooks.checkpoint.retention import Retention
-from trainhooks.checkpoint.snapshot import SnapshotPool
-from trainhooks.checkpoint.state_file import (
-    DEFAULT_LATEST_FILENAME,
-    checkpoint_exists,
-    get_checkpoint_state,
-    update_checkpoint_state,
+from trainhooks.checkpoint.directories import (
+    DirectoryClaims,
+    track_background_writer,
+    wait_for_saves_into,
 )
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.naming import checked_latest_filename, checkpoint_name
+from trainhooks.checkpoint.restore import restore_checkpoint, restore_latest_checkpoint
+from trainhooks.checkpoint.retention import Retention
+from trainhooks.checkpoint.save_job import CommittedSave, SaveJob, write_and_record
+from trainhooks.checkpoint.snapshot import SnapshotPool
+from trainhooks.checkpoint.storage import Storage
+from trainhooks.checkpoint.var_list import StateHolder, VarList
 
 __all__ = ["CommittedSave", "Saver", "StateHolder"]
 
 logger = logging.getLogger(__name__)
-
-
-class StateHolder(Protocol):
-    """What a Saver saves from and restores into: the raw ``Session`` is one."""
-
-    @property
-    def state(self) -> dict[str, Any]: ...
-
-    @property
-    def global_step(self) -> int: ...
-
-    @global_step.setter
-    def global_step(self, value: int) -> None: ...
-
-
-class _PendingSave(NamedTuple):
-    """One save between its snapshot (training thread) and its commit."""
-
-    prefix: str
-    save_dir: str
-    latest_filename: str
-    write_state: bool
-    global_step: int
-    flat: tree.FlatState
-
-
-class CommittedSave(NamedTuple):
-    """A background save that has committed: returned by :meth:`Saver.poll_committed`.
-
-    ``prefix`` is what :meth:`Saver.save` returned; ``global_step`` the step recorded in
-    the checkpoint.
-    """
-
-    prefix: str
-    global_step: int
 
 
 class Saver:
@@ -97,6 +67,9 @@ class Saver:
         into reused host buffers and returns; writing, commit, state file and retention
         run on a background thread, one save at a time. See :meth:`wait`,
         :meth:`poll_committed` and :meth:`close`.
+      storage: the :class:`~trainhooks.checkpoint.storage.Storage` that checkpoint
+        directories are written through (default: the local disk); the state file and
+        retention's deletes always go to the local disk.
       clock: the time source for ``keep_checkpoint_every_n_hours``.
 
     Example:
@@ -120,11 +93,11 @@ class Saver:
         allow_empty: bool = False,
         max_shard_bytes: int | None = None,
         async_save: bool = False,
+        storage: Storage | None = None,
         clock: Clock = wall_clock,
     ) -> None:
-        self._var_list = _check_var_list(var_list)
-        self._is_empty = self._var_list is not None and len(self._var_list) == 0
-        if self._is_empty and not allow_empty:
+        self._var_list = VarList(var_list)
+        if self._var_list.is_empty and not allow_empty:
             raise ValueError("No variables to save")
         if max_shard_bytes is not None and max_shard_bytes <= 0:
             raise ValueError(
@@ -137,10 +110,13 @@ class Saver:
         self._filename = filename
         self._max_shard_bytes = max_shard_bytes
         self._async_save = bool(async_save)
+        self._storage = storage
         self._clock = clock
-        self._cleaned_dirs: set[str] = set()
         self._pool = SnapshotPool()
         self._writer: BackgroundWriter[CommittedSave] = BackgroundWriter()
+        self._directories = DirectoryClaims()
+        if self._async_save:
+            track_background_writer(self._writer)
 
     @property
     def max_to_keep(self) -> int | None:
@@ -251,8 +227,7 @@ class Saver:
             pending = self._snapshot(session, save_path, global_step, latest_filename, write_state)
             if pending is None:
                 return None
-            self._write(pending)
-            self._commit(pending)
+            self._write_and_record(pending)
             return pending.prefix
         self._writer.wait()  # one save in flight at most; its buffers are reused below
         pending = self._snapshot(
@@ -260,7 +235,7 @@ class Saver:
         )
         if pending is None:
             return None
-        self._writer.submit(pending.prefix, lambda: self._write_and_commit(pending))
+        self._writer.submit(pending.prefix, lambda: self._write_and_record(pending))
         return pending.prefix
 
     @property
@@ -301,17 +276,23 @@ class Saver:
         return self._writer.poll()
 
     def close(self) -> None:
-        """Wait for the save in flight, then release the snapshot buffers.
+        """Wait for the save in flight, then release the snapshot buffers and writer locks.
 
-        The saver stays usable: the next save allocates its buffers again.
+        The saver stays usable: the next save allocates its buffers and takes the
+        directory's writer lock again. ``CheckpointSaverHook.end`` calls it.
 
         Raises:
           Exception: the error of a background save that failed.
+
+        Example:
+            >>> saver = Saver()
+            >>> saver.close()
         """
         try:
             self._writer.close()
         finally:
             self._pool.clear()
+            self._directories.release_all()
 
     def _snapshot(
         self,
@@ -322,19 +303,15 @@ class Saver:
         write_state: bool,
         *,
         copy: bool = False,
-    ) -> _PendingSave | None:
+    ) -> SaveJob | None:
         """Name the checkpoint and flatten the state: the part on the training thread.
 
-        With ``copy=False`` the buffers alias the live arrays, so :meth:`_write` must
-        run before training continues. A background save passes ``copy=True``: the
+        With ``copy=False`` the buffers alias the live arrays, so the job must be
+        written before training continues. A background save passes ``copy=True``: the
         tensors are copied into the saver's :class:`SnapshotPool` (a snapshot the loop
-        may run on from) and :meth:`_write` and :meth:`_commit` run elsewhere, in that
-        order, one save at a time.
+        may run on from) and the job is written elsewhere, one at a time.
         """
-        if latest_filename is None:
-            latest_filename = DEFAULT_LATEST_FILENAME
-        if os.path.split(latest_filename)[0]:
-            raise ValueError("'latest_filename' must not contain path components")
+        latest_filename = checked_latest_filename(latest_filename)
         if save_path is None:
             save_path = self._filename
         if save_path is None:
@@ -343,77 +320,29 @@ class Saver:
                 "prefix, e.g. 'ckpt/model.ckpt'."
             )
         save_path = os.fspath(save_path)
-        prefix = self._checkpoint_name(save_path, global_step, latest_filename)
-        if self._is_empty:
+        prefix = checkpoint_name(
+            save_path, global_step, latest_filename, pad_step_number=self._pad_step_number
+        )
+        if self._var_list.is_empty:
             return None
         save_dir = os.path.dirname(save_path)
         if not os.path.isdir(save_dir or os.curdir):
             raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
-        self._remove_leftovers_once(save_dir or os.curdir)
-        state = self._state_of(session)
+        self._directories.claim(save_dir or os.curdir)
+        state = self._var_list.state_of(session)
         flat = self._pool.take(state) if copy else tree.flatten_state(state)
-        return _PendingSave(
+        return SaveJob(
             prefix, save_dir, latest_filename, write_state, int(session.global_step), flat
         )
 
-    def _checkpoint_name(
-        self, save_path: str, global_step: int | None, latest_filename: str
-    ) -> str:
-        if global_step is not None:
-            try:
-                step = operator.index(global_step)
-            except TypeError:
-                raise TypeError(
-                    f"global_step must be an integer (e.g. session.global_step), got "
-                    f"{global_step!r}."
-                ) from None
-            return f"{save_path}-{step:08d}" if self._pad_step_number else f"{save_path}-{step}"
-        if os.path.basename(save_path) == latest_filename:
-            raise ValueError(
-                f"'latest_filename' collides with 'save_path': '{latest_filename}' and "
-                f"'{save_path}'"
-            )
-        return save_path
-
-    def _remove_leftovers_once(self, directory: str) -> None:
-        """Remove a crashed save's temporary directories, on the first save in ``directory``."""
-        key = os.path.abspath(directory)
-        if key not in self._cleaned_dirs:
-            checkpoint_format.remove_leftovers(directory)
-            self._cleaned_dirs.add(key)
-
-    def _write(self, pending: _PendingSave) -> None:
-        """Write and commit the checkpoint directory; durable when this returns."""
-        checkpoint_format.write_checkpoint(
-            pending.prefix,
-            pending.flat,
-            global_step=pending.global_step,
-            max_shard_bytes=self._max_shard_bytes or DEFAULT_MAX_FILE_BYTES,
-        )
-
-    def _commit(self, pending: _PendingSave) -> None:
-        """Record the checkpoint, replace the state file, then apply retention.
-
-        The state file is written after the oldest entry has left the list and before
-        its files are deleted, so it never names a deleted checkpoint.
-        """
-        if not pending.write_state:
-            return
-        self._retention.record(pending.prefix)
-        update_checkpoint_state(
-            pending.save_dir,
-            pending.prefix,
-            self.last_checkpoints,
-            pending.latest_filename,
+    def _write_and_record(self, job: SaveJob) -> CommittedSave:
+        return write_and_record(
+            job,
+            self._retention,
+            storage=self._storage,
+            max_shard_bytes=self._max_shard_bytes,
             save_relative_paths=self._save_relative_paths,
         )
-        self._retention.delete_dropped()
-
-    def _write_and_commit(self, pending: _PendingSave) -> CommittedSave:
-        """The background half of an ``async_save``, on the writer thread."""
-        self._write(pending)
-        self._commit(pending)
-        return CommittedSave(pending.prefix, pending.global_step)
 
     # ---- restore --------------------------------------------------------------------
 
@@ -424,6 +353,8 @@ class Saver:
 
         The whole checkpoint is verified before anything is written into the user's
         objects; then the state is restored in place and ``session.global_step`` is set.
+        A background save into the same directory from this process is waited for
+        first (its error, if any, is left for :meth:`wait` or :meth:`poll_committed`).
 
         Args:
           session: the session (or any :class:`StateHolder`) to restore into.
@@ -434,46 +365,18 @@ class Saver:
         Raises:
           ValueError: there is no checkpoint at ``save_path``, or it is a TensorFlow one.
           DataLossError: the checkpoint failed verification; nothing was changed.
+          StateMismatchError: the checkpoint does not fit the state; nothing was changed.
 
         Example:
             >>> saver.restore(sess, th.latest_checkpoint("/tmp/run"))  # doctest: +SKIP
         """
-        if self._is_empty:
+        if self._var_list.is_empty:
             return
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
-        self._writer.wait(raise_error=False)  # it may be writing this very checkpoint
         prefix = os.fspath(save_path)
-        if not checkpoint_exists(prefix):
-            raise ValueError("The passed save_path is not a valid checkpoint: " + prefix)
-        if not checkpoint_format.is_checkpoint(prefix):
-            raise ValueError(
-                f"The passed save_path is a TensorFlow checkpoint, not a trainhooks one: "
-                f"{prefix}. trainhooks restores only checkpoint directories it wrote; pass "
-                "a prefix returned by Saver.save or latest_checkpoint."
-            )
-        logger.info("Restoring parameters from %s", prefix)
-        try:
-            reader = checkpoint_format.open_checkpoint(prefix)
-        except errors.NotFoundError:  # deleted since the check above
-            raise ValueError("The passed save_path is not a valid checkpoint: " + prefix) from None
-        with reader:
-            reader.verify()
-            saved_tree = reader.tree
-            if not isinstance(saved_tree, Mapping):
-                raise errors.DataLossError(f"Checkpoint {prefix}: the manifest holds no state tree")
-
-            def get_tensor(name: str) -> TensorData:
-                try:
-                    return reader.tensor_data(name)
-                except errors.NotFoundError:
-                    raise KeyError(name) from None
-
-            state = self._state_of(session)
-            tree.restore_state(state, saved_tree, get_tensor, strict=strict)
-            if isinstance(self._var_list, list):  # entries replaced in the copy go back
-                session.state.update(state)
-            session.global_step = reader.global_step
+        wait_for_saves_into(os.path.dirname(prefix))  # one may be writing this very checkpoint
+        restore_checkpoint(session, prefix, self._var_list, strict=strict)
 
     def restore_latest(
         self,
@@ -485,7 +388,9 @@ class Saver:
 
         Checkpoints that are missing or fail verification are skipped, newest first,
         with a WARNING naming each and why. Retention bookkeeping is then recovered
-        from the state file, so ``max_to_keep`` keeps working across restarts.
+        from the state file, so ``max_to_keep`` keeps working across restarts. A
+        background save into the directory from this process commits first, so the
+        newest checkpoint is the one this process saved last.
 
         Args:
           session: the session (or any :class:`StateHolder`) to restore into.
@@ -503,58 +408,15 @@ class Saver:
             >>> saver.restore_latest(sess, "/tmp/run")  # doctest: +SKIP
             '/tmp/run/model.ckpt-200'
         """
-        ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
-        if ckpt is None:
-            return None
-        newest = ckpt.model_checkpoint_path
-        candidates = [
-            newest,
-            *(p for p in reversed(ckpt.all_model_checkpoint_paths) if p != newest),
-        ]
-        skipped: list[str] = []
-        missing_only = True
-        for prefix in candidates:
-            try:
-                self.restore(session, prefix)
-            except errors.DataLossError as e:
-                missing_only = False
-                skipped.append(f"{prefix} (failed verification: {e})")
-                continue
-            except ValueError as e:
-                if checkpoint_exists(prefix):
-                    raise
-                skipped.append(f"{prefix} (missing: {e})")
-                continue
-            if skipped:
-                logger.warning(
-                    "Restored %s instead of the latest checkpoint; skipped: %s",
-                    prefix,
-                    "; ".join(skipped),
-                )
-            self.recover_last_checkpoints(ckpt.all_model_checkpoint_paths)
-            return prefix
-        if missing_only:
-            raise ValueError("The passed save_path is not a valid checkpoint: " + newest)
-        raise errors.DataLossError(
-            f"No checkpoint listed in {checkpoint_dir} could be restored: " + "; ".join(skipped)
+        wait_for_saves_into(os.fspath(checkpoint_dir))
+        restored = restore_latest_checkpoint(
+            lambda prefix: self.restore(session, prefix), checkpoint_dir, latest_filename
         )
-
-    # ---- helpers --------------------------------------------------------------------
-
-    def _state_of(self, session: StateHolder) -> dict[str, Any]:
-        """The mapping this saver saves: the session's state, ``var_list``, or a subset."""
-        if self._var_list is None:
-            return session.state
-        if isinstance(self._var_list, dict):
-            return self._var_list
-        state = session.state
-        missing = [k for k in self._var_list if k not in state]
-        if missing:
-            raise KeyError(
-                f"Saver(var_list=...) names {missing}, which the session's state does not "
-                f"hold; its entries are {sorted(state)}."
-            )
-        return {k: state[k] for k in self._var_list}
+        if restored is None:
+            return None
+        prefix, listed = restored
+        self.recover_last_checkpoints(listed)
+        return prefix
 
     def __repr__(self) -> str:
         return (
@@ -562,27 +424,3 @@ class Saver:
             f"{self.keep_checkpoint_every_n_hours}, async_save={self._async_save}, "
             f"last_checkpoints={self.last_checkpoints})"
         )
-
-
-def _check_var_list(
-    var_list: Mapping[str, Any] | Sequence[str] | None,
-) -> dict[str, Any] | list[str] | None:
-    if var_list is None:
-        return None
-    if isinstance(var_list, Mapping):
-        bad = [k for k in var_list if not isinstance(k, str)]
-        if bad:
-            raise TypeError(f"var_list keys must be strings (entry names), got {bad!r}.")
-        return var_list if isinstance(var_list, dict) else dict(var_list)
-    if isinstance(var_list, (str, bytes)) or not isinstance(var_list, Sequence):
-        raise TypeError(
-            f"var_list must be a dict of names to values or a list of state keys, got "
-            f"{type(var_list).__name__}."
-        )
-    bad = [k for k in var_list if not isinstance(k, str)]
-    if bad:
-        raise TypeError(
-            f"var_list as a list must hold keys of session.state (strings), got {bad!r}; "
-            "pass a dict of names to values to save other objects."
-        )
-    return list(var_list)

@@ -8,8 +8,13 @@ by DESIGN §2: after every run it reads the real global step from
 One save is split in two halves, :meth:`CheckpointSaverHook._before_save_and_write`
 (listeners' ``before_save``, then ``Saver.save``) and
 :meth:`CheckpointSaverHook._after_commit` (listeners' ``after_save``). With synchronous
-saving the second half runs right after the first; background saving (DESIGN §4) will
-deliver it at the first step boundary after the commit instead.
+saving the second half runs right after the first. With background saving (DESIGN §4,
+a saver with ``async_save``) ``Saver.save`` returns once the state is copied, and the
+hook delivers the second half on the training thread at the first step boundary (the
+start of ``before_run``, the end of ``after_run``) after ``Saver.poll_committed``
+reports the commit; before the next save and in ``end`` it waits for it. Listeners
+therefore see the same calls in the same order as with synchronous saving, each
+``after_save`` for a committed checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from trainhooks._clock import Clock, wall_clock
 from trainhooks.hooks.timers import SecondOrStepTimer
@@ -111,6 +116,18 @@ class CheckpointSaverListener:
         """Called once at the end of the session, after the final save, with the last step."""
 
 
+class _InFlight(NamedTuple):
+    """A background save the hook started, whose ``after_save`` is still to come."""
+
+    prefix: str
+    step: int
+    can_stop: bool  # saved in after_run: a listener's stop request counts
+
+
+class _SaveSkipped(Exception):
+    """A save failed, was logged (``on_save_error="log"``) and training goes on."""
+
+
 class CheckpointSaverHook(SessionRunHook):
     """Saves checkpoints every N steps or N seconds, and at session creation and end.
 
@@ -124,30 +141,49 @@ class CheckpointSaverHook(SessionRunHook):
       the trigger, then saves. If any listener's ``after_save`` returns a truthy value,
       it requests a stop (every listener is still called).
     * ``end``: saves the final step unless it is the step last saved by the timer, then
-      calls every listener's ``end`` with the final step. ``end`` runs only when the
-      session closes cleanly (including end of input), so an exception in the loop
-      leaves no final checkpoint.
+      calls every listener's ``end`` with the final step, then closes the saver (which
+      releases the directory's writer lock; the saver stays usable). ``end`` runs only
+      when the session closes cleanly (including end of input), so an exception in the
+      loop leaves no final checkpoint.
+
+    With background saving (``async_save=True``, or a ``saver`` built with
+    ``async_save=True``) a save returns once the state is copied, and listeners'
+    ``after_save`` runs on the training thread at the first step boundary after the
+    checkpoint is committed (the start of the next ``before_run`` or the end of an
+    ``after_run``); the next save, and ``end``, first wait for it. A stop requested
+    by such an ``after_save`` takes effect after the step during which it is
+    delivered. A background save that failed is raised at the step boundary that
+    learns of it.
 
     Args:
       checkpoint_dir: base directory for the checkpoint files.
       save_secs: save every N seconds.
       save_steps: save every N steps (``0``: every new step).
-      saver: the :class:`~trainhooks.Saver` used for saving.
+      saver: the :class:`~trainhooks.Saver` used for saving; it keeps its own
+        ``async_save`` setting.
       checkpoint_basename: base name for the checkpoints (``model.ckpt`` gives
         ``model.ckpt-<step>``).
       scaffold: a :class:`~trainhooks.Scaffold` whose ``saver`` is used.
       listeners: :class:`CheckpointSaverListener` instances, called in order around
         each save.
-      async_save: save in the background (DESIGN §4); not available yet, only False.
+      async_save: save in the background (DESIGN §4). The hook's own default saver is
+        then ``Saver(async_save=True)``; with ``scaffold``, the scaffold's default
+        saver is created that way (``Scaffold.use_async_save``). A ``saver`` (or a
+        scaffold's saver) that saves synchronously is refused.
+      on_save_error: ``"raise"`` (TF's behaviour: a failed save stops training) or
+        ``"log"``: log the error at ERROR level, naming the checkpoint and the cause,
+        and keep training; the checkpoints already listed stay listed and intact.
+        Errors of listeners are always raised.
       clock: the time source for ``save_secs`` (tests pass a fake clock).
 
     Raises:
-      ValueError: if both ``saver`` and ``scaffold`` are given, or not exactly one of
-        ``save_secs`` and ``save_steps``.
+      ValueError: if both ``saver`` and ``scaffold`` are given, not exactly one of
+        ``save_secs`` and ``save_steps``, ``on_save_error`` is neither ``"raise"`` nor
+        ``"log"``, or ``async_save=True`` comes with a synchronous saver.
 
     Example:
         >>> import trainhooks as th
-        >>> hook = th.CheckpointSaverHook("/tmp/ckpt", save_steps=100)
+        >>> hook = th.CheckpointSaverHook("/tmp/ckpt", save_steps=100, async_save=True)
         >>> with th.MonitoredTrainingSession(  # doctest: +SKIP
         ...     state={"model": model}, chief_only_hooks=[hook],
         ... ) as sess:
@@ -166,23 +202,33 @@ class CheckpointSaverHook(SessionRunHook):
         listeners: Iterable[CheckpointSaverListener] | None = None,
         *,
         async_save: bool = False,
+        on_save_error: Literal["raise", "log"] = "raise",
         clock: Clock = wall_clock,
     ) -> None:
         logger.info("Create CheckpointSaverHook.")
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
-        if async_save:
-            raise NotImplementedError(
-                "CheckpointSaverHook(async_save=True) is not available yet: pass "
-                "async_save=False (MonitoredTrainingSession: async_checkpoint=False)."
-            )
+        if on_save_error not in ("raise", "log"):
+            raise ValueError(f"on_save_error must be 'raise' or 'log', got {on_save_error!r}.")
         self._saver = saver
         self._checkpoint_dir = os.fspath(checkpoint_dir)
         self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
         self._scaffold = scaffold
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
+        if async_save:
+            if saver is not None and not saver.async_save:
+                raise ValueError(
+                    "CheckpointSaverHook(async_save=True) was given a saver that saves "
+                    "synchronously: pass saver=Saver(..., async_save=True), or leave "
+                    "async_save=False (the saver's own setting is used)."
+                )
+            if scaffold is not None:
+                scaffold.use_async_save()
+        self._async_save = bool(async_save)
+        self._on_save_error = on_save_error
         self._listeners: list[CheckpointSaverListener] = list(listeners or [])
         self._last_checkpoint_path: str | None = None
+        self._in_flight: _InFlight | None = None
         for listener in self._listeners:
             set_hook = getattr(listener, "set_hook", None)
             if set_hook is not None:
@@ -230,38 +276,67 @@ class CheckpointSaverHook(SessionRunHook):
         self._save(session, global_step)
         self._timer.update_last_triggered_step(global_step)
 
+    def before_run(self, run_context: SessionRunContext) -> None:
+        self._deliver_committed(run_context.session, run_context)
+
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         global_step = run_context.session.global_step
         if self._timer.should_trigger_for_step(global_step):
             # Updated before saving, as TF does: a save that raises is not retried
             # at the same step.
             self._timer.update_last_triggered_step(global_step)
-            if self._save(run_context.session, global_step):
+            if self._save(run_context.session, global_step, run_context):
                 run_context.request_stop()
+        self._deliver_committed(run_context.session, run_context)
 
     def end(self, session: Session) -> None:
         last_step = session.global_step
         if last_step != self._timer.last_triggered_step():
             self._save(session, last_step)
-        for listener in self._listeners:
-            listener.end(session, last_step)
+        self._deliver_committed(session, None, wait=True)
+        try:
+            for listener in self._listeners:
+                listener.end(session, last_step)
+        finally:
+            self._close_saver()
 
-    def _save(self, session: Session, step: int) -> bool:
+    def _save(
+        self, session: Session, step: int, run_context: SessionRunContext | None = None
+    ) -> bool:
         """Saves a checkpoint at ``step``; returns True if a listener asked to stop.
 
-        The two halves are kept apart so that a background save can run the second
-        one later, on the training thread, once the checkpoint is committed.
+        ``run_context`` is given for a save made in ``after_run``, the only one whose
+        listeners may stop training. A background save returns False: its
+        ``after_save`` comes at a later step boundary (:meth:`_deliver_committed`).
         """
-        checkpoint_path = self._before_save_and_write(session, step)
+        # The previous save's after_save comes before this save's before_save.
+        self._deliver_committed(session, run_context, wait=True)
+        try:
+            checkpoint_path = self._before_save_and_write(session, step)
+        except _SaveSkipped:
+            return False
+        if checkpoint_path is not None and self._get_saver().async_save:
+            self._in_flight = _InFlight(checkpoint_path, step, can_stop=run_context is not None)
+            return False
         return self._after_commit(session, step, checkpoint_path)
 
     def _before_save_and_write(self, session: Session, step: int) -> str | None:
-        """Listeners' ``before_save``, then ``Saver.save``; returns the checkpoint prefix."""
+        """Listeners' ``before_save``, then ``Saver.save``; returns the checkpoint prefix.
+
+        Raises:
+          _SaveSkipped: the save failed and ``on_save_error="log"`` logged it.
+        """
         logger.info("Calling checkpoint listeners before saving checkpoint %d...", step)
         for listener in self._listeners:
             listener.before_save(session, step)
         logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
-        return self._get_saver().save(session, self._save_path, global_step=step)
+        try:
+            return self._get_saver().save(session, self._save_path, global_step=step)
+        except Exception as e:
+            if self._on_save_error == "raise":
+                raise
+            self._log_failed_save(step, e)
+            raise _SaveSkipped from e
 
     def _after_commit(self, session: Session, step: int, checkpoint_path: str | None) -> bool:
         """Listeners' ``after_save`` for a committed checkpoint; True if one asked to stop."""
@@ -278,6 +353,54 @@ class CheckpointSaverHook(SessionRunHook):
                 should_stop = True
         return should_stop
 
+    def _deliver_committed(
+        self, session: Session, run_context: SessionRunContext | None, *, wait: bool = False
+    ) -> None:
+        """At a step boundary: ``after_save`` for the background save, once it committed.
+
+        With ``wait`` it blocks until the save in flight is done. A failed save is
+        raised here (or logged, with ``on_save_error="log"``). A stop requested by a
+        listener counts only for a save made in ``after_run`` and only where there is
+        a ``run_context`` to stop.
+        """
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        saver = self._get_saver()
+        try:
+            if wait:
+                saver.wait()
+            committed = saver.poll_committed()
+        except Exception as e:
+            self._in_flight = None
+            if self._on_save_error == "raise":
+                raise
+            self._log_failed_save(in_flight.step, e)
+            return
+        for done in committed:
+            if done.prefix != in_flight.prefix:
+                continue  # a save someone else made with the same saver
+            self._in_flight = None
+            should_stop = self._after_commit(session, done.global_step, done.prefix)
+            if should_stop and in_flight.can_stop and run_context is not None:
+                run_context.request_stop()
+
+    def _log_failed_save(self, step: int, error: Exception) -> None:
+        logger.error(
+            "Saving checkpoint for step %d into %s failed; training continues because "
+            "on_save_error='log', and the checkpoints already listed are kept: %s: %s",
+            step,
+            self._save_path,
+            type(error).__name__,
+            error,
+        )
+
+    def _close_saver(self) -> None:
+        """Release the saver's writer locks and snapshot buffers once training ends."""
+        saver = self._saver if self._saver is not None else getattr(self._scaffold, "saver", None)
+        if saver is not None:
+            saver.close()  # every save of the hook was waited for and delivered already
+
     def _get_saver(self) -> Saver:
         if self._saver is not None:
             return self._saver
@@ -292,5 +415,5 @@ class CheckpointSaverHook(SessionRunHook):
         # Graph-free stand-in for TF's SAVERS collection: one default saver per hook.
         from trainhooks.checkpoint.saver import Saver
 
-        self._saver = Saver()
+        self._saver = Saver(async_save=self._async_save)
         return self._saver

@@ -41,7 +41,8 @@ class Scaffold:
       init_fn: ``init_fn(scaffold, session)``, called only when no checkpoint was
         restored (a fresh start); use it to initialize the state.
       saver: the :class:`~trainhooks.Saver` that restores and saves the state; by
-        default :meth:`finalize` creates ``Saver()``, which saves ``session.state``.
+        default :meth:`finalize` creates ``Saver()``, which saves ``session.state``
+        (``Saver(async_save=True)`` after :meth:`use_async_save`).
       summary_op: what ``SummarySaverHook`` writes: a fetch name, a list of names, a
         dict ``{tag: name or callable}``, or a callable returning ``{tag: scalar}``.
       copy_from_scaffold: a scaffold whose fields are used where this call passes None.
@@ -63,6 +64,7 @@ class Scaffold:
     _saver: Saver | None
     _summary_op: Any
     _state: Mapping[str, Any] | None
+    _async_save: bool
 
     def __init__(
         self,
@@ -81,6 +83,9 @@ class Scaffold:
             saver = saver if saver is not None else copy_from_scaffold._saver
             summary_op = summary_op if summary_op is not None else copy_from_scaffold._summary_op
             state = state if state is not None else copy_from_scaffold._state
+            async_save = copy_from_scaffold._async_save
+        else:
+            async_save = False
         if init_fn is not None and not callable(init_fn):
             raise TypeError(
                 f"init_fn must be a callable init_fn(scaffold, session), got {init_fn!r}."
@@ -89,6 +94,7 @@ class Scaffold:
         self._saver = saver
         self._summary_op = summary_op
         self._state = state
+        self._async_save = async_save
         self._finalized = False
 
     @property
@@ -116,7 +122,34 @@ class Scaffold:
 
     @property
     def finalized(self) -> bool:
+        """True once :meth:`finalize` has run."""
         return self._finalized
+
+    def use_async_save(self) -> None:
+        """Make the scaffold's saver save in the background (DESIGN §4).
+
+        Before :meth:`finalize`, with no saver given, the default saver will be
+        ``Saver(async_save=True)``; a saver that already saves in the background is
+        kept. ``CheckpointSaverHook(scaffold=..., async_save=True)`` (and so
+        ``MonitoredTrainingSession(async_checkpoint=True)``) calls it.
+
+        Raises:
+          ValueError: the scaffold already holds a saver that saves synchronously.
+
+        Example:
+            >>> scaffold = Scaffold(state={"w": 1.0})
+            >>> scaffold.use_async_save()
+            >>> scaffold.finalize().saver.async_save
+            True
+        """
+        if self._saver is not None and not self._saver.async_save:
+            made = "was created by finalize()" if self._finalized else "was passed in"
+            raise ValueError(
+                f"Background saving was asked of a Scaffold whose saver saves synchronously "
+                f"(it {made}): pass Scaffold(saver=Saver(async_save=True)), or ask for "
+                "background saving before the scaffold is finalized."
+            )
+        self._async_save = True
 
     def finalize(self) -> Scaffold:
         """Create the default saver if none was given; calling it again does nothing.
@@ -129,7 +162,7 @@ class Scaffold:
         if self._saver is None:
             from trainhooks.checkpoint.saver import Saver
 
-            self._saver = Saver()
+            self._saver = Saver(async_save=self._async_save)
         self._finalized = True
         return self
 
