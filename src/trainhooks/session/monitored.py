@@ -10,6 +10,12 @@ runs on close); any other error propagates, and ``end`` is not called. In a
 ``MonitoredSession`` a preemption error (``AbortedError``, ``UnavailableError``, a lost
 ``torch.distributed`` peer) closes the session, re-creates it from the latest
 checkpoint, calls ``after_create_session`` again and retries the same ``run``.
+
+With a :class:`~trainhooks.session.preemption.PreemptionWatcher` (``preemption=``), a
+termination signal stops training at the next step boundary: ``should_stop()`` turns
+True and the next ``run`` raises ``PreemptedError``, a clean stop, so closing the
+session runs the hooks' ``end`` (and the final checkpoint). The watcher's handlers are
+installed for the session's lifetime and the previous ones restored on close.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 from trainhooks import errors
 from trainhooks.session.creators import ChiefSessionCreator, Scaffold, SessionCreator
+from trainhooks.session.preemption import PreemptionWatcher
 from trainhooks.session.run_hook import SessionRunHook
 from trainhooks.session.session import Session
 from trainhooks.session.training import USE_DEFAULT, MonitoredTrainingSession
@@ -97,20 +104,40 @@ class _MonitoredSession:
         hooks: Sequence[SessionRunHook] | None,
         should_recover: bool,
         stop_grace_period_secs: float = 120,
+        preemption: PreemptionWatcher | None = None,
     ) -> None:
         self._hooks: list[SessionRunHook] = list(hooks or [])
-        for hook in self._hooks:
-            hook.begin()
-        self._coordinated_creator = CoordinatedSessionCreator(
-            session_creator=session_creator or ChiefSessionCreator(),
-            hooks=self._hooks,
-            stop_grace_period_secs=stop_grace_period_secs,
-        )
-        self._sess: Any = (
-            RecoverableSession(self._coordinated_creator)
-            if should_recover
-            else self._coordinated_creator.create_session()
-        )
+        self._preemption = preemption
+        # Called once the session is closed (after the hooks' end): releases resources
+        # such as the checkpoint directory's writer lock.
+        self._on_close: list[Callable[[], None]] = []
+        self._sess: Any = None
+        if preemption is not None:
+            # Before creation: a signal during the restore or the first save still
+            # stops training cleanly at the first step boundary.
+            preemption.install()
+        try:
+            for hook in self._hooks:
+                hook.begin()
+            self._coordinated_creator = CoordinatedSessionCreator(
+                session_creator=session_creator or ChiefSessionCreator(),
+                hooks=self._hooks,
+                stop_grace_period_secs=stop_grace_period_secs,
+            )
+            self._sess = (
+                RecoverableSession(self._coordinated_creator)
+                if should_recover
+                else self._coordinated_creator.create_session()
+            )
+        except BaseException:
+            if preemption is not None:
+                preemption.uninstall()
+            raise
+
+    @property
+    def preemption(self) -> PreemptionWatcher | None:
+        """The :class:`PreemptionWatcher` stopping this session on a signal, if any."""
+        return self._preemption
 
     def run(
         self,
@@ -132,10 +159,14 @@ class _MonitoredSession:
 
         Raises:
           RuntimeError: if the session is closed, or a hook already requested a stop.
+          PreemptedError: a termination signal was received (a clean stop: inside
+            ``with``, the session closes normally and saves its final checkpoint).
         """
         sess = self._sess
         if sess is None:
             raise RuntimeError("Run called on a closed session; create a new monitored session.")
+        if self._preemption is not None:
+            self._preemption.check()
         return sess.run(fetches, feed_dict, options, run_metadata)
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
@@ -170,6 +201,8 @@ class _MonitoredSession:
             )
         if self._sess is None:
             raise RuntimeError("run_step_fn called on a closed session.")
+        if self._preemption is not None:
+            self._preemption.check()
 
         def call_step_fn(raw_session: Session, run_with_hooks: RunFn) -> Any:
             return step_fn(StepContext(raw_session, run_with_hooks))
@@ -181,7 +214,11 @@ class _MonitoredSession:
 
         An exception that a thread reported to the coordinator makes it True too (it
         is raised by ``close``); in a ``SingularMonitoredSession`` it is raised here.
+        A termination signal the session's :class:`PreemptionWatcher` received makes
+        it True as well.
         """
+        if self._preemption is not None and self._preemption.stop_requested:
+            return True
         return self._sess is None or bool(self._sess.should_stop())
 
     def close(self) -> None:
@@ -222,6 +259,15 @@ class _MonitoredSession:
                 self._sess = None
                 self._coordinated_creator.tf_sess = None
                 self._coordinated_creator.coord = None
+                self._release()
+
+    def _release(self) -> None:
+        """Restore the signal handlers and run the close callbacks, each once."""
+        if self._preemption is not None:
+            self._preemption.uninstall()
+        callbacks, self._on_close = self._on_close, []
+        for callback in reversed(callbacks):
+            callback()
 
     def _is_closed(self) -> bool:
         return self._sess is None
@@ -237,6 +283,10 @@ class MonitoredSession(_MonitoredSession):
       session_creator: makes the raw session; default ``ChiefSessionCreator()``.
       hooks: the :class:`~trainhooks.SessionRunHook` s, called in this order.
       stop_grace_period_secs: how long ``close`` waits for coordinator threads.
+      preemption: a :class:`~trainhooks.session.preemption.PreemptionWatcher` that
+        stops training at the next step boundary on SIGTERM (or the signals it
+        names); installed while the session is open. None: signals keep their
+        current handlers.
 
     Example:
         >>> creator = ChiefSessionCreator(state={"w": w}, checkpoint_dir="ckpt")
@@ -250,12 +300,15 @@ class MonitoredSession(_MonitoredSession):
         session_creator: SessionCreator | None = None,
         hooks: Sequence[SessionRunHook] | None = None,
         stop_grace_period_secs: float = 120,
+        *,
+        preemption: PreemptionWatcher | None = None,
     ) -> None:
         super().__init__(
             session_creator,
             hooks,
             should_recover=True,
             stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
         )
 
 

@@ -5,10 +5,18 @@ step counter every 100 steps), picks the session creator for the chief or a work
 and orders the hooks as TF does: ``chief_only_hooks``, ``StepCounterHook``,
 ``SummarySaverHook``, ``CheckpointSaverHook``, then the user's ``hooks``. The default
 hooks are imported only when they are used.
+
+Two guards beyond TF: the chief that saves checkpoints holds the checkpoint
+directory's writer lock (``checkpoint/lock.py``) while the session is open, so a
+second process saving into the same directory fails at once with a clear error; and
+SIGTERM (or the signals named) stops training at the next step boundary with a final
+checkpoint (``session/preemption.py``).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +26,7 @@ from trainhooks.session.creators import (
     WorkerSessionCreator,
     resolve_scaffold,
 )
+from trainhooks.session.preemption import DEFAULT_GRACE_PERIOD_SECS, PreemptionWatcher
 from trainhooks.session.run_hook import SessionRunHook
 
 if TYPE_CHECKING:
@@ -55,6 +64,9 @@ def MonitoredTrainingSession(
     state: Mapping[str, Any] | None = None,
     async_checkpoint: bool = False,
     advance_global_step: bool = True,
+    preemption_signals: Sequence[int] | None = (signal.SIGTERM,),
+    preemption_grace_period_secs: float | None = DEFAULT_GRACE_PERIOD_SECS,
+    on_checkpoint_error: str = "raise",
 ) -> MonitoredSession:
     """A ``MonitoredSession`` with TF's default hooks for training.
 
@@ -84,13 +96,25 @@ def MonitoredTrainingSession(
       state: the training state (see ``Session``).
       async_checkpoint: write checkpoints in the background (``CheckpointSaverHook(async_save=True)``).
       advance_global_step: False when the step function advances the global step itself.
+      preemption_signals: signals that stop training at the next step boundary, run
+        the hooks' ``end`` (the chief saves a final checkpoint of the last completed
+        step) and close the session; the handlers are installed only from the main
+        thread and the previous ones restored on close. None or ``()``: off.
+      preemption_grace_period_secs: after such a signal, how long the session may
+        take to stop and close before the process exits with status 128 + signum
+        (None: no limit). Keep it below the scheduler's kill timeout.
+      on_checkpoint_error: ``"raise"`` (TF's behaviour: a failed save stops training)
+        or ``"log"``: log the error and keep training; the previous checkpoints stay
+        listed and intact. Passed to ``CheckpointSaverHook(on_save_error=...)``.
 
     Returns:
       a :class:`MonitoredSession`.
 
     Raises:
       ValueError: if both ``save_checkpoint_secs`` and ``save_checkpoint_steps`` (or
-        both summary settings) are given, as ``CheckpointSaverHook`` refuses them.
+        both summary settings) are given, as ``CheckpointSaverHook`` refuses them, or
+        ``on_checkpoint_error`` is neither ``"raise"`` nor ``"log"``.
+      CheckpointDirLockedError: another process is saving into ``checkpoint_dir``.
 
     Example:
         >>> with MonitoredTrainingSession(
@@ -114,8 +138,17 @@ def MonitoredTrainingSession(
     elif save_checkpoint_steps is USE_DEFAULT:
         save_checkpoint_steps = None
 
+    if on_checkpoint_error not in ("raise", "log"):
+        raise ValueError(
+            f"on_checkpoint_error must be 'raise' or 'log', got {on_checkpoint_error!r}."
+        )
     from trainhooks.session import monitored  # imports this module: import at call time
 
+    preemption = (
+        PreemptionWatcher(preemption_signals, preemption_grace_period_secs)
+        if preemption_signals
+        else None
+    )
     scaffold = resolve_scaffold(scaffold, state)
     if not is_chief:
         worker_creator = WorkerSessionCreator(
@@ -130,6 +163,7 @@ def MonitoredTrainingSession(
             session_creator=worker_creator,
             hooks=list(hooks or []),
             stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
         )
 
     all_hooks: list[SessionRunHook] = list(chief_only_hooks or [])
@@ -159,10 +193,15 @@ def MonitoredTrainingSession(
                     output_dir=summary_dir,
                 )
             )
-    if checkpoint_dir and (_positive(save_checkpoint_secs) or _positive(save_checkpoint_steps)):
+    saves_checkpoints = bool(
+        checkpoint_dir and (_positive(save_checkpoint_secs) or _positive(save_checkpoint_steps))
+    )
+    if saves_checkpoints and checkpoint_dir:
         from trainhooks.hooks.checkpoint import CheckpointSaverHook
 
         extra: dict[str, Any] = {"async_save": True} if async_checkpoint else {}
+        if on_checkpoint_error != "raise":
+            extra["on_save_error"] = on_checkpoint_error
         all_hooks.append(
             CheckpointSaverHook(
                 checkpoint_dir,
@@ -173,11 +212,30 @@ def MonitoredTrainingSession(
             )
         )
     all_hooks.extend(hooks or [])
-    return monitored.MonitoredSession(
-        session_creator=session_creator,
-        hooks=all_hooks,
-        stop_grace_period_secs=stop_grace_period_secs,
-    )
+    if not (saves_checkpoints and checkpoint_dir):
+        return monitored.MonitoredSession(
+            session_creator=session_creator,
+            hooks=all_hooks,
+            stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
+        )
+    from trainhooks.checkpoint.lock import acquire_writer_lock
+
+    # Taken before the session restores or saves anything, held until it closes.
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    lock = acquire_writer_lock(checkpoint_dir)
+    try:
+        session = monitored.MonitoredSession(
+            session_creator=session_creator,
+            hooks=all_hooks,
+            stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    session._on_close.append(lock.release)
+    return session
 
 
 def _positive(value: Any) -> bool:
