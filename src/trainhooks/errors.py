@@ -13,6 +13,9 @@ Their meaning inside a monitored session is fixed by the reference semantics:
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __all__ = [
     "AbortedError",
     "DataLossError",
@@ -71,3 +74,20 @@ PREEMPTION_ERRORS: tuple[type[BaseException], ...] = (AbortedError, UnavailableE
 
 #: Errors that end training cleanly: hooks' ``end`` is called.
 CLEAN_STOP_ERRORS: tuple[type[BaseException], ...] = (OutOfRangeError, StopIteration)
+
+
+# Errors defined next to the code that raises them, re-exported here lazily (their modules
+# import this one): th.errors.CheckpointDirLockedError, th.errors.PreemptedError, ...
+_LAZY = {
+    "CheckpointDirLockedError": "trainhooks.checkpoint.lock",
+    "PreemptedError": "trainhooks.session.preemption",
+    "StateMismatchError": "trainhooks.checkpoint.tree",
+}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trainhooks.errors' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

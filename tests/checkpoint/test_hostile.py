@@ -312,11 +312,6 @@ def test_large_junk_manifest_is_refused_without_reading_it_all(ckpt: Path) -> No
         _refused(lambda: open_checkpoint(ckpt))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="get_checkpoint_state reads the whole state file; it should refuse one larger "
-    "than a few MiB (checkpoint/state_file.py; see the report)",
-)
 def test_huge_state_file_is_not_read_whole(ckpt: Path) -> None:
     with open(ckpt.parent / "checkpoint", "r+b") as f:
         f.truncate(256 * 2**20)
@@ -377,19 +372,12 @@ def test_deeply_nested_tree_json_is_refused_with_the_library_error(ckpt: Path) -
     _refused(lambda: open_checkpoint(ckpt))
 
 
-_BLOCKS = pytest.mark.xfail(
-    strict=True,
-    reason="the state file is opened without O_NONBLOCK, so a FIFO in its place blocks "
-    "get_checkpoint_state forever (checkpoint/state_file.py; see the report)",
-)
-
-
 @pytest.mark.parametrize(
     "which",
     [
         DATA,
         MANIFEST_NAME,
-        pytest.param("checkpoint", marks=_BLOCKS),
+        "checkpoint",
     ],
 )
 def test_a_fifo_in_place_of_a_file_does_not_hang_the_reader(ckpt: Path, which: str) -> None:

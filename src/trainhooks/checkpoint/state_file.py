@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -265,8 +266,7 @@ def get_checkpoint_state(
     if not os.path.exists(state_filename):
         return None
     try:
-        with open(state_filename, "rb") as f:
-            ckpt = CheckpointState.from_text(f.read())
+        ckpt = CheckpointState.from_text(_read_state_file(state_filename))
     except (OSError, CheckpointStateParseError) as e:
         logger.warning("%s: %s", type(e).__name__, e)
         logger.warning("%s: Checkpoint ignored", state_filename)
@@ -280,6 +280,39 @@ def get_checkpoint_state(
         for p in ckpt.all_model_checkpoint_paths
     ]
     return ckpt
+
+
+#: A state file lists paths, a few hundred bytes each; anything larger is not one.
+MAX_STATE_FILE_BYTES = 4 * 2**20
+
+
+def _read_state_file(path: str) -> bytes:
+    """The state file's bytes, refusing what could hang or exhaust the reader.
+
+    Opened non-blocking (a FIFO planted under its name must not block), only a regular
+    file is read, and at most :data:`MAX_STATE_FILE_BYTES`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointStateParseError(f"{path} is not a regular file.")
+        chunks = []
+        remaining = MAX_STATE_FILE_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_STATE_FILE_BYTES:
+        raise CheckpointStateParseError(
+            f"{path} is larger than {MAX_STATE_FILE_BYTES} bytes; a checkpoint state file "
+            "is a short list of paths."
+        )
+    return data
 
 
 def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = None) -> str | None:
