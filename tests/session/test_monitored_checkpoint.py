@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainhooks as th
 from trainhooks import errors
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.state_file import get_checkpoint_state, latest_checkpoint
@@ -384,3 +385,29 @@ def test_restart_falls_back_when_the_latest_checkpoint_is_corrupt(
         assert raw_session is not None and raw_session.global_step == 1
     assert state2["w"].tolist() == [1.0, 1.0, 1.0]
     assert "model.ckpt-2" in caplog.text
+
+
+def test_an_error_exit_releases_the_directory_for_another_process(tmp_path: Path) -> None:
+    """After a training loop dies with an exception (no hooks' end), the scaffold's saver
+    and the session release the writer lock, so a restarted process can save there."""
+    import subprocess
+    import sys
+
+    state = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(ZeroDivisionError):
+        with th.MonitoredTrainingSession(
+            state=state, checkpoint_dir=str(tmp_path), save_checkpoint_steps=1
+        ) as sess:
+            sess.run(lambda: None)
+            sess.run(lambda: 1 / 0)
+    child = (
+        "import sys, numpy as np, trainhooks as th\n"
+        "with th.MonitoredTrainingSession(state={'w': np.zeros(3, np.float32)},"
+        " checkpoint_dir=sys.argv[1], save_checkpoint_steps=1) as s:\n"
+        "    s.run(lambda: None)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert th.load_variable(str(tmp_path), "global_step") == 2

@@ -15,6 +15,7 @@ checkpoint (``session/preemption.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from trainhooks.session.monitored import MonitoredSession
 
 __all__ = ["USE_DEFAULT", "MonitoredTrainingSession"]
+
+logger = logging.getLogger(__name__)
 
 
 class _UseDefault:
@@ -235,7 +238,22 @@ def MonitoredTrainingSession(
         lock.release()
         raise
     session._on_close.append(lock.release)
+    # On a clean close the checkpoint hook's end() closes the saver; after an error it
+    # must still release the saver's buffers and directory lock, without masking the error.
+    session._on_close.append(lambda: _close_saver_quietly(scaffold))
     return session
+
+
+def _close_saver_quietly(scaffold: Scaffold) -> None:
+    saver = scaffold.saver
+    if saver is None:
+        return
+    try:
+        saver.close()
+    except Exception:
+        logger.warning(
+            "Closing the checkpoint saver after the session closed failed.", exc_info=True
+        )
 
 
 def _positive(value: Any) -> bool:
