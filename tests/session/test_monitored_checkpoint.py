@@ -394,12 +394,14 @@ def test_an_error_exit_releases_the_directory_for_another_process(tmp_path: Path
     import sys
 
     state = {"w": np.zeros(3, np.float32)}
-    with pytest.raises(ZeroDivisionError):
-        with th.MonitoredTrainingSession(
+    with (
+        pytest.raises(ZeroDivisionError),
+        th.MonitoredTrainingSession(
             state=state, checkpoint_dir=str(tmp_path), save_checkpoint_steps=1
-        ) as sess:
-            sess.run(lambda: None)
-            sess.run(lambda: 1 / 0)
+        ) as sess,
+    ):
+        sess.run(lambda: None)
+        sess.run(lambda: 1 / 0)
     child = (
         "import sys, numpy as np, trainhooks as th\n"
         "with th.MonitoredTrainingSession(state={'w': np.zeros(3, np.float32)},"
