@@ -11,11 +11,11 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hook_driver import hooked, log_messages
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboardX import SummaryWriter
 
@@ -31,7 +31,7 @@ from trainhooks.hooks.basic import (
 from trainhooks.hooks.summary import SummaryWriterCache
 from trainhooks.hooks.tensors import NanLossDuringTrainingError
 from trainhooks.session.hooked import HookedSession
-from trainhooks.session.run_hook import SessionRunContext, SessionRunHook
+from trainhooks.session.run_hook import SessionRunContext
 from trainhooks.session.session import Session
 
 BASIC = "trainhooks.hooks.basic"
@@ -43,11 +43,6 @@ def _close_cached_writers() -> Iterator[None]:
     SummaryWriterCache.clear()
 
 
-def hooked(hook: SessionRunHook, *, step: int = 0, advance: bool = True, state: Any = None):
-    raw = Session(state, global_step=step, advance_global_step=advance)
-    return raw, HookedSession(raw, [hook])
-
-
 def read_scalars(logdir: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(logdir))
     acc.Reload()
@@ -57,7 +52,7 @@ def read_scalars(logdir: Path, tag: str) -> dict[int, float]:
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == BASIC and r.levelno == level]
+    return log_messages(caplog, BASIC, level)
 
 
 def test_public_names_resolve_to_this_module() -> None:

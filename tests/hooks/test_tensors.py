@@ -2,7 +2,6 @@
 
 As in TF, each hook is driven by a raw ``Session`` wrapped in ``HookedSession([hook])``;
 ``advance_global_step=False`` plus setting ``global_step`` emulates assigning the step.
-Summaries are real event files read back with TensorBoard's own EventAccumulator.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hook_driver import hooked, log_messages
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainhooks as th
@@ -25,9 +25,6 @@ from trainhooks.hooks.tensors import (
     NanLossDuringTrainingError,
     NanTensorHook,
 )
-from trainhooks.session.hooked import HookedSession
-from trainhooks.session.run_hook import SessionRunHook
-from trainhooks.session.session import Session
 
 BASIC = "trainhooks.hooks.tensors"
 
@@ -36,11 +33,6 @@ BASIC = "trainhooks.hooks.tensors"
 def _close_cached_writers() -> Iterator[None]:
     yield
     SummaryWriterCache.clear()
-
-
-def hooked(hook: SessionRunHook, *, step: int = 0, advance: bool = True, state: Any = None):
-    raw = Session(state, global_step=step, advance_global_step=advance)
-    return raw, HookedSession(raw, [hook])
 
 
 def read_scalars(logdir: Path, tag: str) -> dict[int, float]:
@@ -52,7 +44,7 @@ def read_scalars(logdir: Path, tag: str) -> dict[int, float]:
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == BASIC and r.levelno == level]
+    return log_messages(caplog, BASIC, level)
 
 
 # --- LoggingTensorHook ------------------------------------------------------------------------
