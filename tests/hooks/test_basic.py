@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,12 @@ from trainhooks.hooks.basic import (
     StepCounterHook,
     StopAtStepHook,
 )
-from trainhooks.hooks.summary import SummaryWriterCache
 from trainhooks.hooks.tensors import NanLossDuringTrainingError
 from trainhooks.session.hooked import HookedSession
 from trainhooks.session.run_hook import SessionRunContext
 from trainhooks.session.session import Session
 
 BASIC = "trainhooks.hooks.basic"
-
-
-@pytest.fixture(autouse=True)
-def _close_cached_writers() -> Iterator[None]:
-    yield
-    SummaryWriterCache.clear()
 
 
 def read_scalars(logdir: Path, tag: str) -> dict[int, float]:

@@ -7,7 +7,6 @@ often it was evaluated. A callable that increments a counter plays that part her
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,6 @@ from trainhooks.hooks.summary import EventFileWriter, SummarySaverHook, SummaryW
 from trainhooks.session.creators import Scaffold
 from trainhooks.session.hooked import HookedSession
 from trainhooks.session.session import Session
-
-
-@pytest.fixture(autouse=True)
-def _close_cached_writers() -> Iterator[None]:
-    yield
-    SummaryWriterCache.clear()
 
 
 class Counter:

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from hook_driver import hooked, log_messages
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainhooks as th
-from trainhooks.hooks.summary import SummaryWriterCache
 from trainhooks.hooks.tensors import (
     LoggingTensorHook,
     NanLossDuringTrainingError,
@@ -27,20 +23,6 @@ from trainhooks.hooks.tensors import (
 )
 
 BASIC = "trainhooks.hooks.tensors"
-
-
-@pytest.fixture(autouse=True)
-def _close_cached_writers() -> Iterator[None]:
-    yield
-    SummaryWriterCache.clear()
-
-
-def read_scalars(logdir: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return {}
-    return {event.step: event.value for event in acc.Scalars(tag)}
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
