@@ -183,7 +183,8 @@ def narrate(workdir: str, last_step: int, kill_after: int) -> int:
         print(f"   the run was not killed (exit {returncode}): it finished first")
         return 1
     print(f"   checkpoints reported: {steps(killed.checkpoints)}")
-    print(f"   killed (SIGKILL) while at step {killed.last_step} of {last_step}")
+    reached = max(killed.last_step or 0, *killed.checkpoints)
+    print(f"   killed (SIGKILL) at step {reached} of {last_step}, mid-training")
     on_disk = sorted(
         int(name.rsplit("-", 1)[1])
         for name in os.listdir(crash_dir)
