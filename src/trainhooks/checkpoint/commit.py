@@ -26,11 +26,14 @@ import os
 import re
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+import numpy as np
+
 from trainhooks._clock import Clock, wall_clock
+from trainhooks.checkpoint.columns import TensorColumns
 from trainhooks.checkpoint.datafile import (
     DEFAULT_MAX_FILE_BYTES,
     data_file_name,
@@ -102,26 +105,42 @@ def is_checkpoint(prefix: str | os.PathLike[str]) -> bool:
     )
 
 
-def _check_flat(flat: FlatStateLike, global_step: int) -> dict[str, TensorData]:
+def _check_flat(flat: FlatStateLike, global_step: int) -> TensorColumns:
+    """``flat.tensors`` as columns, the global step first; raises for what cannot be written."""
     if not isinstance(global_step, int) or isinstance(global_step, bool):
         raise TypeError(f"global_step must be an int, got {global_step!r}")
     if not -(2**63) <= global_step < 2**63:
         raise ValueError(f"global_step {global_step} does not fit in 64 bits")
-    tensors = {GLOBAL_STEP_NAME: TensorData("I64", (), memoryview(struct.pack("<q", global_step)))}
-    itemsizes, prod, reserved = DTYPE_ITEMSIZE, math.prod, (GLOBAL_STEP_NAME, "__metadata__")
-    for name, t in flat.tensors.items():  # one tight loop: states may hold 100k tensors
+    columns = TensorColumns.from_mapping(flat.tensors)
+    names = columns.names
+    unique = set(names)
+    if len(unique) != len(names):
+        raise ValueError(
+            f"{len(names) - len(unique)} tensor names repeat; every tensor needs its own name"
+        )
+    for name in unique.intersection((GLOBAL_STEP_NAME, "__metadata__", "")):
+        _refuse(name, columns[name])
+    itemsizes, prod = DTYPE_ITEMSIZE, math.prod
+    for name, code, source in zip(names, columns.codes, columns.sources):
+        if type(source) is np.ndarray:
+            continue  # flatten_state's own: a dtype in GATHER_DTYPES with its code and shape
+        t: TensorData = source  # type: ignore[assignment]
         itemsize = itemsizes.get(t.dtype) if type(t.dtype) is str else None
         if (
             type(name) is not str
-            or not name
-            or name in reserved
             or itemsize is None
+            or t.dtype != code
             or t.buffer.nbytes != itemsize * prod(t.shape)
             or not t.buffer.c_contiguous
         ):
             _refuse(name, t)
-        tensors[name] = t
-    return tensors
+    step = TensorData("I64", (), memoryview(struct.pack("<q", global_step)))
+    return TensorColumns(
+        [GLOBAL_STEP_NAME, *names],
+        ["I64", *columns.codes],
+        [(), *columns.shapes],
+        [step, *columns.sources],
+    )
 
 
 def _refuse(name: object, t: TensorData) -> None:
@@ -207,13 +226,16 @@ def write_checkpoint(
         )
 
     with paused_gc():
-        groups = plan_files(tensors, max_shard_bytes)
+        sizes = tensors.nbytes()
+        groups = plan_files(tensors, sizes, max_shard_bytes)
     tmp = _sibling(prefix, "tmp")
     try:
         _save(
             storage,
             prefix,
             tmp,
+            tensors,
+            sizes,
             groups,
             num_threads,
             global_step,
@@ -233,7 +255,9 @@ def _save(
     storage: Storage,
     prefix: str,
     tmp: str,
-    groups: list[list[tuple[str, TensorData]]],
+    tensors: TensorColumns,
+    sizes: list[int],
+    groups: list[Sequence[int]],
     num_threads: int | None,
     global_step: int,
     clock: Clock,
@@ -243,13 +267,13 @@ def _save(
 ) -> None:
     storage.mkdir(tmp)
     try:
-        files = _write_files(storage, tmp, groups, num_threads)
+        files = _write_files(storage, tmp, tensors, sizes, groups, num_threads)
         manifest = Manifest(global_step, clock(), tree, user_metadata, files, {})
         with paused_gc():
             encoded = encode_manifest(manifest, tree_json)
         f = storage.create(os.path.join(tmp, MANIFEST_NAME))
         try:
-            f.write([encoded])
+            f.write(encoded)
             f.fsync()
         finally:
             f.close()
@@ -261,11 +285,16 @@ def _save(
 
 
 def _write_files(
-    storage: Storage, tmp: str, groups: list[list[tuple[str, TensorData]]], num_threads: int | None
+    storage: Storage,
+    tmp: str,
+    tensors: TensorColumns,
+    sizes: list[int],
+    groups: list[Sequence[int]],
+    num_threads: int | None,
 ) -> dict[str, FileEntry]:
     names = [data_file_name(i, len(groups)) for i in range(len(groups))]
     threads = num_threads or min(len(groups), os.cpu_count() or 1)
-    jobs = [(storage, os.path.join(tmp, n), g) for n, g in zip(names, groups)]
+    jobs = [(storage, os.path.join(tmp, n), tensors, g, sizes) for n, g in zip(names, groups)]
     if threads <= 1 or len(groups) == 1:
         results = [write_data_file(*job) for job in jobs]
     else:

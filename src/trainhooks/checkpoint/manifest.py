@@ -27,7 +27,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-from collections.abc import Callable, Iterator, Sequence
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import accumulate
+from operator import mul
 from typing import Any, NamedTuple, TypeGuard
 
 import xxhash
@@ -46,6 +50,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "TensorEntry",
+    "TensorIndex",
     "checksum",
     "decode_manifest",
     "encode_json",
@@ -132,6 +137,8 @@ class FileEntry(NamedTuple):
     dtypes: tuple[str, ...] = ()
     shapes: tuple[tuple[int, ...], ...] = ()
     chunks: tuple[Chunk, ...] = ()
+    #: where each tensor starts, then the end of the last (set when decoded)
+    offsets: Sequence[int] = ()
 
 
 class TensorEntry(NamedTuple):
@@ -156,7 +163,50 @@ class Manifest(NamedTuple):
     tree: Any
     metadata: dict[str, Any]
     files: dict[str, FileEntry]
-    tensors: dict[str, TensorEntry]
+    tensors: Mapping[str, TensorEntry]
+
+
+class TensorIndex(Mapping[str, TensorEntry]):
+    """Every tensor of a decoded manifest by name, its :class:`TensorEntry` built on lookup.
+
+    A manifest of 100k tensors keeps them as its files' columns; only a name -> position
+    dict is made per tensor.
+    """
+
+    def __init__(self, files: dict[str, FileEntry], index: dict[str, int]) -> None:
+        self._files = list(files.items())
+        self._firsts = list(accumulate((len(f.names) for _, f in self._files), initial=0))
+        self._chunk_firsts = [[c.first for c in f.chunks] for _, f in self._files]
+        self._index = index
+
+    @property
+    def positions(self) -> dict[str, int]:
+        """Name -> position among all tensors, files in manifest order."""
+        return self._index
+
+    def locate(self, name: str) -> tuple[str, FileEntry, int]:
+        """(file name, its entry, the tensor's position in it); KeyError if absent."""
+        i = self._index[name]
+        k = bisect_right(self._firsts, i) - 1
+        fname, entry = self._files[k]
+        return fname, entry, i - self._firsts[k]
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        i = self._index[name]
+        k = bisect_right(self._firsts, i) - 1
+        fname, f = self._files[k]
+        i -= self._firsts[k]
+        chunk = bisect_right(self._chunk_firsts[k], i) - 1
+        return TensorEntry(fname, f.dtypes[i], f.shapes[i], f.offsets[i], f.offsets[i + 1], chunk)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
 
 
 def encode_json(value: Any, what: str) -> str:
@@ -167,12 +217,14 @@ def encode_json(value: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
 
 
-def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> bytes:
+def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[bytes]:
     """Serialise ``manifest`` as compact UTF-8 JSON with its checksum sealed in.
 
-    ``tree_json`` is ``manifest.tree`` already encoded by :func:`encode_json`, if it was.
-    Each file's tensors are written from the columns of its :class:`FileEntry`
-    (``manifest.tensors`` is not needed: it is the index a decoded manifest adds).
+    Returns the file's bytes as pieces to write in order (a 100k-tensor manifest is
+    ~7 MB; joining would copy it twice more). ``tree_json`` is ``manifest.tree`` already
+    encoded by :func:`encode_json`, if it was. Each file's tensors are written from the
+    columns of its :class:`FileEntry` (``manifest.tensors`` is the index a decoded
+    manifest adds).
     """
     files = {
         name: {
@@ -197,15 +249,22 @@ def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> bytes:
     )[:-1]
     tree = encode_json(manifest.tree, "the state tree") if tree_json is None else tree_json
     metadata = encode_json(manifest.metadata, "metadata")
-    body = json.dumps(files, separators=(",", ":"))
-    text = f'{head},"metadata":{metadata},"tree":{tree},"files":{body}}}'.encode()
-    if len(text) + _SEAL_LEN > MAX_MANIFEST_BYTES:
+    pieces = [f'{head},"metadata":{metadata},"tree":'.encode(), tree.encode()]
+    del tree
+    pieces.append(b',"files":' + json.dumps(files, separators=(",", ":")).encode() + b"}")
+    length = sum(map(len, pieces))
+    if length + _SEAL_LEN > MAX_MANIFEST_BYTES:
         raise ValueError(
-            f"the manifest would take {len(text)} bytes, more than readers accept "
+            f"the manifest would take {length} bytes, more than readers accept "
             f"({MAX_MANIFEST_BYTES}): save fewer, larger tensors (e.g. concatenate small "
             "ones) or less metadata"
         )
-    return seal_manifest(text)
+    hasher = xxhash.xxh3_128()
+    for piece in pieces:
+        hasher.update(piece)
+    pieces[-1] = pieces[-1][:-1]  # the seal goes inside the object: see seal_manifest
+    pieces.append(_SEAL_KEY + hasher.hexdigest().encode("ascii") + b'"}')
+    return pieces
 
 
 _SEAL_KEY = b',"manifest_checksum":"'
@@ -328,19 +387,24 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
     if not isinstance(files_doc, dict) or not files_doc:
         raise fail("'files' is not a non-empty JSON object")
     files: dict[str, FileEntry] = {}
-    tensors: dict[str, TensorEntry] = {}
+    index: dict[str, int] = {}
     for name, entry in files_doc.items():
-        files[name] = _decode_file(name, entry, tensors, fail)
+        files[name] = f = _decode_file(name, entry, fail)
+        unique = set(f.names)
+        if len(unique) != len(f.names) or not unique.isdisjoint(index):
+            seen = set(index)
+            dup = next(n for n in f.names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+            raise fail(f"duplicate tensor name {dup!r}")
+        index.update(zip(f.names, range(len(index), len(index) + len(f.names))))
+    tensors = TensorIndex(files, index)
     step_entry = tensors.get(GLOBAL_STEP_NAME)
     if step_entry is None or step_entry.dtype != "I64" or step_entry.shape != ():
         raise fail(f"the global step is not stored as a 0-d I64 tensor {GLOBAL_STEP_NAME!r}")
     return Manifest(global_step, float(wall_time), doc["tree"], metadata, files, tensors)
 
 
-def _decode_file(
-    fname: str, entry: object, tensors: dict[str, TensorEntry], fail: Callable[[str], Exception]
-) -> FileEntry:
-    """Validate one file's columns and add its tensors to ``tensors``; one tight loop."""
+def _decode_file(fname: str, entry: object, fail: Callable[[str], Exception]) -> FileEntry:
+    """Validate one file's columns; a few passes in C over them, Python per distinct shape."""
     if not is_plain_basename(fname) or fname == MANIFEST_NAME:
         raise fail(f"data file name {fname!r} is not a plain file name inside the checkpoint")
     if not isinstance(entry, dict):
@@ -359,52 +423,60 @@ def _decode_file(
             f"{len(shapes)} shapes"
         )
     chunks = _chunk_plan(fname, sums, len(names), fail)
-    itemsizes = DTYPE_ITEMSIZE
-    new_entry = tuple.__new__  # TensorEntry(...) without its Python-level __new__
-    position = data_start
-    chunk_index, chunk_end = 0, 0
-    chunk_starts = []
-    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
+    for name in names if set(map(type, names)) - {str} else ():
         if type(name) is not str:
             raise fail(f"file {fname!r}: tensor name {name!r} is not a string")
-        if name in tensors:
-            raise fail(f"duplicate tensor name {name!r}")
-        nbytes = itemsizes.get(dtype) if type(dtype) is str else None
-        if nbytes is None:
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+        raise fail(f"duplicate tensor name {dup!r}")
+    itemsizes = DTYPE_ITEMSIZE
+    for name, dtype in zip(names, dtypes):
+        if type(dtype) is not str or dtype not in itemsizes:
             raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if type(shape) is not list or len(shape) > _MAX_NDIM:
-            raise fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        for d in shape:  # Python integers: a hostile shape cannot overflow to a small size
-            if type(d) is not int or not 0 <= d <= _MAX_DIM:
-                raise fail(
-                    f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers"
-                )
-            nbytes *= d
-        end = position + nbytes
-        if end > size:
-            raise fail(
-                f"tensor {name!r}: its {nbytes} bytes at {position} lie outside file "
-                f"{fname!r} ({size} bytes)"
-            )
-        if i == chunk_end:
-            chunk_starts.append(position)
-            chunk_end += chunks[chunk_index][0]
-            chunk_index += 1
-        tensors[name] = new_entry(
-            TensorEntry, (fname, dtype, tuple(shape), position, end, chunk_index - 1)
+    if shapes and set(map(type, shapes)) != {list}:
+        shape = next(s for s in shapes if type(s) is not list)
+        raise _bad_shape(names[shapes.index(shape)], shape, fail)
+    tuples = list(map(tuple, shapes))
+    try:
+        distinct = set(tuples)
+    except TypeError:  # an unhashable dimension: not an int
+        distinct = set()
+        for name, shape in zip(names, tuples):
+            try:
+                hash(shape)
+            except TypeError:
+                raise _bad_shape(name, list(shape), fail) from None
+    numel: dict[tuple[Any, ...], int] = {}
+    for shape in distinct:
+        # Python integers: a hostile shape cannot overflow to a small size
+        if len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
+            raise _bad_shape(names[tuples.index(shape)], list(shape), fail)
+        numel[shape] = math.prod(shape)
+    # One tuple per distinct shape: 100k live tuples would cost memory and a GC pass.
+    tuples = list(map({t: t for t in distinct}.__getitem__, tuples))
+    sizes = list(map(mul, map(itemsizes.__getitem__, dtypes), map(numel.__getitem__, tuples)))
+    offsets = list(accumulate(sizes, initial=data_start))
+    if offsets[-1] > size:
+        i = bisect_right(offsets, size) - 1  # the first tensor ending past the file
+        raise fail(
+            f"tensor {names[i]!r}: its {sizes[i]} bytes at {offsets[i]} lie outside file "
+            f"{fname!r} ({size} bytes)"
         )
-        position = end
-    if position != size:
-        raise fail(f"file {fname!r}: its tensors end at byte {position}, the file at {size}")
-    chunk_starts.append(position)
+    if offsets[-1] != size:
+        raise fail(f"file {fname!r}: its tensors end at byte {offsets[-1]}, the file at {size}")
     first = 0
     runs = []
-    for k, (count, digest) in enumerate(chunks):
-        runs.append(Chunk(first, count, chunk_starts[k], chunk_starts[k + 1], digest))
+    for count, digest in chunks:
+        runs.append(Chunk(first, count, offsets[first], offsets[first + count], digest))
         first += count
     return FileEntry(
-        size, data_start, tuple(names), tuple(dtypes), tuple(map(tuple, shapes)), tuple(runs)
+        size, data_start, tuple(names), tuple(dtypes), tuple(tuples), tuple(runs), offsets
     )
+
+
+def _bad_shape(name: object, shape: object, fail: Callable[[str], Exception]) -> Exception:
+    return fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
 
 
 def _chunk_plan(
@@ -431,7 +503,7 @@ def _chunk_plan(
     return runs
 
 
-def tensors_by_file(tensors: dict[str, TensorEntry]) -> dict[str, list[tuple[str, TensorEntry]]]:
+def tensors_by_file(tensors: Mapping[str, TensorEntry]) -> dict[str, list[tuple[str, TensorEntry]]]:
     """Group tensor entries by data file, each group in file order."""
     groups: dict[str, list[tuple[str, TensorEntry]]] = {}
     for name, entry in tensors.items():

@@ -10,9 +10,11 @@ neither takes the directory's writer lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from trainhooks import errors
 from trainhooks.checkpoint import format as checkpoint_format
@@ -58,20 +60,31 @@ def restore_checkpoint(
         reader = checkpoint_format.open_checkpoint(prefix)
     except errors.NotFoundError:  # deleted since the check above
         raise ValueError("The passed save_path is not a valid checkpoint: " + prefix) from None
-    with reader:
-        reader.verify()
+    with reader, ThreadPoolExecutor(1, thread_name_prefix="trainhooks-verify") as pool:
+        # Checksums (threads that release the GIL) run while the state is checked against
+        # the tree; nothing is written before they pass (restore_state's before_apply).
+        verified = pool.submit(reader.verify)
         saved_tree = reader.tree
         if not isinstance(saved_tree, Mapping):
+            verified.result()
             raise errors.DataLossError(f"Checkpoint {prefix}: the manifest holds no state tree")
 
         def get_tensor(name: str) -> TensorData:
+            verified.result()  # tensor_data would checksum on its own otherwise
             try:
                 return reader.tensor_data(name)
             except errors.NotFoundError:
                 raise KeyError(name) from None
 
         state = var_list.state_of(session)
-        tree.restore_state(state, saved_tree, get_tensor, strict=strict)
+        tree.restore_state(
+            state,
+            saved_tree,
+            get_tensor,
+            strict=strict,
+            locate=functools.partial(reader.locate, unchecked=True),
+            before_apply=verified.result,
+        )
         var_list.write_back(session, state)
         session.global_step = reader.global_step
 

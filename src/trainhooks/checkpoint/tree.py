@@ -38,9 +38,10 @@ import numpy as np
 from trainhooks import errors
 from trainhooks.checkpoint.adapters import ArrayAdapter, array_adapter_for
 from trainhooks.checkpoint.adapters import python as pyvalues
-from trainhooks.checkpoint.adapters.numpy import NumpyAdapter, numpy_code
+from trainhooks.checkpoint.adapters.numpy import NumpyAdapter
+from trainhooks.checkpoint.columns import GATHER_DTYPES, Source, TensorColumns
 from trainhooks.checkpoint.manifest import paused_gc
-from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.tensor import TensorData
 from trainhooks.checkpoint.tree_nodes import (
     ARRAY,
     DICT,
@@ -59,7 +60,7 @@ from trainhooks.checkpoint.tree_nodes import (
     pure,
     render,
 )
-from trainhooks.checkpoint.tree_restore import Restorer
+from trainhooks.checkpoint.tree_restore import Locate, Restorer
 
 __all__ = [
     "RESERVED_NAMES",
@@ -79,10 +80,6 @@ TREE_VERSION = 2
 NUMPY = NumpyAdapter()
 
 
-def _tensor_data(fields: tuple[str, tuple[int, ...], memoryview]) -> TensorData:
-    return tuple.__new__(TensorData, fields)  # TensorData(...) without its Python-level __new__
-
-
 #: top-level state keys the format uses itself.
 RESERVED_NAMES = frozenset({"global_step"})
 
@@ -90,10 +87,13 @@ RESERVED_NAMES = frozenset({"global_step"})
 class FlatState(NamedTuple):
     """A state as the format writes it: named tensors and the JSON tree that nests them.
 
-    Buffers alias the state's arrays where possible (see :func:`flatten_state`).
+    ``tensors`` maps names to ``TensorData``; :func:`flatten_state` returns it as
+    :class:`~trainhooks.checkpoint.columns.TensorColumns`, which keeps plain NumPy
+    arrays as they are (read when written) and builds a ``TensorData`` only when one is
+    looked up. Buffers alias the state's arrays where possible (see :func:`flatten_state`).
     """
 
-    tensors: dict[str, TensorData]
+    tensors: Mapping[str, TensorData]
     tree: dict[str, Any]
 
 
@@ -146,7 +146,8 @@ def flatten_state(
     with paused_gc():
         root = flattener.root(state)
     tree = {"version": TREE_VERSION, "frameworks": sorted(flattener.frameworks), "root": root}
-    return FlatState(flattener.tensors, tree)
+    f = flattener
+    return FlatState(TensorColumns(f.names, f.codes, f.shapes, f.sources), tree)
 
 
 def check_state(state: Mapping[str, Any]) -> None:
@@ -172,6 +173,9 @@ def restore_state(
     tree: Mapping[str, Any],
     get_tensor: Callable[[str], TensorData],
     strict: bool = True,
+    *,
+    locate: Locate | None = None,
+    before_apply: Callable[[], None] | None = None,
 ) -> list[Mismatch]:
     """Restore a flattened state into ``state``'s objects, in place.
 
@@ -186,6 +190,12 @@ def restore_state(
       get_tensor: returns the ``TensorData`` saved under a name; raises KeyError for an
         unknown name. Buffers are only read during this call.
       strict: False restores what matches and skips the rest.
+      locate: optional, ``format.MappedCheckpoint.locate``: where each tensor's checked
+        bytes lie; plain NumPy arrays are then copied straight from there (much faster
+        for many small arrays than a ``TensorData`` each).
+      before_apply: called once everything is checked and before anything is written
+        (also before a mismatch is raised); an exception it raises stops the restore.
+        ``restore.py`` waits here for the checksum pass it ran alongside the checks.
 
     Returns:
       The entries that were skipped (empty when ``strict``); they are also logged.
@@ -209,9 +219,11 @@ def restore_state(
             f"Unsupported state tree (version {tree.get('version')!r}); this version of "
             f"trainhooks reads version {TREE_VERSION}."
         )
-    restorer = Restorer(get_tensor)
+    restorer = Restorer(get_tensor, locate)
     with paused_gc():
         restorer.plan(state, tree["root"])
+    if before_apply is not None:
+        before_apply()
     if strict and restorer.problems:
         raise StateMismatchError(restorer.problems)
     with paused_gc():
@@ -235,12 +247,20 @@ class _Flattener:
         self.collect = collect
         self.copy = copy
         self.host_copy = host_copy
-        self.tensors: dict[str, TensorData] = {}
+        # The tensors, as columns (see columns.py); names are kept even without collect,
+        # to find two values saved under one name once the walk is done.
+        self.names: list[str] = []
+        self.codes: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.sources: list[Source] = []
         self.frameworks: set[str] = set()
-        self._names: set[str] = set()  # to catch two values saved under one name
         self._state: Mapping[str, Any] = {}
-        self.find: str | None = None  # set by _path_of: stop at the value named so
+        self.find: str | None = None  # set by _paths_of: stop at the values named so
+        self._found: list[Path] = []
         self._leaves: dict[tuple[str, str, tuple[int, ...]], list[Any]] = {}
+        # Plain host NumPy arrays are kept as they are (columns.TensorColumns); a snapshot
+        # (copy) or a per-leaf copy (host_copy) needs the general path.
+        self._plain = not copy and host_copy is None
 
     def root(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state, Mapping):
@@ -251,7 +271,16 @@ class _Flattener:
                 "step under it); the session tracks the step itself, so rename this entry."
             )
         self._state = state
-        return self.node(dict(state), ROOT, "")
+        root = self.node(dict(state), ROOT, "")
+        if self.find is None and len(set(self.names)) != len(self.names):
+            seen: set[str] = set()
+            name = next(n for n in self.names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+            first, second = self._paths_of(name)
+            raise ValueError(
+                f"{second} and {first} would both be saved as tensor {name!r} (names join "
+                "keys with '/'): rename one of the keys."
+            )
+        return root
 
     def node(self, value: Any, path: Path, name: str) -> Any:
         if type(value) is np.ndarray:
@@ -260,21 +289,7 @@ class _Flattener:
         if kind is ARRAY:
             return self.leaf(array_adapter_for(value), value, path, name)  # type: ignore[arg-type]
         if kind is DICT:
-            keys, values = [], []
-            for key, child in value.items():
-                if type(key) is str:
-                    keys.append(key)
-                    child_name = f"{name}/{key}" if name else key
-                elif isinstance(key, pyvalues.DICT_KEY_TYPES):
-                    keys.append(pyvalues.encode_key(key))
-                    child_name = f"{name}/{key}" if name else str(key)
-                else:
-                    raise TypeError(
-                        f"{render(path)} has a key of unsupported type {type(key).__qualname__} "
-                        f"({key!r}): pass a dict with str, int, float, bool or None keys."
-                    )
-                values.append(self.node(child, (path, KEY, key), child_name))
-            return {"dict": keys, "values": values}
+            return self.dict_node(value, path, name)
         if kind is SEQUENCE:
             tag = "list" if isinstance(value, list) else "tuple"
             return {
@@ -301,46 +316,72 @@ class _Flattener:
             f"{render(path)} has unsupported type {type(value).__qualname__}: {SUPPORTED}."
         )
 
+    def dict_node(self, value: Mapping[Any, Any], path: Path, name: str) -> dict[str, Any]:
+        keys: list[Any] = []
+        values: list[Any] = []
+        prefix = f"{name}/" if name else ""
+        # The common case (a str key holding a plain NumPy array) inline: a state of 100k
+        # arrays spends its flatten time here.
+        plain, ndarray, codes_of, leaves = self._plain, np.ndarray, GATHER_DTYPES, self._leaves
+        names, codes, shapes, sources = self.names, self.codes, self.shapes, self.sources
+        for key, child in value.items():
+            if plain and type(child) is ndarray and type(key) is str:
+                code = codes_of.get(child.dtype)
+                if code is not None:
+                    shape = child.shape
+                    node = leaves.get(("numpy", code, shape))
+                    if node is None:
+                        node = leaves["numpy", code, shape] = ["numpy", code, list(shape)]
+                        self.frameworks.add("numpy")
+                    keys.append(key)
+                    values.append(node)
+                    names.append(prefix + key)
+                    codes.append(code)
+                    shapes.append(shape)
+                    sources.append(child)
+                    continue
+            if type(key) is str:
+                keys.append(key)
+                child_name = prefix + key
+            elif isinstance(key, pyvalues.DICT_KEY_TYPES):
+                keys.append(pyvalues.encode_key(key))
+                child_name = f"{name}/{key}" if name else str(key)
+            else:
+                raise TypeError(
+                    f"{render(path)} has a key of unsupported type {type(key).__qualname__} "
+                    f"({key!r}): pass a dict with str, int, float, bool or None keys."
+                )
+            values.append(self.node(child, (path, KEY, key), child_name))
+        return {"dict": keys, "values": values}
+
     def ndarray_leaf(self, value: np.ndarray[Any, Any], path: Path, name: str) -> list[Any]:
-        """:meth:`leaf` for a plain NumPy array: the common case, in as few steps as possible."""
-        try:
-            code = numpy_code(value.dtype)
-        except TypeError:
-            return self.leaf(NUMPY, value, path, name)  # raises, naming the path
-        if (
-            self.copy
-            or self.host_copy is not None
-            or not value.ndim
-            or code not in DTYPE_ITEMSIZE
-            or value.dtype.byteorder == ">"
-            or not value.flags.c_contiguous
-            or name in self._names  # raises the collision error
-            or self.find is not None
-        ):
+        """:meth:`leaf` for a plain NumPy array: kept as it is (``columns.TensorColumns``)."""
+        code = GATHER_DTYPES.get(value.dtype)
+        if code is None or not self._plain or self.find is not None:
             return self.leaf(NUMPY, value, path, name)
         shape = value.shape
-        if self.collect:
-            try:
-                self.tensors[name] = _tensor_data((code, shape, value.data.cast("B")))
-            except (TypeError, ValueError):  # a dtype without a buffer format
-                return self.leaf(NUMPY, value, path, name)
-        self._names.add(name)
-        self.frameworks.add("numpy")
+        self.names.append(name)
+        self.codes.append(code)
+        self.shapes.append(shape)
+        self.sources.append(value)
         key = ("numpy", code, shape)
         node = self._leaves.get(key)
         if node is None:
             node = self._leaves[key] = ["numpy", code, list(shape)]
+            self.frameworks.add("numpy")
         return node
 
-    def _path_of(self, name: str) -> str:
-        """The path of the first value saved as ``name`` (walks the state again: errors only)."""
+    def _paths_of(self, name: str) -> tuple[str, str]:
+        """The paths of the first two values saved as ``name`` (walks the state again)."""
         finder = _Flattener(collect=False, copy=False, host_copy=None)
         finder.find = name
+        finder._plain = False  # every array through leaf(), which records the paths
         try:
             finder.root(self._state)
-        except _Found as found:
-            return render(found.path)
-        return "another entry"
+        except _Found:
+            pass
+        found = [render(p) for p in finder._found] + ["another entry"] * 2
+        return found[0], found[1]
 
     def leaf(self, adapter: ArrayAdapter, value: Any, path: Path, name: str) -> list[Any]:
         try:
@@ -348,20 +389,19 @@ class _Flattener:
         except TypeError as e:
             raise TypeError(f"{render(path)} {e}.") from None
         if name == self.find:
-            raise _Found(path)
-        if name in self._names:
-            raise ValueError(
-                f"{render(path)} and {self._path_of(name)} would both be saved as tensor "
-                f"{name!r} (names join keys with '/'): rename one of the keys."
-            )
-        self._names.add(name)
+            self._found.append(path)
+            if len(self._found) == 2:
+                raise _Found()
         framework = adapter.framework
         self.frameworks.add(framework)
+        self.names.append(name)
         if self.collect:
             data = None if self.host_copy is None else self.host_copy(name, value)
             if data is None:
                 data = adapter.to_tensor_data(value, copy=self.copy)
-            self.tensors[name] = data
+            self.codes.append(data.dtype)
+            self.shapes.append(data.shape)
+            self.sources.append(data)
         if spec.scalar or spec.device not in (None, "cpu"):
             return [framework, spec.dtype, list(spec.shape), spec.device, spec.scalar]
         key = (framework, spec.dtype, spec.shape)
@@ -372,8 +412,4 @@ class _Flattener:
 
 
 class _Found(Exception):
-    """Raised by a :class:`_Flattener` with ``find`` set, at the value it was looking for."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
+    """Raised by a :class:`_Flattener` with ``find`` set, at the second value so named."""

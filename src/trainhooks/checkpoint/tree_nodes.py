@@ -181,6 +181,11 @@ def dict_items(node: Mapping[str, Any]) -> list[tuple[Any, Any]]:
     keys, values = node.get("dict"), node.get("values")
     if type(keys) is not list or type(values) is not list or len(keys) != len(values):
         raise MalformedTree("a dict node's keys and values do not pair up")
+    if not keys or set(map(type, keys)) == {str}:  # the common case, in C
+        items = list(zip(keys, values))
+        if len(set(keys)) != len(items):
+            raise MalformedTree("a dict node repeats a key")
+        return items
     try:
         items = [(pyvalues.decode_key(k), v) for k, v in zip(keys, values)]
     except (KeyError, TypeError, ValueError):

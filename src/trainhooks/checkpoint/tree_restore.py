@@ -30,9 +30,9 @@ from trainhooks.checkpoint.adapters import (
     stateful_adapter_for,
 )
 from trainhooks.checkpoint.adapters import python as pyvalues
-from trainhooks.checkpoint.adapters.numpy import numpy_code
+from trainhooks.checkpoint.columns import GATHER_DTYPES
 from trainhooks.checkpoint.dtypes import storage_spec
-from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.tensor import TensorData
 from trainhooks.checkpoint.tree_nodes import (
     ARRAY,
     DICT,
@@ -82,15 +82,28 @@ def _rebuild_tuple(old: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
 Replacement = Callable[[], Any]
 
 
-class Restorer:
-    """Plans a restore (checking everything) with :meth:`plan`, then writes with :meth:`apply`."""
+#: ``locate(name) -> (dtype code, shape, source, start, end)``: where a tensor's checked
+#: bytes lie in a uint8 array (``format.MappedCheckpoint.locate``); KeyError if absent.
+Locate = Callable[[str], tuple[str, tuple[int, ...], np.ndarray, int, int]]
 
-    def __init__(self, get_tensor: Callable[[str], TensorData]) -> None:
+
+class Restorer:
+    """Plans a restore (checking everything) with :meth:`plan`, then writes with :meth:`apply`.
+
+    With ``locate``, plain NumPy arrays are restored straight from the source arrays it
+    names (no ``TensorData`` per tensor); everything else goes through ``get_tensor``.
+    """
+
+    def __init__(
+        self, get_tensor: Callable[[str], TensorData], locate: Locate | None = None
+    ) -> None:
         self.get_tensor = get_tensor
+        self.locate = locate
         self.problems: list[Mismatch] = []
         self._data: dict[str, TensorData | None] = {}
         self._host_copies: list[tuple[np.ndarray[Any, Any], TensorData]] = []
         self._small_copies: list[tuple[np.ndarray[Any, Any], memoryview]] = []
+        self._located: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]] = []
         self._actions: list[Callable[[], None]] = []
 
     def problem(self, path: Path, text: str) -> None:
@@ -103,6 +116,8 @@ class Restorer:
 
     def apply(self) -> None:
         """Write everything planned: host copies (batched), then the rest in order."""
+        _copy_located(self._located)
+        self._located = []  # 100k tuples: freed before the collector is back on
         for target, buffer in self._small_copies:
             target.data.cast("B")[:] = buffer
         copies = self._host_copies
@@ -209,29 +224,34 @@ class Restorer:
         if type(node) is not list or len(node) != 3 or name in self._data:
             return False
         _, dtype, shape = node
-        try:
-            code = numpy_code(target.dtype)
-        except TypeError:
+        code = GATHER_DTYPES.get(target.dtype)  # native byte order, stored as it is
+        if code is None or code != dtype or type(shape) is not list:
             return False
-        if (
-            code != dtype
-            or code not in DTYPE_ITEMSIZE
-            or type(shape) is not list
-            or list(target.shape) != shape
-            or not target.flags.writeable
-            or not target.flags.c_contiguous
-            or target.dtype.byteorder == ">"
-        ):
+        tshape = target.shape
+        if len(shape) != len(tshape) or list(tshape) != shape or not target.flags.writeable:
             return False
+        if self.locate is not None:
+            try:
+                saved_code, saved_shape, source, start, end = self.locate(name)
+            except (KeyError, errors.NotFoundError):
+                return False
+            if saved_code != code or saved_shape != tshape:
+                return False
+            self._located.append((target, source, start, end))
+            return True
         try:
             data = self.get_tensor(name)
         except (KeyError, errors.NotFoundError):
             return False
         buffer = data.buffer
-        if data.dtype != code or data.shape != target.shape or buffer.nbytes != target.nbytes:
+        if data.dtype != code or data.shape != tshape or buffer.nbytes != target.nbytes:
             return False
         self._data[name] = data
-        if target.nbytes >= _PARALLEL_COPY_BYTES or not target.ndim:
+        if (
+            target.nbytes >= _PARALLEL_COPY_BYTES
+            or not target.ndim
+            or not target.flags.c_contiguous
+        ):
             self._host_copies.append((target.reshape(-1).view(np.uint8), data))
         else:
             self._small_copies.append((target, buffer))
@@ -276,16 +296,36 @@ class Restorer:
             self.problem(path, f"is a dict, the checkpoint has {describe(node)}")
             return
         saved = dict(dict_items(node))
-        ndarray = np.ndarray
+        ndarray, codes_of, locate, located = np.ndarray, GATHER_DTYPES, self.locate, self._located
+        prefix = f"{name}/" if name else ""
         for key, value in target.items():
-            child_path = (path, KEY, key)
             child = saved.get(key, saved)  # saved itself: a sentinel no node can be
             if child is saved:
-                self.problem(child_path, "is missing from the checkpoint")
+                self.problem((path, KEY, key), "is missing from the checkpoint")
                 continue
-            child_name = f"{name}/{key}" if name else str(key)
-            if type(value) is ndarray and self._plan_ndarray(value, child, child_name):
-                continue
+            child_name = prefix + key if type(key) is str else f"{prefix}{key}"
+            if type(value) is ndarray:
+                # _plan_ndarray inline for the common case (a state of 100k arrays spends
+                # its restore here): an exact match, copied straight from the checkpoint.
+                if (
+                    locate is not None
+                    and type(child) is list
+                    and len(child) == 3
+                    and codes_of.get(value.dtype) == child[1]
+                    and child[2] == list(value.shape)
+                    and value.flags.writeable
+                ):
+                    try:
+                        code, shape, source, start, end = locate(child_name)
+                    except (KeyError, errors.NotFoundError):
+                        pass
+                    else:
+                        if code == child[1] and shape == value.shape:
+                            located.append((value, source, start, end))
+                            continue
+                elif self._plan_ndarray(value, child, child_name):
+                    continue
+            child_path = (path, KEY, key)
             replace = self._restore(value, child, child_path, child_name)
             if replace is not None:
                 self._actions.append(_setter(target, key, value, replace))
@@ -362,6 +402,40 @@ class Restorer:
             return pyvalues.decode_value(dict(node))
         except (KeyError, TypeError, ValueError) as e:
             raise MalformedTree(f"a value node {str(node)[:80]} is malformed ({e})") from None
+
+
+def _copy_located(jobs: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]]) -> None:
+    """Copy ``source[start:end]`` into each target; large ones on a few threads."""
+    large = []
+    source_of = dtype_of = typed = None
+    for job in jobs:
+        target, source, start, end = job
+        if end - start >= _PARALLEL_COPY_BYTES:
+            large.append(job)
+            continue
+        dtype = target.dtype
+        k = dtype.itemsize
+        if source is not source_of or dtype is not dtype_of:  # one typed view per run
+            source_of, dtype_of = source, dtype
+            typed = source[: source.size - source.size % k].view(dtype)
+        # Not aligned in the file (only a foreign layout): a view of the bytes as they lie.
+        chunk = source[start:end].view(dtype) if start % k else typed[start // k : end // k]  # type: ignore[index]
+        if target.ndim == 1:
+            target[...] = chunk
+        else:
+            target[...] = chunk.reshape(target.shape)
+    if len(large) > 1:
+        workers = min(len(large), os.cpu_count() or 1, 8)
+        with ThreadPoolExecutor(workers, thread_name_prefix="trainhooks-restore") as pool:
+            list(pool.map(_copy_large, large))
+    else:
+        for job in large:
+            _copy_large(job)
+
+
+def _copy_large(job: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]) -> None:
+    target, source, start, end = job
+    np.copyto(target, source[start:end].view(target.dtype).reshape(target.shape))  # no GIL
 
 
 def _copy(job: tuple[np.ndarray[Any, Any], TensorData]) -> None:
