@@ -221,11 +221,6 @@ def test_symlinked_checkpoint_directory_is_not_restored(ckpt: Path) -> None:
         Saver().restore_latest(Session({"w": np.zeros((3, 4)), "b": np.zeros(2)}), str(run))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs Saver.restore_latest to skip listed checkpoints outside checkpoint_dir "
-    "(checkpoint/saver.py; see the report)",
-)
 @pytest.mark.parametrize("form", ["absolute", "relative"])
 def test_state_file_naming_a_checkpoint_outside_the_directory(ckpt: Path, form: str) -> None:
     run, outside = ckpt.parent, ckpt.parent.parent / "outside"

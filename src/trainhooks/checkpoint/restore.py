@@ -97,8 +97,9 @@ def restore_latest_checkpoint(
     """Restore the newest checkpoint listed in ``checkpoint_dir`` that verifies.
 
     Candidates are the state file's latest checkpoint, then the others it lists, newest
-    first. One that is missing or fails verification is skipped; a WARNING names every
-    skipped one and why.
+    first. One that is missing, fails verification, or lies outside ``checkpoint_dir``
+    (the state file names an absolute or ``..`` path, or a symlink leads out) is
+    skipped; a WARNING names every skipped one and why.
 
     Args:
       restore: restores one prefix (``Saver.restore`` bound to the session).
@@ -124,7 +125,15 @@ def restore_latest_checkpoint(
     candidates = [newest, *(p for p in reversed(ckpt.all_model_checkpoint_paths) if p != newest)]
     skipped: list[str] = []
     missing_only = True
+    root = os.path.realpath(checkpoint_dir)
     for prefix in candidates:
+        if not _inside(root, prefix):
+            # A state file is data, not authority: it must not make us read elsewhere.
+            skipped.append(
+                f"{prefix} (outside {checkpoint_dir}: a state file may only name checkpoints "
+                "in its own directory; pass the path to Saver.restore to restore it)"
+            )
+            continue
         try:
             restore(prefix)
         except errors.DataLossError as e:
@@ -144,7 +153,17 @@ def restore_latest_checkpoint(
             )
         return prefix, list(ckpt.all_model_checkpoint_paths)
     if missing_only:
-        raise ValueError("The passed save_path is not a valid checkpoint: " + newest)
+        raise ValueError(
+            "The passed save_path is not a valid checkpoint: "
+            + newest
+            + "; skipped: "
+            + "; ".join(skipped)
+        )
     raise errors.DataLossError(
         f"No checkpoint listed in {checkpoint_dir} could be restored: " + "; ".join(skipped)
     )
+
+
+def _inside(root: str, prefix: str) -> bool:
+    """True if ``prefix`` resolves (symlinks followed) to a path inside directory ``root``."""
+    return os.path.commonpath([root, os.path.realpath(prefix)]) == root
