@@ -95,6 +95,13 @@ def _start(directory: str, mode: str) -> subprocess.Popen[str]:
     )
 
 
+def _wait_for_step(proc: subprocess.Popen[str], step: int) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1]) >= step:
+            return
+
+
 def _kill_at_random(
     proc: subprocess.Popen[str],
     rng: random.Random,
@@ -115,6 +122,10 @@ def _kill_at_random(
                 raise AssertionError(f"training process did not start: {line!r}\n{err}")
             if line.split()[-1] != "leftovers=0":
                 result.leftovers_seen_at_start += 1
+            # Wait until two more steps are done (in both modes that means at least one
+            # more committed save), so that every kill after start-up lands in steady
+            # training and the loop makes progress however slow the machine is.
+            _wait_for_step(proc, int(line.split()[1]) + 2)
             time.sleep(rng.uniform(0.0, max_delay_secs))
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -139,7 +150,8 @@ def crash_loop(
       mode: ``"mts"`` (synchronous saves through MonitoredTrainingSession) or
         ``"async"`` (background saves).
       seed: seeds the kill moments.
-      max_delay_secs: a kill lands uniformly in this window after the ``ready`` line.
+      max_delay_secs: a kill lands uniformly in this window, after start-up and two more
+        completed steps.
       early_kill_fraction: the fraction of kills that land during start-up instead
         (imports, restore, leftover removal, the first save).
     """

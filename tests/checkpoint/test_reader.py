@@ -6,6 +6,8 @@ import json
 import os
 import random
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -121,16 +123,38 @@ def test_reading_is_lazy_one_tensor_costs_one_tensor(tmp_path: Path) -> None:
             reader.get_tensor("large")
 
 
-def test_dtypes_numpy_lacks_come_back_through_torch(tmp_path: Path) -> None:
+def _save_bf16(prefix: Path) -> torch.Tensor:
     bf16 = torch.randn(3, 2).to(torch.bfloat16)
     raw = bf16.reshape(-1).view(torch.uint8).numpy()
     write_checkpoint(
-        tmp_path / "m",
-        Flat({"w": TensorData("BF16", (3, 2), memoryview(raw))}, None),
-        global_step=0,
+        prefix, Flat({"w": TensorData("BF16", (3, 2), memoryview(raw))}, None), global_step=0
     )
+    return bf16
+
+
+def test_dtypes_numpy_lacks_come_back_as_ml_dtypes_arrays(tmp_path: Path) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = _save_bf16(tmp_path / "m")
     value = load_variable(tmp_path / "m", "w")
-    assert isinstance(value, torch.Tensor) and torch.equal(value, bf16)
+    assert isinstance(value, np.ndarray) and value.dtype == ml_dtypes.bfloat16
+    assert value.tobytes() == bf16.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_without_ml_dtypes_they_come_back_through_torch(tmp_path: Path) -> None:
+    bf16 = _save_bf16(tmp_path / "m")
+    child = (
+        "import sys; sys.modules['ml_dtypes'] = None\n"
+        "import torch\n"
+        "from trainhooks import load_variable\n"
+        "v = load_variable(sys.argv[1], 'w')\n"
+        "assert isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16, type(v)\n"
+        "print(v.reshape(-1).view(torch.uint8).numpy().tobytes().hex())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "m")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == bf16.reshape(-1).view(torch.uint8).numpy().tobytes().hex()
 
 
 # --- corruption ------------------------------------------------------------------------
