@@ -56,9 +56,9 @@ _EXPORTS: dict[str, str] = {
     "FeedFnHook": "trainhooks.hooks.basic",
     "SummarySaverHook": "trainhooks.hooks.summary",
     "ProfilerHook": "trainhooks.hooks.profiler",
-    "BackupListener": "trainhooks.hooks.listeners",
-    "EvaluationListener": "trainhooks.hooks.listeners",
-    "KeepBestListener": "trainhooks.hooks.listeners",
+    "BackupListener": "trainhooks.hooks.listeners.backup",
+    "EvaluationListener": "trainhooks.hooks.listeners.evaluation",
+    "KeepBestListener": "trainhooks.hooks.listeners.keep_best",
     # checkpoints
     "Saver": "trainhooks.checkpoint.saver",
     "latest_checkpoint": "trainhooks.checkpoint.state_file",
@@ -113,7 +113,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         StopAtStepHook,
     )
     from trainhooks.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
-    from trainhooks.hooks.listeners import BackupListener, EvaluationListener, KeepBestListener
+    from trainhooks.hooks.listeners.backup import BackupListener
+    from trainhooks.hooks.listeners.evaluation import EvaluationListener
+    from trainhooks.hooks.listeners.keep_best import KeepBestListener
     from trainhooks.hooks.profiler import ProfilerHook
     from trainhooks.hooks.summary import SummarySaverHook
     from trainhooks.hooks.tensors import (

@@ -26,10 +26,10 @@ from trainhooks.checkpoint.format import open_checkpoint
 from trainhooks.checkpoint.manifest import (
     MANIFEST_NAME,
     FileEntry,
-    decode_manifest,
     seal_manifest,
     tensors_by_file,
 )
+from trainhooks.checkpoint.manifest_decode import decode_manifest
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE
 from trainhooks.session.session import Session

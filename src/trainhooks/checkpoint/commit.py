@@ -21,16 +21,12 @@ checkpoints, which :func:`remove_leftovers` deletes on the next start.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import secrets
-import struct
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from trainhooks._clock import Clock, wall_clock
 from trainhooks.checkpoint.columns import TensorColumns
@@ -40,21 +36,19 @@ from trainhooks.checkpoint.datafile import (
     plan_files,
     write_data_file,
 )
+from trainhooks.checkpoint.flat_check import FlatStateLike, check_flat
+from trainhooks.checkpoint.gc_pause import paused_gc
 from trainhooks.checkpoint.manifest import (
-    GLOBAL_STEP_NAME,
     MANIFEST_NAME,
     FileEntry,
     Manifest,
     encode_json,
     encode_manifest,
-    paused_gc,
 )
 from trainhooks.checkpoint.storage import LocalStorage, Storage
-from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
 from trainhooks.errors import NotFoundError
 
 __all__ = [
-    "FlatStateLike",
     "delete_checkpoint",
     "is_checkpoint",
     "remove_leftovers",
@@ -65,16 +59,6 @@ logger = logging.getLogger(__name__)
 
 _LEFTOVER = re.compile(r"(?P<prefix>.+)\.(?P<kind>tmp|old)-[0-9a-f]{12}")
 _CHECKPOINT_ENTRY = re.compile(r"manifest\.json|data-\d{5,}-of-\d{5,}\.safetensors")
-
-
-class FlatStateLike(Protocol):
-    """What :func:`write_checkpoint` needs of ``tree.FlatState``."""
-
-    @property
-    def tensors(self) -> Mapping[str, TensorData]: ...
-
-    @property
-    def tree(self) -> Any: ...
 
 
 def _sibling(prefix: str, kind: str) -> str:
@@ -103,68 +87,6 @@ def is_checkpoint(prefix: str | os.PathLike[str]) -> bool:
         and not os.path.islink(prefix)
         and os.path.isfile(os.path.join(prefix, MANIFEST_NAME))
     )
-
-
-def _check_flat(flat: FlatStateLike, global_step: int) -> TensorColumns:
-    """``flat.tensors`` as columns, the global step first; raises for what cannot be written."""
-    if not isinstance(global_step, int) or isinstance(global_step, bool):
-        raise TypeError(f"global_step must be an int, got {global_step!r}")
-    if not -(2**63) <= global_step < 2**63:
-        raise ValueError(f"global_step {global_step} does not fit in 64 bits")
-    columns = TensorColumns.from_mapping(flat.tensors)
-    names = columns.names
-    unique = set(names)
-    if len(unique) != len(names):
-        raise ValueError(
-            f"{len(names) - len(unique)} tensor names repeat; every tensor needs its own name"
-        )
-    for name in unique.intersection((GLOBAL_STEP_NAME, "__metadata__", "")):
-        _refuse(name, columns[name])
-    itemsizes, prod = DTYPE_ITEMSIZE, math.prod
-    for name, code, source in zip(names, columns.codes, columns.sources):
-        if type(source) is np.ndarray:
-            continue  # flatten_state's own: a dtype in GATHER_DTYPES with its code and shape
-        t: TensorData = source  # type: ignore[assignment]
-        itemsize = itemsizes.get(t.dtype) if type(t.dtype) is str else None
-        if (
-            type(name) is not str
-            or itemsize is None
-            or t.dtype != code
-            or t.buffer.nbytes != itemsize * prod(t.shape)
-            or not t.buffer.c_contiguous
-        ):
-            _refuse(name, t)
-    step = TensorData("I64", (), memoryview(struct.pack("<q", global_step)))
-    return TensorColumns(
-        [GLOBAL_STEP_NAME, *names],
-        ["I64", *columns.codes],
-        [(), *columns.shapes],
-        [step, *columns.sources],
-    )
-
-
-def _refuse(name: object, t: TensorData) -> None:
-    """Raise the error that says why ``flat.tensors[name]`` cannot be written."""
-    if name == GLOBAL_STEP_NAME:
-        raise ValueError(
-            f"the tensor name {GLOBAL_STEP_NAME!r} is reserved for the global step; "
-            "pass the step as global_step= and rename the tensor"
-        )
-    if not isinstance(name, str) or not name or name == "__metadata__":
-        raise ValueError(
-            f"tensor names must be non-empty strings other than '__metadata__' "
-            f"(reserved by safetensors), got {name!r}"
-        )
-    if t.dtype not in DTYPE_ITEMSIZE:
-        raise ValueError(
-            f"tensor {name!r}: unknown dtype code {t.dtype!r}; use one of {sorted(DTYPE_ITEMSIZE)}"
-        )
-    if t.buffer.nbytes != t.nbytes:
-        raise ValueError(
-            f"tensor {name!r}: buffer holds {t.buffer.nbytes} bytes, but shape {t.shape} "
-            f"of {t.dtype} needs {t.nbytes}"
-        )
-    raise ValueError(f"tensor {name!r}: buffer is not C-contiguous")
 
 
 def write_checkpoint(
@@ -212,7 +134,7 @@ def write_checkpoint(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     with paused_gc():
-        tensors = _check_flat(flat, global_step)
+        tensors = check_flat(flat, global_step)
         user_metadata = dict(metadata or {})
         encode_json(user_metadata, "metadata")  # fail before writing anything
         tree_json = encode_json(flat.tree, "the state tree")

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from trainhooks.checkpoint.columns import TensorColumns
+from trainhooks.checkpoint.gc_pause import paused_gc
 from trainhooks.checkpoint.manifest import (
     Chunk,
     FileEntry,
     TensorEntry,
     checksum,
-    paused_gc,
     plan_chunks,
 )
 from trainhooks.checkpoint.storage import Storage

@@ -8,9 +8,9 @@
 
 :func:`write_checkpoint` (``commit.py``) runs the crash-safe commit protocol;
 :func:`open_checkpoint` checks the manifest and every data file's size and header,
-memory-maps the files and returns a :class:`MappedCheckpoint` whose tensors are
-checksummed before they are handed out. The manifest schema is in ``manifest.py``,
-the data files in ``datafile.py``.
+memory-maps the files and returns a :class:`MappedCheckpoint` (``mapped_checkpoint.py``)
+whose tensors are checksummed before they are handed out. The manifest schema is in
+``manifest.py`` (read back by ``manifest_decode.py``), the data files in ``datafile.py``.
 
 Threat model (a checkpoint may come from anywhere): file names are plain basenames
 opened relative to the checkpoint directory without following symlinks; header
@@ -23,16 +23,8 @@ modified in place by trainhooks.
 
 from __future__ import annotations
 
-import difflib
-import mmap
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
-from typing import Any
-
-import numpy as np
-import xxhash
 
 from trainhooks.checkpoint.commit import (
     delete_checkpoint,
@@ -41,19 +33,10 @@ from trainhooks.checkpoint.commit import (
     write_checkpoint,
 )
 from trainhooks.checkpoint.datafile import verify_header
-from trainhooks.checkpoint.manifest import (
-    GLOBAL_STEP_NAME,
-    MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
-    Chunk,
-    Manifest,
-    TensorEntry,
-    TensorIndex,
-    checksum,
-    decode_manifest,
-    paused_gc,
-)
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.gc_pause import paused_gc
+from trainhooks.checkpoint.manifest import GLOBAL_STEP_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES
+from trainhooks.checkpoint.manifest_decode import decode_manifest
+from trainhooks.checkpoint.mapped_checkpoint import MappedCheckpoint
 from trainhooks.errors import DataLossError, NotFoundError
 
 __all__ = [
@@ -68,255 +51,9 @@ __all__ = [
 
 # A re-save swaps the directory under a reader; it then starts over on the new one.
 _OPEN_ATTEMPTS = 3
-# verify() reads each file through a buffer of this size (small enough to stay in cache).
-_READ_CHUNK = 2**20
-_FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", 2)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-
-
-class MappedCheckpoint:
-    """A checkpoint opened by :func:`open_checkpoint`: manifest plus memory-mapped data files.
-
-    The manifest and every file's size and header were checked on opening. Tensor
-    bytes are checksummed on first access (:meth:`tensor_data`) or all at once
-    (:meth:`verify`); nothing unchecked is ever returned. Close it (or use ``with``)
-    to unmap the files; memoryviews handed out keep their mapping alive.
-
-    Example:
-        >>> with open_checkpoint("ckpt/model.ckpt-200") as ckpt:  # doctest: +SKIP
-        ...     ckpt.verify()
-        ...     w = ckpt.tensor_data("model/weight")
-    """
-
-    def __init__(self, prefix: str, manifest: Manifest) -> None:
-        self.prefix = prefix
-        self.manifest = manifest
-        self._maps: dict[str, mmap.mmap] = {}
-        self._fds: dict[str, int] = {}
-        self._views: dict[str, memoryview] = {}
-        self._verified: set[tuple[str, int]] = set()  # (file, chunk index)
-        self._all_verified = False
-        self._arrays: dict[str, np.ndarray[Any, Any]] = {}
-        tensors = manifest.tensors
-        self._index = (
-            tensors if isinstance(tensors, TensorIndex) else TensorIndex(manifest.files, {})
-        )
-        self._single = next(iter(manifest.files.items())) if len(manifest.files) == 1 else None
-        self._single_index = self._index.positions
-        self._single_array: np.ndarray[Any, Any] | None = None
-
-    def _map(self, file: str, fd: int, size: int) -> mmap.mmap:
-        """Map the open data file ``fd``; the mapping and fd now belong to this object."""
-        self._fds[file] = fd
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        self._maps[file] = mapped
-        self._views[file] = memoryview(mapped)
-        return mapped
-
-    @property
-    def global_step(self) -> int:
-        """The global step the checkpoint was saved at."""
-        return self.manifest.global_step
-
-    @property
-    def wall_time(self) -> float:
-        """When the checkpoint was written (seconds since the epoch)."""
-        return self.manifest.wall_time
-
-    @property
-    def tree(self) -> object:
-        """The state's structure as ``tree.flatten_state`` described it (JSON)."""
-        return self.manifest.tree
-
-    @property
-    def metadata(self) -> dict[str, object]:
-        """The user metadata passed to ``write_checkpoint``."""
-        return self.manifest.metadata
-
-    @property
-    def names(self) -> list[str]:
-        """Every tensor name, ``"global_step"`` included, sorted."""
-        return sorted(self.manifest.tensors)
-
-    def entry(self, name: str) -> TensorEntry:
-        """The manifest entry of tensor ``name``.
-
-        Raises:
-          NotFoundError: no tensor ``name``; the message lists close names.
-        """
-        entry = self.manifest.tensors.get(name)
-        if entry is None:
-            close = difflib.get_close_matches(name, self.manifest.tensors, n=3)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise NotFoundError(f"Key {name} not found in checkpoint {self.prefix}.{hint}")
-        return entry
-
-    def tensor_data(self, name: str) -> TensorData:
-        """Tensor ``name`` as a read-only view of the mapped file, checksummed first.
-
-        The checksum covers the run of tensors stored with it (``manifest.py``); once
-        checked, the run is not checked again.
-
-        Raises:
-          NotFoundError: no tensor ``name``.
-          DataLossError: its bytes do not match the manifest's checksum.
-        """
-        entry = self.manifest.tensors.get(name) or self.entry(name)
-        if not self._all_verified and (entry.file, entry.chunk) not in self._verified:
-            chunk = self.manifest.files[entry.file].chunks[entry.chunk]
-            self._check(
-                entry.file, entry.chunk, checksum(self._views[entry.file][chunk.start : chunk.end])
-            )
-        return TensorData(
-            entry.dtype, entry.shape, self._views[entry.file][entry.start : entry.end]
-        )
-
-    def locate(
-        self, name: str, *, unchecked: bool = False
-    ) -> tuple[str, tuple[int, ...], np.ndarray[Any, Any], int, int]:
-        """Where tensor ``name``'s checked bytes lie: ``(dtype code, shape, file, start, end)``.
-
-        ``file`` is the whole mapped data file as a read-only uint8 array; the tensor is
-        ``file[start:end]``. Its checksum run is checked first, like :meth:`tensor_data`
-        (nothing after :meth:`verify`); no per-tensor view is made, so restoring 100k
-        tensors copies straight from the mapping. ``unchecked=True`` skips the checksum:
-        only for a caller that reads the bytes after its own :meth:`verify` returned.
-
-        Raises:
-          KeyError: no tensor ``name``.
-          DataLossError: its bytes do not match the manifest's checksum.
-        """
-        if self._single is not None:  # one data file: no search for the file
-            fname, entry = self._single
-            i = self._single_index[name]
-            if (self._all_verified or unchecked) and self._single_array is not None:
-                return (
-                    entry.dtypes[i],
-                    entry.shapes[i],
-                    self._single_array,
-                    entry.offsets[i],
-                    entry.offsets[i + 1],
-                )
-        else:
-            fname, entry, i = self._index.locate(name)
-        if not (self._all_verified or unchecked):
-            found = self.manifest.tensors[name]
-            if (fname, found.chunk) not in self._verified:
-                self.tensor_data(name)
-        array = self._arrays.get(fname)
-        if array is None:
-            array = self._arrays[fname] = np.frombuffer(self._maps[fname], np.uint8)
-            if self._single is not None:
-                self._single_array = array
-        return entry.dtypes[i], entry.shapes[i], array, entry.offsets[i], entry.offsets[i + 1]
-
-    def _check(self, file: str, index: int, actual: str) -> None:
-        chunk = self.manifest.files[file].chunks[index]
-        if actual != chunk.checksum:
-            names = self.manifest.files[file].names[chunk.first : chunk.first + chunk.tensor_count]
-            which = (
-                f"tensor {names[0]!r}"
-                if len(names) == 1
-                else f"one of the {len(names)} tensors checksummed together: "
-                + ", ".join(repr(n) for n in names[:5])
-                + (", ..." if len(names) > 5 else "")
-            )
-            raise DataLossError(
-                f"Checkpoint {self.prefix}: file {file}: {which}: checksum mismatch "
-                f"(manifest {chunk.checksum}, data {actual}, bytes [{chunk.start}, "
-                f"{chunk.end})); the data is corrupt"
-            )
-        self._verified.add((file, index))
-
-    def verify(self, num_threads: int | None = None) -> None:
-        """Checksum every tensor, one thread per data file (at most ``num_threads``).
-
-        Each file is read with large sequential reads into a small scratch buffer and
-        checksummed from there (no page faults on the mapping, one pass over memory),
-        which also leaves it in the page cache for the copies that follow.
-
-        Raises:
-          DataLossError: naming the checkpoint, file and tensor of the first mismatch.
-        """
-        files = self.manifest.files
-        threads = num_threads or min(len(files), os.cpu_count() or 1)
-
-        def verify_file(file: str) -> None:
-            chunks = files[file].chunks
-            todo = [i for i in range(len(chunks)) if (file, i) not in self._verified]
-            digests = _read_and_checksum(self._fds[file], [chunks[i] for i in todo])
-            for index, digest in zip(todo, digests):
-                self._check(file, index, digest)
-
-        if threads <= 1 or len(files) <= 1:
-            for file in files:
-                verify_file(file)
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-verify") as pool:
-                for future in [pool.submit(verify_file, file) for file in files]:
-                    future.result()
-        self._all_verified = True
-
-    def close(self) -> None:
-        """Unmap the data files (those still viewed stay mapped until the views go)."""
-        self._arrays = {}
-        self._single_array = None
-        for view in self._views.values():
-            view.release()
-        self._views = {}
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:
-                pass  # a TensorData handed out still uses it; freed with it
-        self._maps = {}
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __enter__(self) -> MappedCheckpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"MappedCheckpoint({self.prefix!r}, global_step={self.global_step}, "
-            f"tensors={len(self.manifest.tensors)}, files={len(self.manifest.files)})"
-        )
-
-
-def _read_and_checksum(fd: int, chunks: list[Chunk]) -> list[str]:
-    """The checksum of each byte range in ``chunks`` (in file order), read with ``preadv``.
-
-    Reads go through a buffer of ``_READ_CHUNK`` bytes that stays in the CPU cache for
-    the checksum; runs that are adjacent are read as one stream.
-    """
-    scratch = bytearray(_READ_CHUNK)
-    view = memoryview(scratch)
-    digests = []
-    if hasattr(os, "posix_fadvise") and chunks:
-        os.posix_fadvise(fd, chunks[0].start, chunks[-1].end - chunks[0].start, _FADV_SEQUENTIAL)
-    for chunk in chunks:
-        hasher = xxhash.xxh3_128()
-        position = chunk.start
-        while position < chunk.end:
-            want = min(len(scratch), chunk.end - position)
-            done = os.preadv(fd, [view[:want]], position)
-            if done <= 0:
-                break  # truncated under us: the checksum will not match
-            hasher.update(view[:done])
-            position += done
-        digests.append(hasher.hexdigest())
-    return digests
 
 
 def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
@@ -414,7 +151,7 @@ def _open_at(prefix: str, dir_fd: int) -> MappedCheckpoint:
                     f"{size} bytes, the manifest says {entry.size}; it is "
                     f"{'truncated' if size < entry.size else 'extended'}"
                 )
-            mapped = ckpt._map(file, fd, size)
+            mapped = ckpt.map_file(file, fd, size)
             with paused_gc():
                 verify_header(mapped, size, entry, fail)
         step = int.from_bytes(ckpt.tensor_data(GLOBAL_STEP_NAME).buffer, "little", signed=True)

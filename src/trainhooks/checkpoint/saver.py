@@ -12,29 +12,29 @@ lock until :meth:`Saver.close`, so a second process saving into the directory fa
 once with ``CheckpointDirLockedError``. Restores never take it.
 
 Restoring lives in ``checkpoint/restore.py``, ``var_list`` handling in
-``checkpoint/var_list.py``, names in ``checkpoint/naming.py`` and the directory claims
-in ``checkpoint/directories.py``, and writing a snapshot in ``checkpoint/save_job.py``.
+``checkpoint/var_list.py``, names in ``checkpoint/naming.py``, the directory claims in
+``checkpoint/directories.py``, and taking and writing a snapshot in
+``checkpoint/save_job.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainhooks._clock import Clock, wall_clock
-from trainhooks.checkpoint import tree
 from trainhooks.checkpoint.background import BackgroundWriter
 from trainhooks.checkpoint.directories import (
     DirectoryClaims,
     track_background_writer,
     wait_for_saves_into,
 )
-from trainhooks.checkpoint.naming import checked_latest_filename, checkpoint_name
 from trainhooks.checkpoint.restore import restore_checkpoint, restore_latest_checkpoint
 from trainhooks.checkpoint.retention import Retention
-from trainhooks.checkpoint.save_job import CommittedSave, SaveJob, write_and_record
+from trainhooks.checkpoint.save_job import CommittedSave, SaveJob, take_snapshot, write_and_record
 from trainhooks.checkpoint.snapshot import SnapshotPool
 from trainhooks.checkpoint.storage import Storage
 from trainhooks.checkpoint.var_list import StateHolder, VarList
@@ -115,6 +115,14 @@ class Saver:
         self._pool = SnapshotPool()
         self._writer: BackgroundWriter[CommittedSave] = BackgroundWriter()
         self._directories = DirectoryClaims()
+        # Names the checkpoint and flattens the state: the part of a save on this thread.
+        self._snapshot = functools.partial(
+            take_snapshot,
+            var_list=self._var_list,
+            filename=filename,
+            pad_step_number=self._pad_step_number,
+            directories=self._directories,
+        )
         if self._async_save:
             track_background_writer(self._writer)
 
@@ -224,14 +232,16 @@ class Saver:
             '/tmp/run/model.ckpt-200'
         """
         if not self._async_save:
-            pending = self._snapshot(session, save_path, global_step, latest_filename, write_state)
+            pending = self._snapshot(
+                session, save_path, global_step, latest_filename, write_state, pool=None
+            )
             if pending is None:
                 return None
             self._write_and_record(pending)
             return pending.prefix
         self._writer.wait()  # one save in flight at most; its buffers are reused below
         pending = self._snapshot(
-            session, save_path, global_step, latest_filename, write_state, copy=True
+            session, save_path, global_step, latest_filename, write_state, pool=self._pool
         )
         if pending is None:
             return None
@@ -293,47 +303,6 @@ class Saver:
         finally:
             self._pool.clear()
             self._directories.release_all()
-
-    def _snapshot(
-        self,
-        session: StateHolder,
-        save_path: str | os.PathLike[str] | None,
-        global_step: int | None,
-        latest_filename: str | None,
-        write_state: bool,
-        *,
-        copy: bool = False,
-    ) -> SaveJob | None:
-        """Name the checkpoint and flatten the state: the part on the training thread.
-
-        With ``copy=False`` the buffers alias the live arrays, so the job must be
-        written before training continues. A background save passes ``copy=True``: the
-        tensors are copied into the saver's :class:`SnapshotPool` (a snapshot the loop
-        may run on from) and the job is written elsewhere, one at a time.
-        """
-        latest_filename = checked_latest_filename(latest_filename)
-        if save_path is None:
-            save_path = self._filename
-        if save_path is None:
-            raise ValueError(
-                "save_path is None and the Saver has no filename: pass the checkpoint "
-                "prefix, e.g. 'ckpt/model.ckpt'."
-            )
-        save_path = os.fspath(save_path)
-        prefix = checkpoint_name(
-            save_path, global_step, latest_filename, pad_step_number=self._pad_step_number
-        )
-        if self._var_list.is_empty:
-            return None
-        save_dir = os.path.dirname(save_path)
-        if not os.path.isdir(save_dir or os.curdir):
-            raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
-        self._directories.claim(save_dir or os.curdir)
-        state = self._var_list.state_of(session)
-        flat = self._pool.take(state) if copy else tree.flatten_state(state)
-        return SaveJob(
-            prefix, save_dir, latest_filename, write_state, int(session.global_step), flat
-        )
 
     def _write_and_record(self, job: SaveJob) -> CommittedSave:
         return write_and_record(

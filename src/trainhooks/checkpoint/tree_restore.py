@@ -5,7 +5,7 @@ it collects every :class:`Mismatch` and, for the entries that match, what to do:
 copies into the user's memory, ``load_state_dict`` calls, values to replace in their
 containers. Nothing is written until :meth:`Restorer.apply`, which ``tree.restore_state``
 calls only when the plan found no problem (or ``strict=False``). Copies into host
-memory run in one batch, the large ones on a few threads.
+memory run in one batch, the large ones on a few threads (``host_copies.py``).
 
 Paths for messages (``state['model'].state_dict()['weight']``) are built only when a
 message needs one: during the walk a path is a chain of tuples (:data:`Path`).
@@ -13,10 +13,8 @@ message needs one: during the walk a path is a chain of tuples (:data:`Path`).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +30,7 @@ from trainhooks.checkpoint.adapters import (
 from trainhooks.checkpoint.adapters import python as pyvalues
 from trainhooks.checkpoint.columns import GATHER_DTYPES
 from trainhooks.checkpoint.dtypes import storage_spec
+from trainhooks.checkpoint.host_copies import PARALLEL_COPY_BYTES, HostCopies
 from trainhooks.checkpoint.tensor import TensorData
 from trainhooks.checkpoint.tree_nodes import (
     ARRAY,
@@ -60,9 +59,6 @@ from trainhooks.checkpoint.tree_nodes import (
 )
 
 __all__ = ["Restorer"]
-
-# Copies of at least this many bytes run on the copy threads.
-_PARALLEL_COPY_BYTES = 4 * 2**20
 
 
 def _child_name(name: str, key: object) -> str:
@@ -101,9 +97,7 @@ class Restorer:
         self.locate = locate
         self.problems: list[Mismatch] = []
         self._data: dict[str, TensorData | None] = {}
-        self._host_copies: list[tuple[np.ndarray[Any, Any], TensorData]] = []
-        self._small_copies: list[tuple[np.ndarray[Any, Any], memoryview]] = []
-        self._located: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]] = []
+        self._copies = HostCopies()
         self._actions: list[Callable[[], None]] = []
 
     def problem(self, path: Path, text: str) -> None:
@@ -116,22 +110,7 @@ class Restorer:
 
     def apply(self) -> None:
         """Write everything planned: host copies (batched), then the rest in order."""
-        _copy_located(self._located)
-        self._located = []  # 100k tuples: freed before the collector is back on
-        for target, buffer in self._small_copies:
-            target.data.cast("B")[:] = buffer
-        copies = self._host_copies
-        large = [c for c in copies if c[0].nbytes >= _PARALLEL_COPY_BYTES]
-        for dst, data in copies:
-            if dst.nbytes < _PARALLEL_COPY_BYTES:
-                dst[:] = np.frombuffer(data.buffer, np.uint8)
-        if len(large) > 1:
-            workers = min(len(large), os.cpu_count() or 1, 8)
-            with ThreadPoolExecutor(workers, thread_name_prefix="trainhooks-restore") as pool:
-                list(pool.map(_copy, large))
-        else:
-            for job in large:
-                _copy(job)
+        self._copies.run()
         for action in self._actions:
             action()
 
@@ -214,7 +193,7 @@ class Restorer:
             return None
         view = adapter.host_view(target)
         if view is not None:
-            self._host_copies.append((view, data))
+            self._copies.host.append((view, data))
             return None
         return lambda: adapter.restore(target, data, want)
 
@@ -237,8 +216,12 @@ class Restorer:
                 return False
             if saved_code != code or saved_shape != tshape:
                 return False
-            self._located.append((target, source, start, end))
+            self._copies.located.append((target, source, start, end))
             return True
+        if not target.flags.c_contiguous:
+            # A flat uint8 view of strided memory would be a copy (or impossible): the
+            # general path copies through the adapter instead.
+            return False
         try:
             data = self.get_tensor(name)
         except (KeyError, errors.NotFoundError):
@@ -247,14 +230,11 @@ class Restorer:
         if data.dtype != code or data.shape != tshape or buffer.nbytes != target.nbytes:
             return False
         self._data[name] = data
-        if (
-            target.nbytes >= _PARALLEL_COPY_BYTES
-            or not target.ndim
-            or not target.flags.c_contiguous
-        ):
-            self._host_copies.append((target.reshape(-1).view(np.uint8), data))
+        # A byte memoryview (the small-copy path) of a 0-d or empty array cannot be cast.
+        if target.nbytes >= PARALLEL_COPY_BYTES or not target.ndim or not target.nbytes:
+            self._copies.host.append((target.reshape(-1).view(np.uint8), data))
         else:
-            self._small_copies.append((target, buffer))
+            self._copies.small.append((target, buffer))
         return True
 
     def _restore_object(self, target: Any, node: Any, path: Path, name: str) -> None:
@@ -296,7 +276,8 @@ class Restorer:
             self.problem(path, f"is a dict, the checkpoint has {describe(node)}")
             return
         saved = dict(dict_items(node))
-        ndarray, codes_of, locate, located = np.ndarray, GATHER_DTYPES, self.locate, self._located
+        ndarray, codes_of, locate = np.ndarray, GATHER_DTYPES, self.locate
+        located = self._copies.located
         prefix = f"{name}/" if name else ""
         for key, value in target.items():
             child = saved.get(key, saved)  # saved itself: a sentinel no node can be
@@ -402,45 +383,6 @@ class Restorer:
             return pyvalues.decode_value(dict(node))
         except (KeyError, TypeError, ValueError) as e:
             raise MalformedTree(f"a value node {str(node)[:80]} is malformed ({e})") from None
-
-
-def _copy_located(jobs: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]]) -> None:
-    """Copy ``source[start:end]`` into each target; large ones on a few threads."""
-    large = []
-    source_of = dtype_of = typed = None
-    for job in jobs:
-        target, source, start, end = job
-        if end - start >= _PARALLEL_COPY_BYTES:
-            large.append(job)
-            continue
-        dtype = target.dtype
-        k = dtype.itemsize
-        if source is not source_of or dtype is not dtype_of:  # one typed view per run
-            source_of, dtype_of = source, dtype
-            typed = source[: source.size - source.size % k].view(dtype)
-        # Not aligned in the file (only a foreign layout): a view of the bytes as they lie.
-        chunk = source[start:end].view(dtype) if start % k else typed[start // k : end // k]  # type: ignore[index]
-        if target.ndim == 1:
-            target[...] = chunk
-        else:
-            target[...] = chunk.reshape(target.shape)
-    if len(large) > 1:
-        workers = min(len(large), os.cpu_count() or 1, 8)
-        with ThreadPoolExecutor(workers, thread_name_prefix="trainhooks-restore") as pool:
-            list(pool.map(_copy_large, large))
-    else:
-        for job in large:
-            _copy_large(job)
-
-
-def _copy_large(job: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]) -> None:
-    target, source, start, end = job
-    np.copyto(target, source[start:end].view(target.dtype).reshape(target.shape))  # no GIL
-
-
-def _copy(job: tuple[np.ndarray[Any, Any], TensorData]) -> None:
-    dst, data = job
-    dst[:] = np.frombuffer(data.buffer, np.uint8)  # releases the GIL
 
 
 def _setter(container: Any, key: Any, old: Any, replace: Replacement) -> Callable[[], None]:

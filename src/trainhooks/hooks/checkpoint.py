@@ -12,9 +12,9 @@ saving the second half runs right after the first. With background saving (DESIG
 a saver with ``async_save``) ``Saver.save`` returns once the state is copied, and the
 hook delivers the second half on the training thread at the first step boundary (the
 start of ``before_run``, the end of ``after_run``) after ``Saver.poll_committed``
-reports the commit; before the next save and in ``end`` it waits for it. Listeners
-therefore see the same calls in the same order as with synchronous saving, each
-``after_save`` for a committed checkpoint.
+reports the commit (``checkpoint_delivery.py``); before the next save and in ``end`` it
+waits for it. Listeners therefore see the same calls in the same order as with
+synchronous saving, each ``after_save`` for a committed checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 from trainhooks._clock import Clock, wall_clock
+from trainhooks.hooks.checkpoint_delivery import CommitDelivery
 from trainhooks.hooks.timers import SecondOrStepTimer
 from trainhooks.session.run_hook import SessionRunContext, SessionRunHook, SessionRunValues
 
@@ -114,14 +115,6 @@ class CheckpointSaverListener:
 
     def end(self, session: Session, global_step_value: int) -> None:
         """Called once at the end of the session, after the final save, with the last step."""
-
-
-class _InFlight(NamedTuple):
-    """A background save the hook started, whose ``after_save`` is still to come."""
-
-    prefix: str
-    step: int
-    can_stop: bool  # saved in after_run: a listener's stop request counts
 
 
 class _SaveSkipped(Exception):
@@ -228,7 +221,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._on_save_error = on_save_error
         self._listeners: list[CheckpointSaverListener] = list(listeners or [])
         self._last_checkpoint_path: str | None = None
-        self._in_flight: _InFlight | None = None
+        self._delivery = CommitDelivery()
         for listener in self._listeners:
             set_hook = getattr(listener, "set_hook", None)
             if set_hook is not None:
@@ -316,7 +309,7 @@ class CheckpointSaverHook(SessionRunHook):
         except _SaveSkipped:
             return False
         if checkpoint_path is not None and self._get_saver().async_save:
-            self._in_flight = _InFlight(checkpoint_path, step, can_stop=run_context is not None)
+            self._delivery.start(checkpoint_path, step, can_stop=run_context is not None)
             return False
         return self._after_commit(session, step, checkpoint_path)
 
@@ -358,32 +351,18 @@ class CheckpointSaverHook(SessionRunHook):
     ) -> None:
         """At a step boundary: ``after_save`` for the background save, once it committed.
 
-        With ``wait`` it blocks until the save in flight is done. A failed save is
-        raised here (or logged, with ``on_save_error="log"``). A stop requested by a
-        listener counts only for a save made in ``after_run`` and only where there is
-        a ``run_context`` to stop.
+        See :meth:`~trainhooks.hooks.checkpoint_delivery.CommitDelivery.deliver`; with
+        nothing in flight the saver is not even looked up.
         """
-        in_flight = self._in_flight
-        if in_flight is None:
-            return
-        saver = self._get_saver()
-        try:
-            if wait:
-                saver.wait()
-            committed = saver.poll_committed()
-        except Exception as e:
-            self._in_flight = None
-            if self._on_save_error == "raise":
-                raise
-            self._log_failed_save(in_flight.step, e)
-            return
-        for done in committed:
-            if done.prefix != in_flight.prefix:
-                continue  # a save someone else made with the same saver
-            self._in_flight = None
-            should_stop = self._after_commit(session, done.global_step, done.prefix)
-            if should_stop and in_flight.can_stop and run_context is not None:
-                run_context.request_stop()
+        if self._delivery.in_flight is not None:
+            self._delivery.deliver(
+                self._get_saver(),
+                session,
+                run_context,
+                after_commit=self._after_commit,
+                on_failure=None if self._on_save_error == "raise" else self._log_failed_save,
+                wait=wait,
+            )
 
     def _log_failed_save(self, step: int, error: Exception) -> None:
         logger.error(

@@ -1,0 +1,71 @@
+"""``BackupListener``: mirror every committed checkpoint into a second directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from trainhooks.checkpoint.state_file import get_checkpoint_state, update_checkpoint_state
+from trainhooks.hooks.listeners.durable import clean_leftovers, place_checkpoint
+from trainhooks.hooks.listeners.hook_bound import HookBoundListener
+from trainhooks.session.session import Session
+
+__all__ = ["BackupListener"]
+
+
+class BackupListener(HookBoundListener):
+    """Mirrors every committed checkpoint into ``backup_dir``, with its own state file.
+
+    After each save the checkpoint directory is copied into ``backup_dir`` (into a
+    temporary directory, every file fsynced, then renamed), then ``backup_dir/checkpoint``
+    is updated with :func:`~trainhooks.update_checkpoint_state`, so
+    ``latest_checkpoint(backup_dir)`` names the newest backup and a session can restore
+    from ``backup_dir`` as from the primary directory. Then, unless ``keep_all``, the
+    backups that the primary state file no longer lists are deleted, so the backup
+    keeps what the Saver's retention keeps. Only backups this listener listed are
+    ever deleted.
+
+    Args:
+      backup_dir: the second directory (e.g. on another disk or a mounted bucket).
+      keep_all: keep every backup instead of following the primary's retention.
+
+    Example:
+        >>> import trainhooks as th
+        >>> hook = th.CheckpointSaverHook(
+        ...     "/tmp/ckpt", save_steps=100, listeners=[th.BackupListener("/mnt/backup")])
+    """
+
+    def __init__(self, backup_dir: str | os.PathLike[str], *, keep_all: bool = False) -> None:
+        self.backup_dir = os.path.abspath(os.fspath(backup_dir))
+        self.keep_all = keep_all
+
+    def begin(self) -> None:
+        os.makedirs(self.backup_dir, exist_ok=True)
+        clean_leftovers(self.backup_dir)
+
+    def after_save(self, session: Session, global_step_value: int) -> None:
+        source = self._committed_checkpoint(global_step_value)
+        name = os.path.basename(source)
+        previous = self._listed(self.backup_dir)
+        place_checkpoint(source, os.path.join(self.backup_dir, name), hard_link=False)
+        wanted = previous if self.keep_all else self._listed(os.path.dirname(source))
+        names = [n for n in wanted if n != name and self._has_backup(n)] + [name]
+        update_checkpoint_state(
+            self.backup_dir,
+            os.path.join(self.backup_dir, name),
+            all_model_checkpoint_paths=[os.path.join(self.backup_dir, n) for n in names],
+        )
+        for stale in previous:
+            if stale not in names:
+                shutil.rmtree(os.path.join(self.backup_dir, stale), ignore_errors=True)
+        return None
+
+    def _has_backup(self, name: str) -> bool:
+        return os.path.isdir(os.path.join(self.backup_dir, name))
+
+    @staticmethod
+    def _listed(directory: str) -> list[str]:
+        state = get_checkpoint_state(directory)
+        if state is None:
+            return []
+        return [os.path.basename(p) for p in state.all_model_checkpoint_paths]
