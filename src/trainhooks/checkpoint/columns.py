@@ -153,7 +153,14 @@ class TensorColumns(Mapping[str, TensorData]):
         return position
 
     def __getitem__(self, name: str) -> TensorData:
-        i = self.index()[name]
+        try:
+            i = self.index()[name]
+        except KeyError:
+            near = sorted(n for n in self.names if n.split("/")[0] == name.split("/")[0])[:5]
+            hint = f"; tensors with the same top-level entry: {near}" if near else ""
+            raise KeyError(
+                f"no tensor {name!r} among the {len(self.names)} tensors of this state{hint}"
+            ) from None
         return TensorData(self.codes[i], self.shapes[i], self.bytes_of(i))
 
     def __iter__(self) -> Iterator[str]:
