@@ -22,7 +22,14 @@ Methods:
 * ``trainhooks_sync``, ``trainhooks_async``: ``Saver().save`` and
   ``Saver(async_save=True).save`` + ``wait``;
 * ``throughput``: with ``torch.set_num_threads(1)``, a small MLP trains on the main
-  thread; steps/s alone, then while a ``trainhooks_async`` save of the state runs.
+  thread; steps/s alone (before and after), then while a ``trainhooks_async`` save of
+  the state runs. Each run also records how much CPU other processes used meanwhile
+  (``others_cores``; on a shared machine a run above ~0.1 is disturbed) and the share
+  of the save's time the training thread spent on a CPU (``loop_cpu``).
+
+Ablations (for the README's table of what helps): ``--no-direct`` writes through the
+page cache (``LocalStorage(direct_io=False)``), ``--no-idle`` runs the background
+writer at normal priority.
 """
 
 from __future__ import annotations
@@ -144,13 +151,42 @@ def _dcp(state: dict[str, np.ndarray], args: argparse.Namespace, use_async: bool
         dist.destroy_process_group()
 
 
+def others_cpu_s() -> float:
+    """CPU seconds used so far by the other live processes (kernel threads excluded)."""
+    me, total = os.getpid(), 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[6]) & 0x00200000:  # PF_KTHREAD
+            continue
+        total += sum(int(v) for v in fields[11:15]) / tick  # own and reaped children's
+    return total
+
+
+def make_saver(args: argparse.Namespace, use_async: bool) -> Any:
+    """A Saver as a user gets it, or with one of the ablations the flags ask for."""
+    from trainhooks.checkpoint.background import BackgroundWriter
+    from trainhooks.checkpoint.saver import Saver
+    from trainhooks.checkpoint.storage import LocalStorage
+
+    storage = LocalStorage(direct_io=not args.no_direct)
+    saver = Saver(async_save=use_async, max_to_keep=2, storage=storage)
+    if args.no_idle:  # ablation only: Saver has no option for it
+        saver._writer = BackgroundWriter(idle_priority=False)
+    return saver
+
+
 def trainhooks_saves(
     state: dict[str, np.ndarray], args: argparse.Namespace, use_async: bool
 ) -> dict[str, Any]:
-    from trainhooks.checkpoint.saver import Saver
-
     holder = Holder(state)
-    saver = Saver(async_save=use_async, max_to_keep=2)
+    saver = make_saver(args, use_async)
     prefix = os.path.join(args.workdir, "model.ckpt")
 
     def one(i: int) -> Callable[[], None] | None:
@@ -166,8 +202,6 @@ def trainhooks_saves(
 def throughput(state: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
     """Steps/s of a one-thread MLP loop, alone and while a background save runs."""
     import torch
-
-    from trainhooks.checkpoint.saver import Saver
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -192,7 +226,7 @@ def throughput(state: dict[str, np.ndarray], args: argparse.Namespace) -> dict[s
     for _ in range(50):
         step()
     holder = Holder({"big": state, "model": model, "opt": opt})
-    saver = Saver(async_save=True, max_to_keep=2)
+    saver = make_saver(args, use_async=True)
     prefix = os.path.join(args.workdir, "model.ckpt")
     runs = []
     for i in range(args.repeat):
@@ -201,11 +235,13 @@ def throughput(state: dict[str, np.ndarray], args: argparse.Namespace) -> dict[s
         start = time.perf_counter()
         saver.save(holder, prefix, global_step=i)
         returned = time.perf_counter()
+        others, loop_cpu = others_cpu_s(), time.thread_time()
         steps = 0
         while saver.pending is not None:
             step()
             steps += 1
         end = time.perf_counter()
+        others, loop_cpu = others_cpu_s() - others, time.thread_time() - loop_cpu
         saver.wait()
         os.sync()
         after = alone(2.0)
@@ -219,6 +255,9 @@ def throughput(state: dict[str, np.ndarray], args: argparse.Namespace) -> dict[s
                 "ratio": during / base,
                 "ratio_with_stall": with_stall / base,
                 "save_s": end - start,
+                "stall_s": returned - start,
+                "others_cores": others / (end - returned),
+                "loop_cpu": loop_cpu / (end - returned),
             }
         )
     saver.close()
@@ -256,6 +295,8 @@ def main() -> None:
     p.add_argument("--tensors", type=int, default=100, help="tensors in the state")
     p.add_argument("--repeat", type=int, default=3, help="saves per method")
     p.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
+    p.add_argument("--no-direct", action="store_true", help="ablation: no O_DIRECT writes")
+    p.add_argument("--no-idle", action="store_true", help="ablation: writer at normal priority")
     args = p.parse_args()
     print(json.dumps(run(args.method, args)))
 

@@ -15,6 +15,10 @@ background saving:
 * its total at most 1.2x ``trainhooks_sync``;
 * a one-thread CPU training loop keeps at least 90% of its steps/s during the save.
 
+The machine's load average before and after goes into the JSON, and the throughput
+line says how many cores other processes used during the saves: on a shared machine,
+compare only quiet runs.
+
 Results go to ``benchmarks/results/<timestamp>.json`` with the machine they came from.
 """
 
@@ -99,6 +103,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
             "ratio_with_stall": median([r["ratio_with_stall"] for r in runs]),
             "alone_steps_per_s": median([r["alone_steps_per_s"] for r in runs]),
             "during_steps_per_s": median([r["during_steps_per_s"] for r in runs]),
+            "others_cores": median([r.get("others_cores", float("nan")) for r in runs]),
         }
     return {}
 
@@ -131,6 +136,7 @@ def main() -> int:
     args = p.parse_args()
     directory = args.dir or tempfile.gettempdir()
     info = machine(directory)
+    load_before = os.getloadavg()
     print(
         f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, disk {info['disk']}; "
         f"state {args.gib:g} GiB float32 in {args.tensors} tensors, {args.repeat} saves each"
@@ -149,7 +155,8 @@ def main() -> int:
             print(
                 f"{method:<18} {s['alone_steps_per_s']:.0f} steps/s alone, "
                 f"{s['during_steps_per_s']:.0f} during the save ({s['ratio']:.0%}; "
-                f"{s['ratio_with_stall']:.0%} counting the stall)",
+                f"{s['ratio_with_stall']:.0%} counting the stall; other processes used "
+                f"{s['others_cores']:.2f} cores meanwhile)",
                 flush=True,
             )
             continue
@@ -165,6 +172,7 @@ def main() -> int:
     record = {
         "machine": info,
         "config": {"gib": args.gib, "tensors": args.tensors, "repeat": args.repeat},
+        "loadavg": {"before": load_before, "after": os.getloadavg()},
         "summary": summary,
         "goals": [{"goal": g, "measured": m, "limit": lim, "met": ok} for g, m, lim, ok in checked],
         "raw": results,

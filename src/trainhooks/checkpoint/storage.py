@@ -18,11 +18,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["LocalFile", "LocalStorage", "Storage", "WritableFile"]
+from trainhooks.checkpoint.local_file import DIRECT_CHUNK_BYTES, LocalFile
 
-# Linux writes at most this many bytes per call and takes at most IOV_MAX buffers.
-_MAX_WRITE = 0x7FFFF000
-_IOV_MAX = 1024
+__all__ = ["DIRECT_CHUNK_BYTES", "LocalFile", "LocalStorage", "Storage", "WritableFile"]
 
 
 @runtime_checkable
@@ -89,43 +87,6 @@ class Storage(Protocol):
         ...
 
 
-class LocalFile:
-    """A file on the local disk, written with ``os.writev`` straight from the caller's buffers."""
-
-    def __init__(self, path: str) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        self.path = path
-        self._fd: int | None = os.open(path, flags, 0o644)
-
-    def _require_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"{self.path} is already closed")
-        return self._fd
-
-    def write(self, buffers: Sequence[memoryview | bytes]) -> None:
-        fd = self._require_fd()
-        views = [b if type(b) is memoryview else memoryview(b) for b in buffers]
-        while views:
-            batch = views[:_IOV_MAX]
-            written = os.writev(fd, batch) if len(batch) > 1 else os.write(fd, batch[0])
-            # Drop what went out; keep the unwritten tail of a short write.
-            done = 0
-            while done < len(batch) and written >= batch[done].nbytes:
-                written -= batch[done].nbytes
-                done += 1
-            if done < len(batch):
-                batch[done] = batch[done].cast("B")[written:]
-            views = batch[done:] + views[len(batch) :]
-
-    def fsync(self) -> None:
-        os.fsync(self._require_fd())
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-
 class LocalStorage:
     """The local file system, with an atomic directory swap where the kernel offers one.
 
@@ -133,11 +94,21 @@ class LocalStorage:
     ext4, xfs, btrfs, tmpfs). Elsewhere it returns False and the commit protocol falls
     back to renaming the old directory aside first (see ``commit.py``).
 
+    Args:
+      direct_io: let files larger than one chunk be written with ``O_DIRECT`` where
+        the disk allows it (see ``local_file.py`` for when); False writes every file
+        through the page cache.
+
     Example:
         >>> storage = LocalStorage()
         >>> storage.list_dir("/")  # doctest: +SKIP
         ['bin', 'etc', ...]
     """
+
+    direct_io = True  # a class default too: subclasses need not call __init__
+
+    def __init__(self, *, direct_io: bool = True) -> None:
+        self.direct_io = direct_io
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
@@ -149,7 +120,7 @@ class LocalStorage:
         os.mkdir(path)
 
     def create(self, path: str) -> LocalFile:
-        return LocalFile(path)
+        return LocalFile(path, direct=self.direct_io)
 
     def rename(self, src: str, dst: str) -> None:
         if os.path.lexists(dst):  # os.rename would silently replace an empty directory
