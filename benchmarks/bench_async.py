@@ -171,15 +171,12 @@ def others_cpu_s() -> float:
 
 def make_saver(args: argparse.Namespace, use_async: bool) -> Any:
     """A Saver as a user gets it, or with one of the ablations the flags ask for."""
-    from trainhooks.checkpoint.background import BackgroundWriter
     from trainhooks.checkpoint.saver import Saver
     from trainhooks.checkpoint.storage import LocalStorage
 
     storage = LocalStorage(direct_io=not args.no_direct)
-    saver = Saver(async_save=use_async, max_to_keep=2, storage=storage)
-    if args.no_idle:  # ablation only: Saver has no option for it
-        saver._writer = BackgroundWriter(idle_priority=False)
-    return saver
+    priority = "normal" if args.no_idle else "idle"
+    return Saver(async_save=use_async, max_to_keep=2, storage=storage, background_priority=priority)
 
 
 def trainhooks_saves(

@@ -146,3 +146,12 @@ def test_waiting_for_a_job_returns_its_threads_to_normal_priority() -> None:
     writer.wait()  # the job and its helper thread now run at normal priority
     assert writer.poll() == [(os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_OTHER)]
     writer.close()
+
+
+def test_saver_background_priority_option_is_checked_and_passed_on() -> None:
+    from trainhooks.checkpoint.saver import Saver
+
+    assert Saver(async_save=True)._writer._idle_priority is True
+    assert Saver(async_save=True, background_priority="normal")._writer._idle_priority is False
+    with pytest.raises(ValueError, match="background_priority must be 'idle' or 'normal'"):
+        Saver(background_priority="low")  # type: ignore[arg-type]

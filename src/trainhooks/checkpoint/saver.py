@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from trainhooks._clock import Clock, wall_clock
 from trainhooks.checkpoint.background import BackgroundWriter
@@ -67,6 +67,10 @@ class Saver:
         into reused host buffers and returns; writing, commit, state file and retention
         run on a background thread, one save at a time. See :meth:`wait`,
         :meth:`poll_committed` and :meth:`close`.
+      background_priority: ``"idle"`` (default) runs a background save's threads at
+        the lowest scheduling priority, so the training loop always preempts them
+        (they are raised again when :meth:`wait` or the next save waits for them);
+        ``"normal"`` lets them compete with training for the CPU.
       storage: the :class:`~trainhooks.checkpoint.storage.Storage` that checkpoint
         directories are written through (default: the local disk); the state file and
         retention's deletes always go to the local disk.
@@ -93,6 +97,7 @@ class Saver:
         allow_empty: bool = False,
         max_shard_bytes: int | None = None,
         async_save: bool = False,
+        background_priority: Literal["idle", "normal"] = "idle",
         storage: Storage | None = None,
         clock: Clock = wall_clock,
     ) -> None:
@@ -113,7 +118,13 @@ class Saver:
         self._storage = storage
         self._clock = clock
         self._pool = SnapshotPool()
-        self._writer: BackgroundWriter[CommittedSave] = BackgroundWriter()
+        if background_priority not in ("idle", "normal"):
+            raise ValueError(
+                f"background_priority must be 'idle' or 'normal', got {background_priority!r}."
+            )
+        self._writer: BackgroundWriter[CommittedSave] = BackgroundWriter(
+            idle_priority=background_priority == "idle"
+        )
         self._directories = DirectoryClaims()
         # Names the checkpoint and flattens the state: the part of a save on this thread.
         self._snapshot = functools.partial(
