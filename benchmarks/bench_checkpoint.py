@@ -322,6 +322,8 @@ def main() -> None:
     p.add_argument("--worker-state", help=argparse.SUPPRESS)
     p.add_argument("--worker-method", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)
     if args.worker_state:
         worker(args)
         return
