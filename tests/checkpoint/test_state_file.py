@@ -393,3 +393,14 @@ def test_a_state_file_write_killed_before_its_rename_leaves_only_a_leftover_that
     assert len(leftovers) == 1 and leftovers[0].startswith("checkpoint.tmp-")
     assert remove_leftovers(tmp_path) == [str(tmp_path / leftovers[0])]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_a_failed_state_file_write_names_the_file_and_keeps_errno(tmp_path: Path) -> None:
+    import errno
+
+    (tmp_path / "checkpoint").mkdir()  # the final rename cannot replace a directory
+    with pytest.raises(OSError) as info:
+        update_checkpoint_state(str(tmp_path), str(tmp_path / "model.ckpt-2"))
+    assert info.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+    assert f"checkpoint state file {tmp_path / 'checkpoint'}" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp file left

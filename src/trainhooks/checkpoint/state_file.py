@@ -214,11 +214,18 @@ def _atomic_write(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno is not None:
+            # Same errno (callers may test for ENOSPC), a message that names the file.
+            raise type(e)(
+                e.errno,
+                f"{e.strerror}: could not write the checkpoint state file {path}; the "
+                "previous state file is unchanged",
+            ) from e
         raise
     _fsync_dir(os.path.dirname(path) or os.curdir)
 
