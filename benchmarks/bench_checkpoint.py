@@ -204,7 +204,7 @@ def trainhooks_method(
     def restore() -> None:
         with open_checkpoint(f"{prefix}-100") as ckpt:
             ckpt.verify()
-            restore_state(state, ckpt.tree, ckpt.tensor_data, locate=ckpt.locate)  # type: ignore[arg-type]
+            restore_state(state, ckpt.tree, ckpt.tensor_data, locate=ckpt.locator())
 
     return save, restore
 

@@ -10,7 +10,6 @@ neither takes the directory's writer lock.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from trainhooks import errors
 from trainhooks.checkpoint import format as checkpoint_format
 from trainhooks.checkpoint import tree
+from trainhooks.checkpoint.gc_pause import paused_gc
 from trainhooks.checkpoint.state_file import checkpoint_exists, get_checkpoint_state
 from trainhooks.checkpoint.tensor import TensorData
 from trainhooks.checkpoint.var_list import StateHolder, VarList
@@ -56,6 +56,13 @@ def restore_checkpoint(
             "a prefix returned by Saver.save or latest_checkpoint."
         )
     logger.info("Restoring parameters from %s", prefix)
+    # The collector stays off until the manifest and the plan (~300k containers for 100k
+    # tensors, none of them garbage) are freed again: otherwise it walks them all once.
+    with paused_gc():
+        _restore(session, prefix, var_list, strict)
+
+
+def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool) -> None:
     try:
         reader = checkpoint_format.open_checkpoint(prefix)
     except errors.NotFoundError:  # deleted since the check above
@@ -82,7 +89,7 @@ def restore_checkpoint(
             saved_tree,
             get_tensor,
             strict=strict,
-            locate=functools.partial(reader.locate, unchecked=True),
+            locate=reader.locator(unchecked=True),
             before_apply=verified.result,
         )
         var_list.write_back(session, state)

@@ -30,7 +30,7 @@ from trainhooks.checkpoint.adapters import (
 from trainhooks.checkpoint.adapters import python as pyvalues
 from trainhooks.checkpoint.columns import GATHER_DTYPES
 from trainhooks.checkpoint.dtypes import storage_spec
-from trainhooks.checkpoint.host_copies import PARALLEL_COPY_BYTES, HostCopies
+from trainhooks.checkpoint.host_copies import PARALLEL_COPY_BYTES, HostCopies, plan_run
 from trainhooks.checkpoint.tensor import TensorData
 from trainhooks.checkpoint.tree_nodes import (
     ARRAY,
@@ -95,6 +95,7 @@ class Restorer:
     ) -> None:
         self.get_tensor = get_tensor
         self.locate = locate
+        self._locate_many = getattr(locate, "many", None)  # mapped_checkpoint.Locator
         self.problems: list[Mismatch] = []
         self._data: dict[str, TensorData | None] = {}
         self._copies = HostCopies()
@@ -275,10 +276,15 @@ class Restorer:
         if node_kind(node) != "dict":
             self.problem(path, f"is a dict, the checkpoint has {describe(node)}")
             return
+        prefix = f"{name}/" if name else ""
+        keys, values = node.get("dict"), node.get("values")
+        many = self._locate_many  # many plain arrays that match exactly: one run, in C loops
+        ok = many and len(target) > 1 and type(keys) is type(values) is list
+        if ok and plan_run(self._copies, target, keys, values, prefix, many):  # type: ignore[arg-type]
+            return
         saved = dict(dict_items(node))
         ndarray, codes_of, locate = np.ndarray, GATHER_DTYPES, self.locate
         located = self._copies.located
-        prefix = f"{name}/" if name else ""
         for key, value in target.items():
             child = saved.get(key, saved)  # saved itself: a sentinel no node can be
             if child is saved:
