@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from trainhooks.checkpoint.background import BackgroundWriter
 from trainhooks.checkpoint.format import open_checkpoint
@@ -412,3 +413,39 @@ def test_abrupt_exit_never_leaves_a_listed_partial_checkpoint(tmp_path: Path) ->
     saver.save(Session({"w": np.zeros(1)}), str(tmp_path / "other"), global_step=1)
     saver.close()
     assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+
+
+def _every_torch_dtype() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (6, 8), dtype=torch.uint8, generator=gen)
+    tensors = {}
+    for dtype in (
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.float16, torch.bfloat16, torch.float32, torch.float64,
+        torch.complex64, torch.complex128, torch.float8_e4m3fn, torch.float8_e5m2,
+    ):  # fmt: skip
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if dtype is torch.bool:
+            tensors[str(dtype)] = raw[:, :2] % 2 == 1
+        else:
+            tensors[str(dtype)] = raw.reshape(-1)[: 8 * itemsize].view(dtype).clone()
+    tensors["strided bf16"] = tensors["torch.bfloat16"].reshape(2, 4).t()  # a view of it
+    return tensors
+
+
+def test_every_torch_dtype_round_trips_through_a_background_save(tmp_path: Path) -> None:
+    state = _every_torch_dtype()
+    expected = {k: v.clone() for k, v in state.items()}
+    saver = Saver(async_save=True)
+    prefix = saver.save(Session(state), str(tmp_path / "model.ckpt"), global_step=1)
+    for v in state.values():  # the snapshot must not alias the state
+        if v.dtype is torch.bool:
+            v.fill_(False)
+        elif v.is_contiguous():  # (the strided view is zeroed through its base)
+            v.view(torch.uint8).zero_()
+    saver.wait()
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    Saver().restore(Session(target), prefix)
+    for k, v in expected.items():
+        assert target[k].dtype == v.dtype, k
+        assert target[k].contiguous().view(torch.uint8).equal(v.contiguous().view(torch.uint8)), k

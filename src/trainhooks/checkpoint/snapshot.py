@@ -22,7 +22,7 @@ is the per-leaf callback for a flatten that hands leaves to the pool (see
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -103,7 +103,10 @@ class SnapshotPool:
                 return self._copy_cuda(name, value)
             if value.device.type != "cpu":
                 return None
-            value = value.detach().resolve_conj().resolve_neg().numpy()
+            from trainhooks.checkpoint import dtypes
+
+            # Through torch's own byte view: .numpy() refuses bfloat16 and float8.
+            return self._copy_bytes(name, dtypes.torch_to_tensor_data(value))
         if not isinstance(value, np.ndarray):
             return None
         from trainhooks.checkpoint import dtypes
@@ -149,18 +152,3 @@ class SnapshotPool:
         entry[1].copy_(source, non_blocking=True)
         self._pending_device_copies = True
         return dtypes.torch_to_tensor_data(entry[1], copy=False)
-
-
-def _device_tensor_names(node: Any) -> Iterator[str]:
-    """Names of the tensors ``flatten_state`` copied off an accelerator (tree nodes)."""
-    if isinstance(node, Mapping):
-        if node.get("type") == "tensor":
-            device = node.get("device")
-            if device is not None and not str(device).startswith("cpu"):
-                yield str(node["name"])
-            return
-        for child in node.values():
-            yield from _device_tensor_names(child)
-    elif isinstance(node, list):
-        for child in node:
-            yield from _device_tensor_names(child)
