@@ -2,7 +2,7 @@
 """The project's two commands, each self-contained on a fresh machine.
 
     python3 dev.py demo    # train, checkpoint, crash with SIGKILL, resume (examples/demo.py)
-    python3 dev.py test    # lint (ruff), type-check (mypy) and the whole test suite (pytest)
+    python3 dev.py test    # lint (ruff), type-check (mypy), layering (import-linter), tests (pytest)
 
 Both create and fill ``.venv`` on first use (and refresh it when ``pyproject.toml``
 changes), so the only requirements are Python 3.10+ and pip. Extra arguments after
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
         [str(PYTHON), "-m", "ruff", "check", "src", "tests", "benchmarks", "examples", "tools"],
         [str(PYTHON), "-m", "ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "tools"],
         [str(PYTHON), "-m", "mypy"],
+        [str(BIN / "lint-imports")],  # the layering of src/trainhooks ([tool.importlinter])
         [str(PYTHON), "-m", "pytest", "-n", "2", *rest],
     ]
     for step in steps:

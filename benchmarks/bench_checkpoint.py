@@ -195,8 +195,9 @@ def trainhooks_method(
 
         return save, restore
 
-    from trainhooks.checkpoint.format import open_checkpoint, write_checkpoint
-    from trainhooks.checkpoint.tree import flatten_state, restore_state
+    from trainhooks.checkpoint.format.opening import open_checkpoint
+    from trainhooks.checkpoint.saving.write import write_checkpoint
+    from trainhooks.checkpoint.state.tree import flatten_state, restore_state
 
     def save() -> None:
         write_checkpoint(f"{prefix}-100", flatten_state(state), global_step=100)

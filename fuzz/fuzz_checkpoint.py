@@ -27,8 +27,8 @@ import numpy as np
 
 with atheris.instrument_imports(include=["trainhooks"]):
     from trainhooks import errors
-    from trainhooks.checkpoint.format import open_checkpoint
-    from trainhooks.checkpoint.manifest import MANIFEST_NAME, seal_manifest
+    from trainhooks.checkpoint.format.opening import open_checkpoint
+    from trainhooks.checkpoint.format.manifest import MANIFEST_NAME, seal_manifest
     from trainhooks.checkpoint.saver import Saver
     from trainhooks.session.session import Session
 

@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from trainhooks import errors
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.management.state_file import get_checkpoint_state, latest_checkpoint
 from trainhooks.checkpoint.reader import load_checkpoint
-from trainhooks.checkpoint.state_file import get_checkpoint_state, latest_checkpoint
 
 __all__ = ["main"]
 

@@ -79,9 +79,9 @@ CLEAN_STOP_ERRORS: tuple[type[BaseException], ...] = (OutOfRangeError, StopItera
 # Errors defined next to the code that raises them, re-exported here lazily (their modules
 # import this one): th.errors.CheckpointDirLockedError, th.errors.PreemptedError, ...
 _LAZY = {
-    "CheckpointDirLockedError": "trainhooks.checkpoint.lock",
+    "CheckpointDirLockedError": "trainhooks.checkpoint.storage.lock",
     "PreemptedError": "trainhooks.session.preemption",
-    "StateMismatchError": "trainhooks.checkpoint.tree",
+    "StateMismatchError": "trainhooks.checkpoint.state.tree",
 }
 __all__ += sorted(_LAZY)
 

@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_loop
 
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.management.state_file import get_checkpoint_state
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import get_checkpoint_state
 from trainhooks.session.session import Session
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_loop.py")

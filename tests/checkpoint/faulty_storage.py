@@ -1,6 +1,6 @@
 """A ``Storage`` for tests that fails, cuts short or stalls any single operation of a save.
 
-It wraps the real ``LocalStorage`` (``trainhooks.checkpoint.storage``): every call goes
+It wraps the real ``LocalStorage`` (``trainhooks.checkpoint.storage.base``): every call goes
 to the disk, except the one chosen by a :class:`Fault`, which instead
 
 * ``"enospc"`` / ``"eio"`` / ``"eacces"``: raises ``OSError`` with that errno and no file

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainhooks.checkpoint.background import BackgroundWriter
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.management.state_file import get_checkpoint_state, latest_checkpoint
 from trainhooks.checkpoint.saver import CommittedSave, Saver
-from trainhooks.checkpoint.snapshot import SnapshotPool
-from trainhooks.checkpoint.state_file import get_checkpoint_state, latest_checkpoint
+from trainhooks.checkpoint.saving.background import BackgroundWriter
+from trainhooks.checkpoint.saving.snapshot import SnapshotPool
 from trainhooks.session.session import Session
 
 ROOT = Path(__file__).resolve().parents[2]

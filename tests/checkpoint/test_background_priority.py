@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainhooks.checkpoint.background import BackgroundWriter, lower_thread_priority
 from trainhooks.checkpoint.saver import Saver
+from trainhooks.checkpoint.saving.background import BackgroundWriter, lower_thread_priority
 from trainhooks.checkpoint.storage import LocalFile, LocalStorage
 from trainhooks.session.session import Session
 

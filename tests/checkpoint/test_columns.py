@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainhooks.checkpoint.columns import TensorColumns
-from trainhooks.checkpoint.tensor import TensorData
-from trainhooks.checkpoint.tree import flatten_state
+from trainhooks.checkpoint.format.columns import TensorColumns
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.state.tree import flatten_state
 
 
 def raw(value: Any) -> bytes:

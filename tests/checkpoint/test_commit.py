@@ -16,15 +16,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
-from trainhooks.checkpoint.format import (
-    delete_checkpoint,
-    is_checkpoint,
-    open_checkpoint,
-    remove_leftovers,
-    write_checkpoint,
-)
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.saving.write import write_checkpoint
 from trainhooks.checkpoint.storage import LocalFile, LocalStorage, Storage
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.storage.commit import delete_checkpoint, is_checkpoint, remove_leftovers
 from trainhooks.errors import DataLossError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,9 +181,9 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import numpy as np
-    from trainhooks.checkpoint.format import write_checkpoint
+    from trainhooks.checkpoint.saving.write import write_checkpoint
     from trainhooks.checkpoint.storage import LocalFile, LocalStorage
-    from trainhooks.checkpoint.tensor import TensorData
+    from trainhooks.checkpoint.format.tensor import TensorData
 
     exchange, jobs = sys.argv[1] == "yes", json.loads(sys.argv[2])
     crash_at, ops = -1, 0

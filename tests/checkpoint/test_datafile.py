@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from trainhooks import errors
-from trainhooks.checkpoint.datafile import CHUNK_BYTES
-from trainhooks.checkpoint.format import open_checkpoint
-from trainhooks.checkpoint.manifest import Chunk, FileEntry
+from trainhooks.checkpoint.format.datafile import CHUNK_BYTES
+from trainhooks.checkpoint.format.manifest import Chunk, FileEntry
+from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.session.session import Session
 

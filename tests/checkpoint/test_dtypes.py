@@ -1,4 +1,4 @@
-"""checkpoint/dtypes.py: dtype codes and bit-exact array <-> TensorData conversions."""
+"""checkpoint/format/dtypes.py: dtype codes and bit-exact array <-> TensorData conversions."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from trainhooks.checkpoint import dtypes
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.format import dtypes
+from trainhooks.checkpoint.format.tensor import TensorData
 
 NUMPY_DTYPES = ["?", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8", "c8", "c16"]
 TORCH_DTYPES = [

@@ -23,11 +23,15 @@ import pytest
 from faulty_storage import Fault, FaultyStorage
 
 import trainhooks as th
-from trainhooks.checkpoint import tree
-from trainhooks.checkpoint.commit import is_checkpoint, remove_leftovers, write_checkpoint
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.management.state_file import (
+    get_checkpoint_state,
+    update_checkpoint_state,
+)
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import get_checkpoint_state, update_checkpoint_state
+from trainhooks.checkpoint.saving.write import write_checkpoint
+from trainhooks.checkpoint.state import tree
+from trainhooks.checkpoint.storage.commit import is_checkpoint, remove_leftovers
 from trainhooks.session.session import Session
 
 torch = pytest.importorskip("torch")

@@ -15,13 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from trainhooks.checkpoint.format import (
-    MANIFEST_NAME,
-    is_checkpoint,
-    open_checkpoint,
-    write_checkpoint,
-)
-from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.format.opening import MANIFEST_NAME, open_checkpoint
+from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.saving.write import write_checkpoint
+from trainhooks.checkpoint.storage.commit import is_checkpoint
 from trainhooks.errors import NotFoundError
 
 

@@ -21,17 +21,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainhooks import errors
-from trainhooks.checkpoint.datafile import check_header, read_header
-from trainhooks.checkpoint.format import open_checkpoint
-from trainhooks.checkpoint.manifest import (
+from trainhooks.checkpoint.format.datafile import check_header, read_header
+from trainhooks.checkpoint.format.manifest import (
     MANIFEST_NAME,
     FileEntry,
     seal_manifest,
     tensors_by_file,
 )
-from trainhooks.checkpoint.manifest_decode import decode_manifest
+from trainhooks.checkpoint.format.manifest_decode import decode_manifest
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.tensor import DTYPE_ITEMSIZE
 from trainhooks.session.session import Session
 
 EXAMPLES = 300

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.tree import StateMismatchError
+from trainhooks.checkpoint.state.tree import StateMismatchError
 from trainhooks.session.session import Session
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 
 from trainhooks import errors
-from trainhooks.checkpoint.format import open_checkpoint
-from trainhooks.checkpoint.manifest import MANIFEST_NAME, seal_manifest
+from trainhooks.checkpoint.format.manifest import MANIFEST_NAME, seal_manifest
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.management.state_file import get_checkpoint_state
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import get_checkpoint_state
 from trainhooks.session.session import Session
 
 DATA = "data-00000-of-00001.safetensors"

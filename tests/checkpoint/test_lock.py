@@ -15,18 +15,18 @@ import pytest
 
 import trainhooks as th
 from trainhooks import errors
-from trainhooks.checkpoint.lock import (
+from trainhooks.checkpoint.saver import Saver
+from trainhooks.checkpoint.storage.lock import (
     LOCK_FILE_NAME,
     CheckpointDirLockedError,
     acquire_writer_lock,
     lock_holder,
 )
-from trainhooks.checkpoint.saver import Saver
 from trainhooks.session.session import Session
 
 _HOLDER = """
 import sys
-from trainhooks.checkpoint.lock import acquire_writer_lock
+from trainhooks.checkpoint.storage.lock import acquire_writer_lock
 lock = acquire_writer_lock(sys.argv[1])
 print("held", flush=True)
 sys.stdin.readline()
@@ -115,8 +115,8 @@ def test_lock_is_shared_within_a_process_until_the_last_handle_goes(tmp_path: Pa
 
 def _try_lock_in_child(directory: Path) -> None:
     code = (
-        "import sys\nfrom trainhooks.checkpoint.lock import acquire_writer_lock\n"
-        "from trainhooks.checkpoint.lock import CheckpointDirLockedError\n"
+        "import sys\nfrom trainhooks.checkpoint.storage.lock import acquire_writer_lock\n"
+        "from trainhooks.checkpoint.storage.lock import CheckpointDirLockedError\n"
         "try:\n    acquire_writer_lock(sys.argv[1])\n"
         "except CheckpointDirLockedError as e:\n    print(e); sys.exit(3)\n"
     )
@@ -226,7 +226,7 @@ def test_a_release_from_a_finalizer_inside_acquire_does_not_deadlock(tmp_path: P
     inside ``acquire_writer_lock`` on the same thread (seen as a hung test run)."""
     import threading
 
-    from trainhooks.checkpoint import lock as lock_module
+    from trainhooks.checkpoint.storage import lock as lock_module
 
     (tmp_path / "a").mkdir()
     held = lock_module.acquire_writer_lock(tmp_path / "a")

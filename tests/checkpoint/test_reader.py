@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from trainhooks.checkpoint.format import MANIFEST_NAME, open_checkpoint, write_checkpoint
-from trainhooks.checkpoint.manifest import seal_manifest
+from trainhooks.checkpoint.format.manifest import seal_manifest
+from trainhooks.checkpoint.format.opening import MANIFEST_NAME, open_checkpoint
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.checkpoint.reader import list_variables, load_checkpoint, load_variable
-from trainhooks.checkpoint.state_file import update_checkpoint_state
-from trainhooks.checkpoint.tensor import TensorData
+from trainhooks.checkpoint.saving.write import write_checkpoint
 from trainhooks.errors import DataLossError, NotFoundError
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from trainhooks import errors
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.tree import StateMismatchError
+from trainhooks.checkpoint.state.tree import StateMismatchError
 from trainhooks.session.session import Session
 
 MIB = 2**20

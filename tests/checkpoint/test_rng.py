@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import trainhooks as th
+from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.rng import RNGState, capture_rng_state, restore_rng_state
-from trainhooks.checkpoint.tensor import TensorData
-from trainhooks.checkpoint.tree import flatten_state, restore_state
+from trainhooks.checkpoint.state.tree import flatten_state, restore_state
 
 
 def _draw(gens: dict[str, Any]) -> list[Any]:

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 from trainhooks import errors
-from trainhooks.checkpoint.lock import LOCK_FILE_NAME
-from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import (
+from trainhooks.checkpoint.management.state_file import (
     checkpoint_exists,
     get_checkpoint_mtimes,
     get_checkpoint_state,
     latest_checkpoint,
     remove_checkpoint,
 )
+from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.storage import LocalStorage
+from trainhooks.checkpoint.storage.lock import LOCK_FILE_NAME
 from trainhooks.session.session import Session
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainhooks.checkpoint.state_file import (
+from trainhooks.checkpoint.management.state_file import (
     CheckpointState,
     CheckpointStateParseError,
     checkpoint_exists,
@@ -376,13 +376,13 @@ def test_a_state_file_write_killed_before_its_rename_leaves_only_a_leftover_that
     import subprocess
     import sys
 
-    from trainhooks.checkpoint.commit import remove_leftovers
+    from trainhooks.checkpoint.storage.commit import remove_leftovers
 
     update_checkpoint_state(str(tmp_path), str(tmp_path / "model.ckpt-1"))
     before = (tmp_path / "checkpoint").read_bytes()
     child = (
         "import os, sys\n"
-        "from trainhooks.checkpoint import state_file\n"
+        "from trainhooks.checkpoint.management import state_file\n"
         "os.replace = lambda *a: os._exit(9)\n"
         "state_file.update_checkpoint_state(sys.argv[1], os.path.join(sys.argv[1], 'model.ckpt-2'))\n"
     )

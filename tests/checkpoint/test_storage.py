@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from trainhooks.checkpoint.background import lower_thread_priority
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saver import Saver
+from trainhooks.checkpoint.saving.background import lower_thread_priority
 from trainhooks.checkpoint.storage import DIRECT_CHUNK_BYTES, LocalFile
 from trainhooks.session.session import Session
 

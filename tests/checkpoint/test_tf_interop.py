@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from trainhooks.checkpoint.management.state_file import (
+    get_checkpoint_state,
+    update_checkpoint_state,
+)
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import get_checkpoint_state, update_checkpoint_state
 from trainhooks.session.session import Session
 
 tf: Any = pytest.importorskip("tensorflow")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from trainhooks.checkpoint.management.state_file import latest_checkpoint
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import latest_checkpoint
 from trainhooks.session.session import Session
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""checkpoint/tree.py: state -> named tensors + JSON tree -> state, in place and bit-exact."""
+"""checkpoint/state/tree.py: state -> named tensors + JSON tree -> state, in place and bit-exact."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainhooks.checkpoint.tensor import TensorData
-from trainhooks.checkpoint.tree import (
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.state.tree import (
     FlatState,
     StateMismatchError,
     check_state,
@@ -306,7 +306,7 @@ def test_strict_restore_lists_every_problem_and_changes_nothing() -> None:
 def test_non_strict_restores_what_matches_and_reports_the_rest(caplog: Any) -> None:
     saved = _save({"a": np.ones(2), "b": np.ones(3), "extra": 1})
     state = {"a": np.zeros(2), "b": np.zeros(4), "missing": 0}
-    with caplog.at_level(logging.WARNING, logger="trainhooks.checkpoint.tree"):
+    with caplog.at_level(logging.WARNING, logger="trainhooks.checkpoint.state.tree"):
         skipped = _restore(state, saved, strict=False)
     assert state["a"].tolist() == [1, 1] and state["b"].tolist() == [0, 0, 0, 0]
     assert sorted(p.path for p in skipped) == ["state['b']", "state['extra']", "state['missing']"]

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.tree import restore_state
+from trainhooks.checkpoint.state.tree import restore_state
 from trainhooks.session.session import Session
 
 MIB = 2**20

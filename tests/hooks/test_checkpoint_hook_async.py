@@ -25,8 +25,8 @@ import pytest
 
 import trainhooks as th
 from trainhooks import errors
-from trainhooks.checkpoint.directories import wait_for_saves_into
-from trainhooks.checkpoint.format import open_checkpoint
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.saving.directories import wait_for_saves_into
 from trainhooks.checkpoint.storage import LocalStorage
 from trainhooks.session.run_hook import SessionRunArgs, SessionRunContext, SessionRunValues
 

@@ -17,7 +17,6 @@ from trainhooks.session.coordinator import Coordinator
 from trainhooks.session.creators import ChiefSessionCreator, Scaffold, WorkerSessionCreator
 from trainhooks.session.monitored import (
     MonitoredSession,
-    MonitoredTrainingSession,
     SingularMonitoredSession,
     StepContext,
 )
@@ -28,6 +27,7 @@ from trainhooks.session.run_hook import (
     SessionRunValues,
 )
 from trainhooks.session.session import Session
+from trainhooks.training import MonitoredTrainingSession
 
 
 class CountingHook(SessionRunHook):

@@ -14,15 +14,14 @@ import torch
 
 import trainhooks as th
 from trainhooks import errors
+from trainhooks.checkpoint.management.state_file import get_checkpoint_state, latest_checkpoint
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.state_file import get_checkpoint_state, latest_checkpoint
 from trainhooks.hooks.basic import StepCounterHook, StopAtStepHook
 from trainhooks.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
 from trainhooks.hooks.summary import SummarySaverHook
 from trainhooks.session.creators import ChiefSessionCreator, Scaffold
 from trainhooks.session.monitored import (
     MonitoredSession,
-    MonitoredTrainingSession,
     SingularMonitoredSession,
 )
 from trainhooks.session.run_hook import (
@@ -32,6 +31,7 @@ from trainhooks.session.run_hook import (
     SessionRunValues,
 )
 from trainhooks.session.session import Session
+from trainhooks.training import MonitoredTrainingSession
 
 
 class CountingHook(SessionRunHook):

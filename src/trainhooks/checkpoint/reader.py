@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from trainhooks.checkpoint.commit import is_checkpoint
-from trainhooks.checkpoint.dtypes import numpy_dtype
-from trainhooks.checkpoint.format import MappedCheckpoint, open_checkpoint
-from trainhooks.checkpoint.manifest import MANIFEST_NAME
+from trainhooks.checkpoint.format.dtypes import numpy_dtype
+from trainhooks.checkpoint.format.manifest import MANIFEST_NAME
+from trainhooks.checkpoint.format.opening import MappedCheckpoint, open_checkpoint
+from trainhooks.checkpoint.storage.commit import is_checkpoint
 
 __all__ = ["CheckpointReader", "list_variables", "load_checkpoint", "load_variable"]
 
@@ -131,7 +131,9 @@ def _checkpoint_path(ckpt_dir_or_file: str | os.PathLike[str]) -> str:
     entries = os.listdir(path)
     if MANIFEST_NAME in entries or any(e.endswith(".safetensors") for e in entries):
         return path  # a broken checkpoint directory: open_checkpoint says what is wrong
-    from trainhooks.checkpoint.state_file import latest_checkpoint  # it imports this layer
+    from trainhooks.checkpoint.management.state_file import (
+        latest_checkpoint,  # it imports this layer
+    )
 
     latest = latest_checkpoint(path)
     if latest is None:

@@ -7,14 +7,14 @@ deletes what it no longer keeps. The steps are separate methods so that a backgr
 save can take the snapshot on the training thread and run the rest elsewhere.
 
 The first save into a directory takes that directory's writer lock
-(``checkpoint/lock.py``) and removes what crashed saves left there; the saver keeps the
+(``checkpoint/storage/lock.py``) and removes what crashed saves left there; the saver keeps the
 lock until :meth:`Saver.close`, so a second process saving into the directory fails at
 once with ``CheckpointDirLockedError``. Restores never take it.
 
-Restoring lives in ``checkpoint/restore.py``, ``var_list`` handling in
-``checkpoint/var_list.py``, names in ``checkpoint/naming.py``, the directory claims in
-``checkpoint/directories.py``, and taking and writing a snapshot in
-``checkpoint/save_job.py``.
+Restoring lives in ``checkpoint/saving/restore.py``, ``var_list`` handling in
+``checkpoint/saving/var_list.py``, names in ``checkpoint/management/naming.py``, the directory claims in
+``checkpoint/saving/directories.py``, and taking and writing a snapshot in
+``checkpoint/saving/save_job.py``.
 """
 
 from __future__ import annotations
@@ -26,18 +26,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from trainhooks._clock import Clock, wall_clock
-from trainhooks.checkpoint.background import BackgroundWriter
-from trainhooks.checkpoint.directories import (
+from trainhooks.checkpoint.management.retention import Retention
+from trainhooks.checkpoint.saving.background import BackgroundWriter
+from trainhooks.checkpoint.saving.directories import (
     DirectoryClaims,
     track_background_writer,
     wait_for_saves_into,
 )
-from trainhooks.checkpoint.restore import restore_checkpoint, restore_latest_checkpoint
-from trainhooks.checkpoint.retention import Retention
-from trainhooks.checkpoint.save_job import CommittedSave, SaveJob, take_snapshot, write_and_record
-from trainhooks.checkpoint.snapshot import SnapshotPool
+from trainhooks.checkpoint.saving.restore import restore_checkpoint, restore_latest_checkpoint
+from trainhooks.checkpoint.saving.save_job import (
+    CommittedSave,
+    SaveJob,
+    take_snapshot,
+    write_and_record,
+)
+from trainhooks.checkpoint.saving.snapshot import SnapshotPool
+from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.storage import Storage
-from trainhooks.checkpoint.var_list import StateHolder, VarList
 
 __all__ = ["CommittedSave", "Saver", "StateHolder"]
 
@@ -71,7 +76,7 @@ class Saver:
         the lowest scheduling priority, so the training loop always preempts them
         (they are raised again when :meth:`wait` or the next save waits for them);
         ``"normal"`` lets them compete with training for the CPU.
-      storage: the :class:`~trainhooks.checkpoint.storage.Storage` that checkpoint
+      storage: the :class:`~trainhooks.checkpoint.storage.base.Storage` that checkpoint
         directories are written through (default: the local disk); the state file and
         retention's deletes always go to the local disk.
       clock: the time source for ``keep_checkpoint_every_n_hours``.

@@ -199,7 +199,7 @@ def _check_state(state: Mapping[str, Any] | None) -> None:
     if state is None:
         return
     try:
-        tree = importlib.import_module("trainhooks.checkpoint.tree")
+        tree = importlib.import_module("trainhooks.checkpoint.state.tree")
     except ImportError:
         return
     check_state = getattr(tree, "check_state", None)

@@ -1,6 +1,6 @@
 """Monitored sessions: ``MonitoredSession`` and ``SingularMonitoredSession`` (TF's
 ``monitored_session.py``); the ``MonitoredTrainingSession`` factory lives in
-:mod:`trainhooks.session.training` and is re-exported here.
+:mod:`trainhooks.training`, the layer above sessions, hooks and checkpoints.
 
 Lifecycle: every hook's ``begin()`` once; the session creator makes the raw session
 (restore or initialize); a new ``Coordinator``; every hook's
@@ -31,7 +31,6 @@ from trainhooks.session.creators import ChiefSessionCreator, Scaffold, SessionCr
 from trainhooks.session.preemption import PreemptionWatcher
 from trainhooks.session.run_hook import SessionRunHook
 from trainhooks.session.session import Session
-from trainhooks.session.training import USE_DEFAULT, MonitoredTrainingSession
 from trainhooks.session.wrappers import (
     CoordinatedSessionCreator,
     RecoverableSession,
@@ -39,9 +38,7 @@ from trainhooks.session.wrappers import (
 )
 
 __all__ = [
-    "USE_DEFAULT",
     "MonitoredSession",
-    "MonitoredTrainingSession",
     "SingularMonitoredSession",
     "StepContext",
 ]

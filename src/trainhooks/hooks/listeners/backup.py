@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 
-from trainhooks.checkpoint.state_file import get_checkpoint_state, update_checkpoint_state
+from trainhooks.checkpoint.management.state_file import (
+    get_checkpoint_state,
+    update_checkpoint_state,
+)
 from trainhooks.hooks.listeners.durable import clean_leftovers, place_checkpoint
 from trainhooks.hooks.listeners.hook_bound import HookBoundListener
 from trainhooks.session.session import Session

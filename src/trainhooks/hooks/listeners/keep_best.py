@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from typing import NamedTuple
 
-from trainhooks.checkpoint.state_file import update_checkpoint_state
+from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.hooks.listeners.durable import (
     clean_leftovers,
     place_checkpoint,

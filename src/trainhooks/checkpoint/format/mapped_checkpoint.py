@@ -1,0 +1,349 @@
+"""``MappedCheckpoint``: an opened checkpoint whose bytes are checksummed before use.
+
+``format.open_checkpoint`` checks the manifest and every data file's size and header,
+then hands the memory-mapped files to a :class:`MappedCheckpoint`. Its tensors are
+checksummed, run by run (``manifest.py``), on first access, or all at once by
+:meth:`MappedCheckpoint.verify`, which reads each file sequentially on its own thread;
+nothing unchecked is ever returned.
+"""
+
+from __future__ import annotations
+
+import difflib
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from trainhooks.checkpoint.format.manifest import (
+    Chunk,
+    Manifest,
+    TensorEntry,
+    TensorIndex,
+    checksum,
+)
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.errors import DataLossError, NotFoundError
+
+__all__ = ["Located", "Locator", "MappedCheckpoint"]
+
+#: Where many tensors' bytes lie: (dtype codes, shapes, file, starts, ends), the offsets
+#: as int64 arrays (see :meth:`MappedCheckpoint.locate_many`).
+Located = tuple[
+    list[str],
+    list[tuple[int, ...]],
+    np.ndarray[Any, Any],
+    np.ndarray[Any, Any],
+    np.ndarray[Any, Any],
+]
+
+# verify() reads each file through a buffer of this size (small enough to stay in cache).
+_READ_CHUNK = 2**20
+_FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", 2)
+
+
+class MappedCheckpoint:
+    """A checkpoint opened by :func:`open_checkpoint`: manifest plus memory-mapped data files.
+
+    The manifest and every file's size and header were checked on opening. Tensor
+    bytes are checksummed on first access (:meth:`tensor_data`) or all at once
+    (:meth:`verify`); nothing unchecked is ever returned. Close it (or use ``with``)
+    to unmap the files; memoryviews handed out keep their mapping alive.
+
+    Example:
+        >>> with open_checkpoint("ckpt/model.ckpt-200") as ckpt:  # doctest: +SKIP
+        ...     ckpt.verify()
+        ...     w = ckpt.tensor_data("model/weight")
+    """
+
+    def __init__(self, prefix: str, manifest: Manifest) -> None:
+        self.prefix = prefix
+        self.manifest = manifest
+        self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
+        self._views: dict[str, memoryview] = {}
+        self._verified: set[tuple[str, int]] = set()  # (file, chunk index)
+        self._all_verified = False
+        self._arrays: dict[str, np.ndarray[Any, Any]] = {}
+        tensors = manifest.tensors
+        self._index = (
+            tensors if isinstance(tensors, TensorIndex) else TensorIndex(manifest.files, {})
+        )
+        self._single = next(iter(manifest.files.items())) if len(manifest.files) == 1 else None
+        self._single_index = self._index.positions
+        self._single_array: np.ndarray[Any, Any] | None = None
+        self._single_offsets: np.ndarray[Any, Any] | None = None
+
+    def map_file(self, file: str, fd: int, size: int) -> mmap.mmap:
+        """Map the open data file ``fd``; the mapping and fd now belong to this object."""
+        self._fds[file] = fd
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        self._maps[file] = mapped
+        self._views[file] = memoryview(mapped)
+        return mapped
+
+    @property
+    def global_step(self) -> int:
+        """The global step the checkpoint was saved at."""
+        return self.manifest.global_step
+
+    @property
+    def wall_time(self) -> float:
+        """When the checkpoint was written (seconds since the epoch)."""
+        return self.manifest.wall_time
+
+    @property
+    def tree(self) -> object:
+        """The state's structure as ``tree.flatten_state`` described it (JSON)."""
+        return self.manifest.tree
+
+    @property
+    def metadata(self) -> dict[str, object]:
+        """The user metadata passed to ``write_checkpoint``."""
+        return self.manifest.metadata
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, ``"global_step"`` included, sorted."""
+        return sorted(self.manifest.tensors)
+
+    def entry(self, name: str) -> TensorEntry:
+        """The manifest entry of tensor ``name``.
+
+        Raises:
+          NotFoundError: no tensor ``name``; the message lists close names.
+        """
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, self.manifest.tensors, n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise NotFoundError(f"Key {name} not found in checkpoint {self.prefix}.{hint}")
+        return entry
+
+    def tensor_data(self, name: str) -> TensorData:
+        """Tensor ``name`` as a read-only view of the mapped file, checksummed first.
+
+        The checksum covers the run of tensors stored with it (``manifest.py``); once
+        checked, the run is not checked again.
+
+        Raises:
+          NotFoundError: no tensor ``name``.
+          DataLossError: its bytes do not match the manifest's checksum.
+        """
+        entry = self.manifest.tensors.get(name) or self.entry(name)
+        if not self._all_verified and (entry.file, entry.chunk) not in self._verified:
+            chunk = self.manifest.files[entry.file].chunks[entry.chunk]
+            self._check(
+                entry.file, entry.chunk, checksum(self._views[entry.file][chunk.start : chunk.end])
+            )
+        return TensorData(
+            entry.dtype, entry.shape, self._views[entry.file][entry.start : entry.end]
+        )
+
+    def locate(
+        self, name: str, *, unchecked: bool = False
+    ) -> tuple[str, tuple[int, ...], np.ndarray[Any, Any], int, int]:
+        """Where tensor ``name``'s checked bytes lie: ``(dtype code, shape, file, start, end)``.
+
+        ``file`` is the whole mapped data file as a read-only uint8 array; the tensor is
+        ``file[start:end]``. Its checksum run is checked first, like :meth:`tensor_data`
+        (nothing after :meth:`verify`); no per-tensor view is made, so restoring 100k
+        tensors copies straight from the mapping. ``unchecked=True`` skips the checksum:
+        only for a caller that reads the bytes after its own :meth:`verify` returned.
+
+        Raises:
+          KeyError: no tensor ``name``.
+          DataLossError: its bytes do not match the manifest's checksum.
+        """
+        if self._single is not None:  # one data file: no search for the file
+            fname, entry = self._single
+            i = self._single_index[name]
+            if (self._all_verified or unchecked) and self._single_array is not None:
+                return (
+                    entry.dtypes[i],
+                    entry.shapes[i],
+                    self._single_array,
+                    entry.offsets[i],
+                    entry.offsets[i + 1],
+                )
+        else:
+            fname, entry, i = self._index.locate(name)
+        if not (self._all_verified or unchecked):
+            found = self.manifest.tensors[name]
+            if (fname, found.chunk) not in self._verified:
+                self.tensor_data(name)
+        array = self._arrays.get(fname)
+        if array is None:
+            array = self._arrays[fname] = np.frombuffer(self._maps[fname], np.uint8)
+            if self._single is not None:
+                self._single_array = array
+        return entry.dtypes[i], entry.shapes[i], array, entry.offsets[i], entry.offsets[i + 1]
+
+    def locate_many(self, names: list[str], *, unchecked: bool = False) -> Located | None:
+        """:meth:`locate` for many tensors at once, in C loops rather than a call each.
+
+        Returns None (the caller then locates one by one) unless the checkpoint has a
+        single data file that :meth:`verify` checked (or ``unchecked``, as in
+        :meth:`locate`) and holds every name.
+        """
+        if self._single is None or not (self._all_verified or unchecked):
+            return None
+        fname, entry = self._single
+        index = self._single_index
+        try:
+            positions = np.fromiter(map(index.__getitem__, names), np.int64, len(names))
+        except KeyError:
+            return None
+        offsets = self._single_offsets
+        if offsets is None:
+            offsets = self._single_offsets = np.array(entry.offsets, np.int64)
+        order = positions.tolist()
+        array = self._single_array
+        if array is None:
+            array = self._single_array = self._arrays[fname] = np.frombuffer(
+                self._maps[fname], np.uint8
+            )
+        return (
+            list(map(entry.dtypes.__getitem__, order)),
+            list(map(entry.shapes.__getitem__, order)),
+            array,
+            offsets[positions],
+            offsets[positions + 1],
+        )
+
+    def locator(self, *, unchecked: bool = False) -> Locator:
+        """:meth:`locate` (bound to ``unchecked``) as a callable with a batch form, for
+        ``tree.restore_state(..., locate=...)``."""
+        return Locator(self, unchecked)
+
+    def _check(self, file: str, index: int, actual: str) -> None:
+        chunk = self.manifest.files[file].chunks[index]
+        if actual != chunk.checksum:
+            names = self.manifest.files[file].names[chunk.first : chunk.first + chunk.tensor_count]
+            which = (
+                f"tensor {names[0]!r}"
+                if len(names) == 1
+                else f"one of the {len(names)} tensors checksummed together: "
+                + ", ".join(repr(n) for n in names[:5])
+                + (", ..." if len(names) > 5 else "")
+            )
+            raise DataLossError(
+                f"Checkpoint {self.prefix}: file {file}: {which}: checksum mismatch "
+                f"(manifest {chunk.checksum}, data {actual}, bytes [{chunk.start}, "
+                f"{chunk.end})); the data is corrupt"
+            )
+        self._verified.add((file, index))
+
+    def verify(self, num_threads: int | None = None) -> None:
+        """Checksum every tensor, one thread per data file (at most ``num_threads``).
+
+        Each file is read with large sequential reads into a small scratch buffer and
+        checksummed from there (no page faults on the mapping, one pass over memory),
+        which also leaves it in the page cache for the copies that follow.
+
+        Raises:
+          DataLossError: naming the checkpoint, file and tensor of the first mismatch.
+        """
+        files = self.manifest.files
+        threads = num_threads or min(len(files), os.cpu_count() or 1)
+
+        def verify_file(file: str) -> None:
+            chunks = files[file].chunks
+            todo = [i for i in range(len(chunks)) if (file, i) not in self._verified]
+            digests = _read_and_checksum(self._fds[file], [chunks[i] for i in todo])
+            for index, digest in zip(todo, digests):
+                self._check(file, index, digest)
+
+        if threads <= 1 or len(files) <= 1:
+            for file in files:
+                verify_file(file)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-verify") as pool:
+                for future in [pool.submit(verify_file, file) for file in files]:
+                    future.result()
+        self._all_verified = True
+
+    def close(self) -> None:
+        """Unmap the data files (those still viewed stay mapped until the views go)."""
+        self._arrays = {}
+        self._single_array = self._single_offsets = None
+        for view in self._views.values():
+            view.release()
+        self._views = {}
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # a TensorData handed out still uses it; freed with it
+        self._maps = {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self) -> MappedCheckpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"MappedCheckpoint({self.prefix!r}, global_step={self.global_step}, "
+            f"tensors={len(self.manifest.tensors)}, files={len(self.manifest.files)})"
+        )
+
+
+class Locator:
+    """A checkpoint's :meth:`~MappedCheckpoint.locate` as a callable, plus :meth:`many`.
+
+    Example:
+        >>> locate = ckpt.locator()  # doctest: +SKIP
+        >>> locate("w")  # doctest: +SKIP
+        ('F32', (2,), array([...], dtype=uint8), 256, 264)
+    """
+
+    def __init__(self, checkpoint: MappedCheckpoint, unchecked: bool) -> None:
+        self._checkpoint = checkpoint
+        self._unchecked = unchecked
+
+    def __call__(self, name: str) -> tuple[str, tuple[int, ...], np.ndarray[Any, Any], int, int]:
+        """See :meth:`MappedCheckpoint.locate`."""
+        return self._checkpoint.locate(name, unchecked=self._unchecked)
+
+    def many(self, names: list[str]) -> Located | None:
+        """See :meth:`MappedCheckpoint.locate_many`."""
+        return self._checkpoint.locate_many(names, unchecked=self._unchecked)
+
+
+def _read_and_checksum(fd: int, chunks: list[Chunk]) -> list[str]:
+    """The checksum of each byte range in ``chunks`` (in file order), read with ``preadv``.
+
+    Reads go through a buffer of ``_READ_CHUNK`` bytes that stays in the CPU cache for
+    the checksum; runs that are adjacent are read as one stream.
+    """
+    scratch = bytearray(_READ_CHUNK)
+    view = memoryview(scratch)
+    digests = []
+    if hasattr(os, "posix_fadvise") and chunks:
+        os.posix_fadvise(fd, chunks[0].start, chunks[-1].end - chunks[0].start, _FADV_SEQUENTIAL)
+    for chunk in chunks:
+        hasher = xxhash.xxh3_128()
+        position = chunk.start
+        while position < chunk.end:
+            want = min(len(scratch), chunk.end - position)
+            done = os.preadv(fd, [view[:want]], position)
+            if done <= 0:
+                break  # truncated under us: the checksum will not match
+            hasher.update(view[:done])
+            position += done
+        digests.append(hasher.hexdigest())
+    return digests

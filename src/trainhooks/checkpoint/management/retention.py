@@ -1,0 +1,112 @@
+"""Retention: which checkpoints a ``Saver`` keeps, as TF's ``Saver`` decides it.
+
+``max_to_keep`` keeps the newest checkpoints; ``keep_checkpoint_every_n_hours``
+additionally keeps, for good, one checkpoint per that many hours of training. The
+bookkeeping is a list of ``(prefix, time saved)`` pairs, oldest first, which a restart
+recovers from the state file (reference §6).
+
+A commit records its checkpoint (:meth:`Retention.record`), writes the state file from
+:attr:`Retention.last_checkpoints`, and only then deletes what fell out
+(:meth:`Retention.delete_dropped`), so the state file never names a deleted checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from trainhooks._clock import Clock, wall_clock
+from trainhooks.checkpoint.management.state_file import get_checkpoint_mtimes, remove_checkpoint
+
+__all__ = ["Retention"]
+
+logger = logging.getLogger(__name__)
+
+
+class Retention:
+    """The ``max_to_keep`` / ``keep_checkpoint_every_n_hours`` bookkeeping of one Saver.
+
+    Args:
+      max_to_keep: how many recent checkpoints to keep; None or 0 keeps all (and
+        tracks none).
+      keep_checkpoint_every_n_hours: keep one checkpoint per this many hours for good.
+      clock: the time source for the saved-at times and the keep deadline.
+
+    Example:
+        >>> retention = Retention(max_to_keep=1)
+        >>> retention.record("/tmp/run/m-1")
+        >>> retention.record("/tmp/run/m-2")
+        >>> retention.last_checkpoints
+        ['/tmp/run/m-2']
+    """
+
+    def __init__(
+        self,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        *,
+        clock: Clock = wall_clock,
+    ) -> None:
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep < 0):
+            raise ValueError(
+                f"max_to_keep must be a non-negative integer, got {max_to_keep!r}; pass None "
+                "or 0 to keep every checkpoint."
+            )
+        self.max_to_keep = max_to_keep
+        self.keep_checkpoint_every_n_hours = float(keep_checkpoint_every_n_hours)
+        self._clock = clock
+        self._last: list[tuple[str, float]] = []
+        self._to_delete: list[tuple[str, float]] = []
+        self._next_keep_time = clock() + self.keep_checkpoint_every_n_hours * 3600
+
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """The prefixes still tracked, oldest first."""
+        return [path for path, _ in self._last]
+
+    def set_last_checkpoints_with_time(self, pairs: Sequence[tuple[str, float]]) -> None:
+        """Replace the bookkeeping with ``(prefix, seconds since the epoch)`` pairs, oldest first."""
+        if isinstance(pairs, (str, bytes)):
+            raise TypeError("last_checkpoints_with_time must be a list of (path, time) pairs.")
+        self._last = [(os.fspath(p), float(t)) for p, t in pairs]
+
+    def recover(self, checkpoint_paths: Sequence[str]) -> None:
+        """Rebuild the bookkeeping from checkpoints on disk, timed by their file times.
+
+        Checkpoints that no longer exist are left out.
+        """
+        with_times = []
+        for path in checkpoint_paths:
+            mtimes = get_checkpoint_mtimes([path])
+            if mtimes:
+                with_times.append((os.fspath(path), mtimes[0]))
+        self.set_last_checkpoints_with_time(with_times)
+
+    def record(self, prefix: str) -> None:
+        """Track a newly committed checkpoint; the oldest beyond ``max_to_keep`` is dropped."""
+        if not self.max_to_keep:
+            return
+        # A re-saved path moves to the end (it is the newest again).
+        self._last = [e for e in self._last if e[0] != prefix]
+        self._last.append((prefix, self._clock()))
+        if len(self._last) > self.max_to_keep:
+            self._to_delete.append(self._last.pop(0))
+
+    def delete_dropped(self) -> None:
+        """Delete the oldest dropped checkpoint, unless ``keep_checkpoint_every_n_hours`` keeps it.
+
+        Call after the state file no longer lists it. Failures are logged, never raised:
+        the save that dropped it has already committed.
+        """
+        if not self._to_delete:
+            return
+        prefix, saved_at = self._to_delete.pop(0)
+        if saved_at > self._next_keep_time:
+            # Kept for good; the next deadline steps on from this one, not from saved_at.
+            self._next_keep_time += self.keep_checkpoint_every_n_hours * 3600
+            return
+        try:
+            remove_checkpoint(prefix)
+        except Exception as e:  # retention must never fail a save that has committed
+            logger.warning("Ignoring: %s", e)

@@ -1,0 +1,349 @@
+"""The checkpoint state file: TensorFlow's ``CheckpointState`` in protobuf text format.
+
+A directory of checkpoints holds one small text file, ``checkpoint`` by default, that
+names the newest checkpoint and the ones retention still tracks, oldest first::
+
+    model_checkpoint_path: "/abs/dir/model.ckpt-20"
+    all_model_checkpoint_paths: "/abs/dir/model.ckpt-10"
+    all_model_checkpoint_paths: "/abs/dir/model.ckpt-20"
+
+The file is byte-for-byte what TensorFlow writes, so ``tf.train.latest_checkpoint`` reads
+a trainhooks directory and these functions read a TensorFlow one. The functions follow
+``tf.compat.v1.train``'s ``checkpoint_management`` exactly; a checkpoint here is either a
+trainhooks checkpoint directory at the prefix or TensorFlow's own ``<prefix>.index`` /
+``<prefix>`` files (``checkpoint_files.py`` tells them apart; its functions are
+re-exported here, where TF users look for them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from trainhooks.checkpoint.management._text_format import (
+    CheckpointStateParseError,
+    format_state,
+    parse_state,
+)
+from trainhooks.checkpoint.management.checkpoint_files import (
+    checkpoint_exists,
+    get_checkpoint_mtimes,
+    remove_checkpoint,
+)
+
+__all__ = [
+    "CheckpointState",
+    "CheckpointStateParseError",
+    "checkpoint_exists",
+    "generate_checkpoint_state_proto",
+    "get_checkpoint_mtimes",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "remove_checkpoint",
+    "update_checkpoint_state",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The state file's name when ``latest_filename`` is not given.
+DEFAULT_LATEST_FILENAME = "checkpoint"
+
+StrPath = str | os.PathLike[str]
+
+
+@dataclass
+class CheckpointState:
+    """TensorFlow's ``CheckpointState`` message: which checkpoints a directory holds.
+
+    ``str(state)`` is the protobuf text format that is written to the state file.
+
+    Attributes:
+      model_checkpoint_path: the newest checkpoint's prefix.
+      all_model_checkpoint_paths: the prefixes retention tracks, oldest first; the last
+        one is ``model_checkpoint_path``.
+      all_model_checkpoint_timestamps: seconds since the epoch, one per path, or empty.
+      last_preserved_timestamp: the time of the last checkpoint kept for good (0.0: none).
+
+    Example:
+        >>> print(CheckpointState("ckpt/m-2", ["ckpt/m-1", "ckpt/m-2"]), end="")
+        model_checkpoint_path: "ckpt/m-2"
+        all_model_checkpoint_paths: "ckpt/m-1"
+        all_model_checkpoint_paths: "ckpt/m-2"
+    """
+
+    model_checkpoint_path: str = ""
+    all_model_checkpoint_paths: list[str] = field(default_factory=list)
+    all_model_checkpoint_timestamps: list[float] = field(default_factory=list)
+    last_preserved_timestamp: float = 0.0
+
+    def __str__(self) -> str:
+        return format_state(self)
+
+    @classmethod
+    def from_text(cls, text: str | bytes) -> CheckpointState:
+        """Parse the protobuf text format; raises :class:`CheckpointStateParseError`.
+
+        Example:
+            >>> CheckpointState.from_text('model_checkpoint_path: "m-1"').model_checkpoint_path
+            'm-1'
+        """
+        return parse_state(text)
+
+
+def _state_filename(save_dir: str, latest_filename: str | None) -> str:
+    return os.path.join(save_dir, latest_filename or DEFAULT_LATEST_FILENAME)
+
+
+def generate_checkpoint_state_proto(
+    save_dir: StrPath,
+    model_checkpoint_path: StrPath,
+    all_model_checkpoint_paths: Sequence[StrPath] | None = None,
+    all_model_checkpoint_timestamps: Sequence[float] | None = None,
+    last_preserved_timestamp: float | None = None,
+) -> CheckpointState:
+    """Build the :class:`CheckpointState` that :func:`update_checkpoint_state` writes.
+
+    The model path is appended to ``all_model_checkpoint_paths`` unless it is already
+    the last entry. When ``save_dir`` is relative, relative paths are rewritten relative
+    to it (``"train/model-0"`` in ``"train"`` becomes ``"model-0"``); absolute ones are kept.
+
+    Args:
+      save_dir: the directory the state file lives in.
+      model_checkpoint_path: the newest checkpoint's prefix.
+      all_model_checkpoint_paths: the prefixes retention tracks, oldest first.
+      all_model_checkpoint_timestamps: one time per path (after the model path is appended).
+      last_preserved_timestamp: the time of the last checkpoint kept for good.
+
+    Returns:
+      The state, not yet written anywhere.
+
+    Example:
+        >>> generate_checkpoint_state_proto("train", "train/model-0").model_checkpoint_path
+        'model-0'
+    """
+    save_dir = os.fspath(save_dir)
+    model_path = os.fspath(model_checkpoint_path)
+    paths = [os.fspath(p) for p in all_model_checkpoint_paths or ()]
+    if not paths or paths[-1] != model_path:
+        logger.info("%s is not in all_model_checkpoint_paths. Manually adding it.", model_path)
+        paths.append(model_path)
+    timestamps = [float(t) for t in all_model_checkpoint_timestamps or ()]
+    if timestamps and len(timestamps) != len(paths):
+        raise ValueError(
+            "Checkpoint timestamps, if provided, must match checkpoint paths (got paths "
+            f"{paths} and timestamps {timestamps})"
+        )
+    if not os.path.isabs(save_dir):
+        base = save_dir or os.curdir  # "" (the cwd) would make os.path.relpath raise
+        if not os.path.isabs(model_path):
+            model_path = os.path.relpath(model_path, base)
+        paths = [p if os.path.isabs(p) else os.path.relpath(p, base) for p in paths]
+    return CheckpointState(
+        model_checkpoint_path=model_path,
+        all_model_checkpoint_paths=paths,
+        all_model_checkpoint_timestamps=timestamps,
+        last_preserved_timestamp=float(last_preserved_timestamp or 0.0),
+    )
+
+
+def update_checkpoint_state(
+    save_dir: StrPath,
+    model_checkpoint_path: StrPath,
+    all_model_checkpoint_paths: Sequence[StrPath] | None = None,
+    latest_filename: str | None = None,
+    all_model_checkpoint_timestamps: Sequence[float] | None = None,
+    last_preserved_timestamp: float | None = None,
+    *,
+    save_relative_paths: bool = False,
+) -> None:
+    """Replace the state file in ``save_dir`` atomically.
+
+    The text goes to a temporary file in the same directory, which is fsynced and
+    renamed over the state file; the directory is then fsynced. A reader sees the old
+    file or the new one, never a mix, even across a crash.
+
+    Args:
+      save_dir: the directory to write the state file in.
+      model_checkpoint_path: the newest checkpoint's prefix.
+      all_model_checkpoint_paths: the prefixes retention tracks, oldest first.
+      latest_filename: the state file's name (default ``"checkpoint"``).
+      all_model_checkpoint_timestamps: one time per path, or None.
+      last_preserved_timestamp: the time of the last checkpoint kept for good, or None.
+      save_relative_paths: write every absolute path relative to ``save_dir``, so the
+        directory can be moved.
+
+    Raises:
+      RuntimeError: the state file's path is the model checkpoint path itself.
+
+    Example:
+        >>> update_checkpoint_state("/tmp/run", "/tmp/run/model.ckpt-10")  # doctest: +SKIP
+    """
+    save_dir = os.fspath(save_dir)
+    model_path = os.fspath(model_checkpoint_path)
+    paths = [os.fspath(p) for p in all_model_checkpoint_paths or ()]
+    if save_relative_paths:
+        model_path = _relative_to(model_path, save_dir)
+        paths = [_relative_to(p, save_dir) for p in paths]
+    ckpt = generate_checkpoint_state_proto(
+        save_dir,
+        model_path,
+        all_model_checkpoint_paths=paths,
+        all_model_checkpoint_timestamps=all_model_checkpoint_timestamps,
+        last_preserved_timestamp=last_preserved_timestamp,
+    )
+    state_filename = _state_filename(save_dir, latest_filename)
+    if state_filename == ckpt.model_checkpoint_path:
+        raise RuntimeError(
+            f"Save path '{os.fspath(model_checkpoint_path)}' conflicts with path used for "
+            "checkpoint state.  Please use a different save path."
+        )
+    _atomic_write(state_filename, str(ckpt).encode("utf-8"))
+
+
+def _relative_to(path: str, save_dir: str) -> str:
+    return os.path.relpath(path, save_dir or os.curdir) if os.path.isabs(path) else path
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old content or the new one."""
+    # "<file>.tmp-<12 hex>" is the leftover pattern that commit.remove_leftovers cleans up.
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.errno is not None:
+            # Same errno (callers may test for ENOSPC), a message that names the file.
+            raise type(e)(
+                e.errno,
+                f"{e.strerror}: could not write the checkpoint state file {path}; the "
+                "previous state file is unchanged",
+            ) from e
+        raise
+    _fsync_dir(os.path.dirname(path) or os.curdir)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms where a directory cannot be opened (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def get_checkpoint_state(
+    checkpoint_dir: StrPath, latest_filename: str | None = None
+) -> CheckpointState | None:
+    """Read the state file in ``checkpoint_dir``.
+
+    Relative paths in the file are returned joined with ``checkpoint_dir``
+    (``"./m-1"`` becomes ``"<dir>/./m-1"``, not normalised).
+
+    Args:
+      checkpoint_dir: the directory holding the state file.
+      latest_filename: the state file's name (default ``"checkpoint"``).
+
+    Returns:
+      The state, or None when there is no state file, or it cannot be read or parsed
+      (a WARNING says why).
+
+    Raises:
+      ValueError: the file parses but names no model checkpoint (an empty file).
+
+    Example:
+        >>> ckpt = get_checkpoint_state("/tmp/run")  # doctest: +SKIP
+        >>> ckpt.model_checkpoint_path if ckpt else None  # doctest: +SKIP
+        '/tmp/run/model.ckpt-10'
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    state_filename = _state_filename(checkpoint_dir, latest_filename)
+    if not os.path.exists(state_filename):
+        return None
+    try:
+        ckpt = CheckpointState.from_text(_read_state_file(state_filename))
+    except (OSError, CheckpointStateParseError) as e:
+        logger.warning("%s: %s", type(e).__name__, e)
+        logger.warning("%s: Checkpoint ignored", state_filename)
+        return None
+    if not ckpt.model_checkpoint_path:
+        raise ValueError(f"Invalid checkpoint state loaded from {checkpoint_dir}")
+    if not os.path.isabs(ckpt.model_checkpoint_path):
+        ckpt.model_checkpoint_path = os.path.join(checkpoint_dir, ckpt.model_checkpoint_path)
+    ckpt.all_model_checkpoint_paths = [
+        p if os.path.isabs(p) else os.path.join(checkpoint_dir, p)
+        for p in ckpt.all_model_checkpoint_paths
+    ]
+    return ckpt
+
+
+#: A state file lists paths, a few hundred bytes each; anything larger is not one.
+MAX_STATE_FILE_BYTES = 4 * 2**20
+
+
+def _read_state_file(path: str) -> bytes:
+    """The state file's bytes, refusing what could hang or exhaust the reader.
+
+    Opened non-blocking (a FIFO planted under its name must not block), only a regular
+    file is read, and at most :data:`MAX_STATE_FILE_BYTES`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointStateParseError(f"{path} is not a regular file.")
+        chunks = []
+        remaining = MAX_STATE_FILE_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_STATE_FILE_BYTES:
+        raise CheckpointStateParseError(
+            f"{path} is larger than {MAX_STATE_FILE_BYTES} bytes; a checkpoint state file "
+            "is a short list of paths."
+        )
+    return data
+
+
+def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = None) -> str | None:
+    """The newest checkpoint's prefix named by the state file, if that checkpoint exists.
+
+    Args:
+      checkpoint_dir: the directory holding the state file.
+      latest_filename: the state file's name (default ``"checkpoint"``).
+
+    Returns:
+      The prefix, to pass to ``Saver.restore``; None when there is no state file or the
+      checkpoint it names is missing (an ERROR is logged: "Couldn't match files for
+      checkpoint ...").
+
+    Example:
+        >>> latest_checkpoint("/tmp/run")  # doctest: +SKIP
+        '/tmp/run/model.ckpt-10'
+    """
+    ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
+    if ckpt and ckpt.model_checkpoint_path:
+        if checkpoint_exists(ckpt.model_checkpoint_path):
+            return ckpt.model_checkpoint_path
+        logger.error("Couldn't match files for checkpoint %s", ckpt.model_checkpoint_path)
+    return None

@@ -1,0 +1,101 @@
+"""PyTorch tensors as state values.
+
+Tensors are restored in place (parameters keep their identity, ``requires_grad`` and
+device); tensors on an accelerator are copied to host memory when flattened and back
+when restored. Only the strided layout is supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+
+from trainhooks.checkpoint.format import dtypes
+from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE, TensorData
+from trainhooks.checkpoint.state.adapters.base import ArraySpec
+
+__all__ = ["TorchAdapter"]
+
+logger = logging.getLogger(__name__)
+
+
+class TorchAdapter:
+    """:class:`~trainhooks.checkpoint.state.adapters.base.ArrayAdapter` for ``torch.Tensor``."""
+
+    framework = "torch"
+
+    def owns(self, value: object) -> bool:
+        torch = sys.modules.get("torch")  # not imported: cannot be a tensor
+        return torch is not None and isinstance(value, torch.Tensor)
+
+    def spec(self, value: Any) -> ArraySpec:
+        import torch
+
+        if value.layout != torch.strided or value.is_nested:
+            raise TypeError(
+                f"a tensor with layout {value.layout} cannot be checkpointed: pass "
+                "tensor.to_dense() (and restore into a dense tensor)"
+            )
+        if value.device.type == "meta":
+            raise TypeError(
+                "a tensor on the meta device has no data: materialize it first "
+                "(e.g. module.to_empty(device='cpu'))"
+            )
+        code = dtypes.torch_dtype_code(value.dtype)
+        return ArraySpec(code, tuple(int(n) for n in value.shape), device=str(value.device))
+
+    def to_tensor_data(self, value: Any, *, copy: bool) -> TensorData:
+        if (
+            not copy
+            and value.is_cpu
+            and value.is_contiguous()
+            and not value.is_conj()
+            and not value.is_neg()
+            and value.dim()
+        ):
+            code = dtypes.torch_dtype_code(value.dtype)
+            if code in DTYPE_ITEMSIZE:
+                try:  # zero-copy: the tensor's own memory, as bytes
+                    array = value.detach().numpy()
+                    return TensorData(code, tuple(value.shape), array.data.cast("B"))
+                except (TypeError, ValueError, RuntimeError):  # bfloat16, float8: no NumPy type
+                    pass
+        return dtypes.torch_to_tensor_data(value, copy=copy)
+
+    def writable_problem(self, value: Any) -> str | None:
+        if value.is_inference():
+            return (
+                "is an inference tensor (made under torch.inference_mode) and cannot be "
+                "restored in place: pass tensor.clone() made outside inference mode"
+            )
+        return None
+
+    def restore(self, target: Any, data: TensorData, spec: ArraySpec) -> Any:
+        dtypes.copy_into_torch(target, data)
+        return target
+
+    def host_view(self, target: Any) -> np.ndarray[Any, Any] | None:
+        if (
+            target.device.type == "cpu"
+            and target.is_contiguous()
+            and not target.is_conj()
+            and not target.is_neg()
+            and dtypes.torch_dtype_code(target.dtype) in DTYPE_ITEMSIZE
+        ):
+            return dtypes.host_bytes(target)
+        return None
+
+    def build(self, data: TensorData, spec: ArraySpec) -> Any:
+        import torch
+
+        tensor = dtypes.tensor_data_to_torch(data, dtypes.torch_dtype(spec.dtype), spec.shape)
+        if spec.device is None or torch.device(spec.device).type == "cpu":
+            return tensor
+        try:
+            return tensor.to(spec.device)
+        except (RuntimeError, AssertionError) as e:  # device absent on this machine
+            logger.warning("Restoring a tensor saved on %s to the CPU: %s", spec.device, e)
+            return tensor

@@ -1,0 +1,239 @@
+"""Flattening a state: the walk behind ``tree.flatten_state`` and ``tree.check_state``.
+
+:class:`Flattener` walks the state once, depth first, and collects every array as a
+column entry (``columns.TensorColumns``: name, dtype code, shape, source) while it
+builds the JSON tree that ``tree.py`` describes. A plain host NumPy array of a dtype
+stored as it is (``columns.GATHER_DTYPES``) is kept as it is; everything else goes
+through its framework's adapter (``adapters/``). Two values that would be saved under
+one tensor name are found after the walk, and only then is the state walked again to
+name both in the error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from trainhooks.checkpoint.format.columns import GATHER_DTYPES, Source
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.state.adapters import ArrayAdapter, array_adapter_for
+from trainhooks.checkpoint.state.adapters import python as pyvalues
+from trainhooks.checkpoint.state.adapters.numpy import NumpyAdapter
+from trainhooks.checkpoint.state.tree_nodes import (
+    ARRAY,
+    DICT,
+    KEY,
+    METADATA,
+    OBJECT,
+    ROOT,
+    SEQUENCE,
+    STATE_DICT,
+    SUPPORTED,
+    VALUE,
+    Path,
+    kind_of,
+    pure,
+    render,
+)
+
+__all__ = ["RESERVED_NAMES", "Flattener"]
+
+NUMPY = NumpyAdapter()
+
+#: top-level state keys the format uses itself.
+RESERVED_NAMES = frozenset({"global_step"})
+
+
+class Flattener:
+    """One walk over a state: :meth:`root` returns the tree and fills the columns.
+
+    Args:
+      collect: gather the tensors (False: only check the state, as ``check_state``).
+      copy: buffers that never alias the state (``flatten_state(copy=True)``).
+      host_copy: ``flatten_state``'s per-leaf copy hook, or None.
+
+    Example:
+        >>> import numpy as np
+        >>> f = Flattener(collect=True, copy=False, host_copy=None)
+        >>> f.root({"w": np.zeros(2, np.float32)}), f.names
+        ({'dict': ['w'], 'values': [['numpy', 'F32', [2]]]}, ['w'])
+    """
+
+    def __init__(
+        self,
+        *,
+        collect: bool,
+        copy: bool,
+        host_copy: Callable[[str, Any], TensorData | None] | None,
+    ) -> None:
+        self.collect = collect
+        self.copy = copy
+        self.host_copy = host_copy
+        # The tensors, as columns (see columns.py); names are kept even without collect,
+        # to find two values saved under one name once the walk is done.
+        self.names: list[str] = []
+        self.codes: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.sources: list[Source] = []
+        self.frameworks: set[str] = set()
+        self._state: Mapping[str, Any] = {}
+        self.find: str | None = None  # set by _paths_of: stop at the values named so
+        self._found: list[Path] = []
+        self._leaves: dict[tuple[str, str, tuple[int, ...]], list[Any]] = {}
+        # Plain host NumPy arrays are kept as they are (columns.TensorColumns); a snapshot
+        # (copy) or a per-leaf copy (host_copy) needs the general path.
+        self._plain = not copy and host_copy is None
+
+    def root(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict of names to values, got {type(state).__name__}.")
+        for name in RESERVED_NAMES.intersection(state):
+            raise ValueError(
+                f"state[{name!r}]: the name {name!r} is reserved (checkpoints store the global "
+                "step under it); the session tracks the step itself, so rename this entry."
+            )
+        self._state = state
+        root = self.node(dict(state), ROOT, "")
+        if self.find is None and len(set(self.names)) != len(self.names):
+            seen: set[str] = set()
+            name = next(n for n in self.names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+            first, second = self._paths_of(name)
+            raise ValueError(
+                f"{second} and {first} would both be saved as tensor {name!r} (names join "
+                "keys with '/'): rename one of the keys."
+            )
+        return root
+
+    def node(self, value: Any, path: Path, name: str) -> Any:
+        if type(value) is np.ndarray:
+            return self.ndarray_leaf(value, path, name)
+        kind = kind_of(value)
+        if kind is ARRAY:
+            return self.leaf(array_adapter_for(value), value, path, name)  # type: ignore[arg-type]
+        if kind is DICT:
+            return self.dict_node(value, path, name)
+        if kind is SEQUENCE:
+            tag = "list" if isinstance(value, list) else "tuple"
+            return {
+                tag: [
+                    self.node(v, (path, KEY, i), f"{name}/{i}" if name else str(i))
+                    for i, v in enumerate(value)
+                ]
+            }
+        if kind is OBJECT:
+            state_dict = value.state_dict()
+            path = (path, STATE_DICT, None)
+            cls = type(value)
+            node = {
+                "object": f"{cls.__module__}.{cls.__qualname__}",
+                "state": self.node(state_dict, path, name),
+            }
+            metadata = getattr(state_dict, "_metadata", None)
+            if isinstance(metadata, dict) and pure(metadata):
+                node["metadata"] = self.node(metadata, (path, METADATA, None), name)
+            return node
+        if kind is VALUE:
+            return pyvalues.encode_value(value)
+        raise TypeError(
+            f"{render(path)} has unsupported type {type(value).__qualname__}: {SUPPORTED}."
+        )
+
+    def dict_node(self, value: Mapping[Any, Any], path: Path, name: str) -> dict[str, Any]:
+        keys: list[Any] = []
+        values: list[Any] = []
+        prefix = f"{name}/" if name else ""
+        # The common case (a str key holding a plain NumPy array) inline: a state of 100k
+        # arrays spends its flatten time here.
+        plain, ndarray, codes_of, leaves = self._plain, np.ndarray, GATHER_DTYPES, self._leaves
+        names, codes, shapes, sources = self.names, self.codes, self.shapes, self.sources
+        for key, child in value.items():
+            if plain and type(child) is ndarray and type(key) is str:
+                code = codes_of.get(child.dtype)
+                if code is not None:
+                    shape = child.shape
+                    node = leaves.get(("numpy", code, shape))
+                    if node is None:
+                        node = leaves["numpy", code, shape] = ["numpy", code, list(shape)]
+                        self.frameworks.add("numpy")
+                    keys.append(key)
+                    values.append(node)
+                    names.append(prefix + key)
+                    codes.append(code)
+                    shapes.append(shape)
+                    sources.append(child)
+                    continue
+            if type(key) is str:
+                keys.append(key)
+                child_name = prefix + key
+            elif isinstance(key, pyvalues.DICT_KEY_TYPES):
+                keys.append(pyvalues.encode_key(key))
+                child_name = f"{name}/{key}" if name else str(key)
+            else:
+                raise TypeError(
+                    f"{render(path)} has a key of unsupported type {type(key).__qualname__} "
+                    f"({key!r}): pass a dict with str, int, float, bool or None keys."
+                )
+            values.append(self.node(child, (path, KEY, key), child_name))
+        return {"dict": keys, "values": values}
+
+    def ndarray_leaf(self, value: np.ndarray[Any, Any], path: Path, name: str) -> list[Any]:
+        """:meth:`leaf` for a plain NumPy array: kept as it is (``columns.TensorColumns``)."""
+        code = GATHER_DTYPES.get(value.dtype)
+        if code is None or not self._plain or self.find is not None:
+            return self.leaf(NUMPY, value, path, name)
+        shape = value.shape
+        self.names.append(name)
+        self.codes.append(code)
+        self.shapes.append(shape)
+        self.sources.append(value)
+        key = ("numpy", code, shape)
+        node = self._leaves.get(key)
+        if node is None:
+            node = self._leaves[key] = ["numpy", code, list(shape)]
+            self.frameworks.add("numpy")
+        return node
+
+    def _paths_of(self, name: str) -> tuple[str, str]:
+        """The paths of the first two values saved as ``name`` (walks the state again)."""
+        finder = Flattener(collect=False, copy=False, host_copy=None)
+        finder.find = name
+        finder._plain = False  # every array through leaf(), which records the paths
+        try:
+            finder.root(self._state)
+        except _Found:
+            pass
+        found = [render(p) for p in finder._found] + ["another entry"] * 2
+        return found[0], found[1]
+
+    def leaf(self, adapter: ArrayAdapter, value: Any, path: Path, name: str) -> list[Any]:
+        try:
+            spec = adapter.spec(value)
+        except TypeError as e:
+            raise TypeError(f"{render(path)} {e}.") from None
+        if name == self.find:
+            self._found.append(path)
+            if len(self._found) == 2:
+                raise _Found()
+        framework = adapter.framework
+        self.frameworks.add(framework)
+        self.names.append(name)
+        if self.collect:
+            data = None if self.host_copy is None else self.host_copy(name, value)
+            if data is None:
+                data = adapter.to_tensor_data(value, copy=self.copy)
+            self.codes.append(data.dtype)
+            self.shapes.append(data.shape)
+            self.sources.append(data)
+        if spec.scalar or spec.device not in (None, "cpu"):
+            return [framework, spec.dtype, list(spec.shape), spec.device, spec.scalar]
+        key = (framework, spec.dtype, spec.shape)
+        node = self._leaves.get(key)  # one shared JSON node per kind of array
+        if node is None:
+            node = self._leaves[key] = [framework, spec.dtype, list(spec.shape)]
+        return node
+
+
+class _Found(Exception):
+    """Raised by a :class:`Flattener` with ``find`` set, at the second value so named."""

@@ -1,0 +1,400 @@
+"""Restoring a state tree into the user's objects: the walk behind ``tree.restore_state``.
+
+:class:`Restorer` walks the state and the tree together once (:meth:`Restorer.plan`):
+it collects every :class:`Mismatch` and, for the entries that match, what to do: array
+copies into the user's memory, ``load_state_dict`` calls, values to replace in their
+containers. Nothing is written until :meth:`Restorer.apply`, which ``tree.restore_state``
+calls only when the plan found no problem (or ``strict=False``). Copies into host
+memory run in one batch, the large ones on a few threads (``host_copies.py``).
+
+Paths for messages (``state['model'].state_dict()['weight']``) are built only when a
+message needs one: during the walk a path is a chain of tuples (:data:`Path`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from trainhooks import errors
+from trainhooks.checkpoint.format.columns import GATHER_DTYPES
+from trainhooks.checkpoint.format.dtypes import storage_spec
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.state.adapters import (
+    ArrayAdapter,
+    ArraySpec,
+    array_adapter_for,
+    array_adapter_named,
+    stateful_adapter_for,
+)
+from trainhooks.checkpoint.state.adapters import python as pyvalues
+from trainhooks.checkpoint.state.host_copies import PARALLEL_COPY_BYTES, HostCopies, plan_run
+from trainhooks.checkpoint.state.tree_nodes import (
+    ARRAY,
+    DICT,
+    KEY,
+    METADATA,
+    OBJECT,
+    ROOT,
+    SEQUENCE,
+    STATE_DICT,
+    SUPPORTED,
+    UNSUPPORTED,
+    VALUE,
+    MalformedTree,
+    Mismatch,
+    Path,
+    describe,
+    dict_items,
+    kind_of,
+    leaf_spec,
+    node_kind,
+    node_pure,
+    pure,
+    render,
+    sequence_items,
+)
+
+__all__ = ["Restorer"]
+
+
+def _child_name(name: str, key: object) -> str:
+    return f"{name}/{key}" if name else str(key)
+
+
+def _rebuild_tuple(old: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    if hasattr(old, "_fields"):  # namedtuple
+        return type(old)(*items)
+    try:
+        return type(old)(items)
+    except TypeError:
+        return tuple(items)
+
+
+#: A deferred replacement: called during apply, returns what the container should hold.
+Replacement = Callable[[], Any]
+
+
+#: ``locate(name) -> (dtype code, shape, source, start, end)``: where a tensor's checked
+#: bytes lie in a uint8 array (``format.MappedCheckpoint.locate``); KeyError if absent.
+Locate = Callable[[str], tuple[str, tuple[int, ...], np.ndarray, int, int]]
+
+
+class Restorer:
+    """Plans a restore (checking everything) with :meth:`plan`, then writes with :meth:`apply`.
+
+    With ``locate``, plain NumPy arrays are restored straight from the source arrays it
+    names (no ``TensorData`` per tensor); everything else goes through ``get_tensor``.
+    """
+
+    def __init__(
+        self, get_tensor: Callable[[str], TensorData], locate: Locate | None = None
+    ) -> None:
+        self.get_tensor = get_tensor
+        self.locate = locate
+        self._locate_many = getattr(locate, "many", None)  # mapped_checkpoint.Locator
+        self.problems: list[Mismatch] = []
+        self._data: dict[str, TensorData | None] = {}
+        self._copies = HostCopies()
+        self._actions: list[Callable[[], None]] = []
+
+    def problem(self, path: Path, text: str) -> None:
+        self.problems.append(Mismatch(render(path), text))
+
+    def plan(self, state: dict[str, Any], root: Any) -> None:
+        """Check ``state`` against the tree's ``root`` and record what apply will do."""
+        if self._restore(state, root, ROOT, "") is not None:
+            raise MalformedTree("the state tree's root is not a dict")
+
+    def apply(self) -> None:
+        """Write everything planned: host copies (batched), then the rest in order."""
+        self._copies.run()
+        for action in self._actions:
+            action()
+
+    # --- the walk ----------------------------------------------------------------------
+
+    def _restore(self, target: Any, node: Any, path: Path, name: str) -> Replacement | None:
+        """Plan restoring ``node`` into ``target``; a Replacement if the container must change."""
+        kind = kind_of(target)
+        if kind is ARRAY:
+            return self._restore_array(target, node, path, name)
+        if kind is OBJECT:
+            self._restore_object(target, node, path, name)
+            return None
+        if kind is DICT:
+            self._restore_dict(target, node, path, name)
+            return None
+        saved_kind = node_kind(node)
+        replaceable = kind is VALUE or (
+            kind is SEQUENCE and saved_kind in ("list", "tuple") and pure(target)
+        )
+        if replaceable and node_pure(node):
+            return self._replace(target, node, path)
+        if kind is SEQUENCE:
+            return self._restore_sequence(target, node, saved_kind, path, name)
+        if kind is UNSUPPORTED:
+            self.problem(path, f"has unsupported type {type(target).__qualname__}: {SUPPORTED}")
+        else:
+            self.problem(
+                path, f"is a Python {type(target).__name__}, the checkpoint has {describe(node)}"
+            )
+        return None
+
+    def _fetch(self, name: str, spec: ArraySpec, path: Path) -> TensorData | None:
+        if name in self._data:
+            return self._data[name]
+        data: TensorData | None
+        try:
+            data = self.get_tensor(name)
+        except (KeyError, errors.NotFoundError):
+            data = None
+            self.problem(path, f"is saved as tensor {name!r}, which the checkpoint's data lacks")
+        else:
+            try:
+                expected = storage_spec(spec.dtype, spec.shape)
+            except ValueError as e:
+                raise MalformedTree(str(e)) from None
+            if (data.dtype, tuple(data.shape)) != expected or data.buffer.nbytes != data.nbytes:
+                self.problem(
+                    path,
+                    f"is saved as tensor {name!r} of {expected}, but the data holds "
+                    f"{data.dtype} {tuple(data.shape)} in {data.buffer.nbytes} bytes",
+                )
+                data = None
+        self._data[name] = data
+        return data
+
+    def _restore_array(self, target: Any, node: Any, path: Path, name: str) -> Replacement | None:
+        if type(node) is not list:
+            self.problem(path, f"is an array, the checkpoint has {describe(node)}")
+            return None
+        _, want = leaf_spec(node)
+        adapter: ArrayAdapter = array_adapter_for(target)  # type: ignore[assignment]
+        try:
+            have = adapter.spec(target)
+        except TypeError as e:
+            self.problem(path, f"{e}")
+            return None
+        count = len(self.problems)
+        if have.dtype != want.dtype:
+            self.problem(path, f"has dtype {have.dtype}, the checkpoint has {want.dtype}")
+        if have.shape != want.shape:
+            self.problem(
+                path, f"has shape {list(have.shape)}, the checkpoint has {list(want.shape)}"
+            )
+        unwritable = adapter.writable_problem(target)
+        if unwritable:
+            self.problem(path, unwritable)
+        data = self._fetch(name, want, path)
+        if data is None or len(self.problems) > count:
+            return None
+        view = adapter.host_view(target)
+        if view is not None:
+            self._copies.host.append((view, data))
+            return None
+        return lambda: adapter.restore(target, data, want)
+
+    def _plan_ndarray(self, target: np.ndarray[Any, Any], node: Any, name: str) -> bool:
+        """Plan the copy into a plain NumPy array that matches its node exactly; False
+        (nothing recorded) for anything else, which the general path then handles."""
+        if type(node) is not list or len(node) != 3 or name in self._data:
+            return False
+        _, dtype, shape = node
+        code = GATHER_DTYPES.get(target.dtype)  # native byte order, stored as it is
+        if code is None or code != dtype or type(shape) is not list:
+            return False
+        tshape = target.shape
+        if len(shape) != len(tshape) or list(tshape) != shape or not target.flags.writeable:
+            return False
+        if self.locate is not None:
+            try:
+                saved_code, saved_shape, source, start, end = self.locate(name)
+            except (KeyError, errors.NotFoundError):
+                return False
+            if saved_code != code or saved_shape != tshape:
+                return False
+            self._copies.located.append((target, source, start, end))
+            return True
+        if not target.flags.c_contiguous:
+            # A flat uint8 view of strided memory would be a copy (or impossible): the
+            # general path copies through the adapter instead.
+            return False
+        try:
+            data = self.get_tensor(name)
+        except (KeyError, errors.NotFoundError):
+            return False
+        buffer = data.buffer
+        if data.dtype != code or data.shape != tshape or buffer.nbytes != target.nbytes:
+            return False
+        self._data[name] = data
+        # A byte memoryview (the small-copy path) of a 0-d or empty array cannot be cast.
+        if target.nbytes >= PARALLEL_COPY_BYTES or not target.ndim or not target.nbytes:
+            self._copies.host.append((target.reshape(-1).view(np.uint8), data))
+        else:
+            self._copies.small.append((target, buffer))
+        return True
+
+    def _restore_object(self, target: Any, node: Any, path: Path, name: str) -> None:
+        if node_kind(node) != "object":
+            self.problem(
+                path, f"is a {type(target).__qualname__}, the checkpoint has {describe(node)}"
+            )
+            return
+        adapter = stateful_adapter_for(target)
+        assert adapter is not None
+        state_path = (path, STATE_DICT, None)
+        count = len(self.problems)
+        saved = self._construct(node["state"], state_path, name, build=False)
+        if len(self.problems) > count:
+            return  # its saved tensors are unreadable
+        found = adapter.problems(target, saved)
+        for key, text in found:
+            self.problem(state_path if key is None else (state_path, KEY, key), text)
+        if any(key is None for key, _ in found):
+            return
+        metadata = None
+        if "metadata" in node:
+            metadata = self._construct(node["metadata"], (path, METADATA, None), name, build=True)
+
+        def load() -> None:
+            state_dict = self._construct(node["state"], state_path, name, build=True)
+            if found and isinstance(state_dict, dict):
+                for key, _ in found:
+                    state_dict.pop(key, None)
+            if metadata is not None and isinstance(state_dict, dict):
+                state_dict = OrderedDict(state_dict)
+                state_dict._metadata = metadata  # type: ignore[attr-defined]
+            adapter.load(target, state_dict, strict=not found)
+
+        self._actions.append(load)
+
+    def _restore_dict(self, target: dict[Any, Any], node: Any, path: Path, name: str) -> None:
+        if node_kind(node) != "dict":
+            self.problem(path, f"is a dict, the checkpoint has {describe(node)}")
+            return
+        prefix = f"{name}/" if name else ""
+        keys, values = node.get("dict"), node.get("values")
+        many = self._locate_many  # many plain arrays that match exactly: one run, in C loops
+        ok = many and len(target) > 1 and type(keys) is type(values) is list
+        if ok and plan_run(self._copies, target, keys, values, prefix, many):  # type: ignore[arg-type]
+            return
+        saved = dict(dict_items(node))
+        ndarray, codes_of, locate = np.ndarray, GATHER_DTYPES, self.locate
+        located = self._copies.located
+        for key, value in target.items():
+            child = saved.get(key, saved)  # saved itself: a sentinel no node can be
+            if child is saved:
+                self.problem((path, KEY, key), "is missing from the checkpoint")
+                continue
+            child_name = prefix + key if type(key) is str else f"{prefix}{key}"
+            if type(value) is ndarray:
+                # _plan_ndarray inline for the common case (a state of 100k arrays spends
+                # its restore here): an exact match, copied straight from the checkpoint.
+                if (
+                    locate is not None
+                    and type(child) is list
+                    and len(child) == 3
+                    and codes_of.get(value.dtype) == child[1]
+                    and child[2] == list(value.shape)
+                    and value.flags.writeable
+                ):
+                    try:
+                        code, shape, source, start, end = locate(child_name)
+                    except (KeyError, errors.NotFoundError):
+                        pass
+                    else:
+                        if code == child[1] and shape == value.shape:
+                            located.append((value, source, start, end))
+                            continue
+                elif self._plan_ndarray(value, child, child_name):
+                    continue
+            child_path = (path, KEY, key)
+            replace = self._restore(value, child, child_path, child_name)
+            if replace is not None:
+                self._actions.append(_setter(target, key, value, replace))
+        for key in saved:
+            if key not in target:
+                self.problem((path, KEY, key), "is in the checkpoint but not in the state")
+
+    def _restore_sequence(
+        self, target: Any, node: Any, saved_kind: str, path: Path, name: str
+    ) -> Replacement | None:
+        kind = type(target).__name__
+        if saved_kind not in ("list", "tuple"):
+            self.problem(path, f"is a {kind}, the checkpoint has {describe(node)}")
+            return None
+        items = sequence_items(node, saved_kind)
+        if len(items) != len(target):
+            self.problem(path, f"has {len(target)} items, the checkpoint has {len(items)}")
+            return None
+        replacements = [
+            self._restore(value, child, (path, KEY, i), _child_name(name, i))
+            for i, (value, child) in enumerate(zip(target, items))
+        ]
+        if isinstance(target, list):
+            for i, replace in enumerate(replacements):
+                if replace is not None:
+                    self._actions.append(_setter(target, i, target[i], replace))
+            return None
+        if all(r is None for r in replacements):
+            return None
+
+        def rebuild() -> Any:
+            new = [old if r is None else r() for old, r in zip(target, replacements)]
+            changed = any(n is not o for n, o in zip(new, target))
+            return _rebuild_tuple(target, new) if changed else target
+
+        return rebuild
+
+    def _replace(self, target: Any, node: Any, path: Path) -> Replacement:
+        new = self._construct(node, path, "", build=True)  # pure: no arrays, cheap
+
+        def replacement() -> Any:
+            if isinstance(target, list) and isinstance(new, list):
+                target[:] = new  # keep the caller's list object
+                return target
+            if isinstance(target, tuple) and isinstance(new, tuple) and len(new) == len(target):
+                return _rebuild_tuple(target, list(new))  # keep a namedtuple's type
+            return new
+
+        return replacement
+
+    def _construct(self, node: Any, path: Path, name: str, *, build: bool) -> Any:
+        """The saved value of ``node``: arrays built (``build``) or as :class:`ArraySpec`."""
+        kind = node_kind(node)
+        if kind == "tensor":
+            framework, spec = leaf_spec(node)
+            data = self._fetch(name, spec, path)
+            if not build or data is None:
+                return spec
+            return array_adapter_named(framework).build(data, spec)
+        if kind == "object":
+            return self._construct(node["state"], (path, STATE_DICT, None), name, build=build)
+        if kind == "dict":
+            return {
+                key: self._construct(child, (path, KEY, key), _child_name(name, key), build=build)
+                for key, child in dict_items(node)
+            }
+        if kind in ("list", "tuple"):
+            items = [
+                self._construct(child, (path, KEY, i), _child_name(name, i), build=build)
+                for i, child in enumerate(sequence_items(node, kind))
+            ]
+            return items if kind == "list" else tuple(items)
+        try:
+            return pyvalues.decode_value(dict(node))
+        except (KeyError, TypeError, ValueError) as e:
+            raise MalformedTree(f"a value node {str(node)[:80]} is malformed ({e})") from None
+
+
+def _setter(container: Any, key: Any, old: Any, replace: Replacement) -> Callable[[], None]:
+    def action() -> None:
+        new = replace()
+        if new is not old:
+            container[key] = new
+
+    return action

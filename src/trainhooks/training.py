@@ -1,0 +1,258 @@
+"""``MonitoredTrainingSession``: a ``MonitoredSession`` with TF's default training hooks.
+
+The one module that knows sessions, hooks and checkpoints: everything it assembles
+sits in a layer below it.
+
+It resolves TF's defaults (checkpoints every 600 s, summaries every 100 steps, the
+step counter every 100 steps), picks the session creator for the chief or a worker,
+and orders the hooks as TF does: ``chief_only_hooks``, ``StepCounterHook``,
+``SummarySaverHook``, ``CheckpointSaverHook``, then the user's ``hooks``. The default
+step counter and summary hooks are imported only when they are used (their event
+writer is a heavy import).
+
+Two guards beyond TF: the chief that saves checkpoints holds the checkpoint
+directory's writer lock (``checkpoint/storage/lock.py``) while the session is open, so a
+second process saving into the same directory fails at once with a clear error; and
+SIGTERM (or the signals named) stops training at the next step boundary with a final
+checkpoint (``session/preemption.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from trainhooks.checkpoint.storage.lock import acquire_writer_lock
+from trainhooks.hooks.checkpoint import CheckpointSaverHook
+from trainhooks.session import monitored
+from trainhooks.session.creators import (
+    ChiefSessionCreator,
+    Scaffold,
+    WorkerSessionCreator,
+    resolve_scaffold,
+)
+from trainhooks.session.preemption import DEFAULT_GRACE_PERIOD_SECS, PreemptionWatcher
+from trainhooks.session.run_hook import SessionRunHook
+
+__all__ = ["USE_DEFAULT", "MonitoredTrainingSession"]
+
+logger = logging.getLogger(__name__)
+
+
+class _UseDefault:
+    def __repr__(self) -> str:
+        return "USE_DEFAULT"
+
+
+#: Marks an argument of ``MonitoredTrainingSession`` left at TF's default.
+USE_DEFAULT: Any = _UseDefault()
+
+
+def MonitoredTrainingSession(
+    master: str = "",
+    is_chief: bool = True,
+    checkpoint_dir: str | None = None,
+    scaffold: Scaffold | None = None,
+    hooks: Sequence[SessionRunHook] | None = None,
+    chief_only_hooks: Sequence[SessionRunHook] | None = None,
+    save_checkpoint_secs: Any = USE_DEFAULT,
+    save_summaries_steps: Any = USE_DEFAULT,
+    save_summaries_secs: Any = USE_DEFAULT,
+    config: Any = None,
+    stop_grace_period_secs: float = 120,
+    log_step_count_steps: int | None = 100,
+    max_wait_secs: float = 7200,
+    save_checkpoint_steps: Any = USE_DEFAULT,
+    summary_dir: str | None = None,
+    *,
+    state: Mapping[str, Any] | None = None,
+    async_checkpoint: bool = False,
+    advance_global_step: bool = True,
+    preemption_signals: Sequence[int] | None = (signal.SIGTERM,),
+    preemption_grace_period_secs: float | None = DEFAULT_GRACE_PERIOD_SECS,
+    on_checkpoint_error: str = "raise",
+) -> monitored.MonitoredSession:
+    """A ``MonitoredSession`` with TF's default hooks for training.
+
+    The chief restores the latest checkpoint in ``checkpoint_dir`` (or initializes)
+    and runs, in this order: ``chief_only_hooks``, ``StepCounterHook``,
+    ``SummarySaverHook``, ``CheckpointSaverHook``, then ``hooks``. The step counter
+    and summaries go to ``summary_dir`` (default ``checkpoint_dir``). A non-chief
+    runs only ``hooks`` and never writes. With neither given, checkpoints are saved
+    every 600 s and summaries every 100 steps; 0 or None turns a default hook off.
+
+    Args:
+      master: accepted for TF compatibility; unused.
+      is_chief: whether this process is the chief (restores, saves and summarizes).
+      checkpoint_dir: where checkpoints are restored from and saved to.
+      scaffold: the :class:`Scaffold`; default one holding ``state``.
+      hooks: hooks every process runs, after the default ones.
+      chief_only_hooks: hooks only the chief runs, before the default ones.
+      save_checkpoint_secs: save every N seconds (default 600 when neither is given).
+      save_summaries_steps: write summaries every N steps (default 100).
+      save_summaries_secs: write summaries every N seconds.
+      config: accepted for TF compatibility; unused.
+      stop_grace_period_secs: how long ``close`` waits for coordinator threads.
+      log_step_count_steps: log and record steps/sec every N steps (0 or None: off).
+      max_wait_secs: accepted for TF compatibility (``WorkerSessionCreator``).
+      save_checkpoint_steps: save every N steps instead of every N seconds.
+      summary_dir: where summaries go; default ``checkpoint_dir``.
+      state: the training state (see ``Session``).
+      async_checkpoint: write checkpoints in the background (``CheckpointSaverHook(async_save=True)``).
+      advance_global_step: False when the step function advances the global step itself.
+      preemption_signals: signals that stop training at the next step boundary, run
+        the hooks' ``end`` (the chief saves a final checkpoint of the last completed
+        step) and close the session; the handlers are installed only from the main
+        thread and the previous ones restored on close. None or ``()``: off.
+      preemption_grace_period_secs: after such a signal, how long the session may
+        take to stop and close before the process exits with status 128 + signum
+        (None: no limit). Keep it below the scheduler's kill timeout.
+      on_checkpoint_error: ``"raise"`` (TF's behaviour: a failed save stops training)
+        or ``"log"``: log the error and keep training; the previous checkpoints stay
+        listed and intact. Passed to ``CheckpointSaverHook(on_save_error=...)``.
+
+    Returns:
+      a :class:`MonitoredSession`.
+
+    Raises:
+      ValueError: if both ``save_checkpoint_secs`` and ``save_checkpoint_steps`` (or
+        both summary settings) are given, as ``CheckpointSaverHook`` refuses them, or
+        ``on_checkpoint_error`` is neither ``"raise"`` nor ``"log"``.
+      CheckpointDirLockedError: another process is saving into ``checkpoint_dir``.
+
+    Example:
+        >>> with MonitoredTrainingSession(
+        ...     checkpoint_dir="ckpt", state={"model": model, "opt": opt},
+        ...     save_checkpoint_steps=100, hooks=[StopAtStepHook(last_step=1000)],
+        ... ) as sess:
+        ...     while not sess.should_stop():
+        ...         sess.run(train_step)
+    """
+    if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
+        save_summaries_steps, save_summaries_secs = 100, None
+    elif save_summaries_secs is USE_DEFAULT:
+        save_summaries_secs = None
+    elif save_summaries_steps is USE_DEFAULT:
+        save_summaries_steps = None
+
+    if save_checkpoint_steps is USE_DEFAULT and save_checkpoint_secs is USE_DEFAULT:
+        save_checkpoint_steps, save_checkpoint_secs = None, 600
+    elif save_checkpoint_secs is USE_DEFAULT:
+        save_checkpoint_secs = None
+    elif save_checkpoint_steps is USE_DEFAULT:
+        save_checkpoint_steps = None
+
+    if on_checkpoint_error not in ("raise", "log"):
+        raise ValueError(
+            f"on_checkpoint_error must be 'raise' or 'log', got {on_checkpoint_error!r}."
+        )
+    preemption = (
+        PreemptionWatcher(preemption_signals, preemption_grace_period_secs)
+        if preemption_signals
+        else None
+    )
+    scaffold = resolve_scaffold(scaffold, state)
+    if not is_chief:
+        worker_creator = WorkerSessionCreator(
+            scaffold=scaffold,
+            master=master,
+            config=config,
+            max_wait_secs=max_wait_secs,
+            checkpoint_dir=checkpoint_dir,
+            advance_global_step=advance_global_step,
+        )
+        return monitored.MonitoredSession(
+            session_creator=worker_creator,
+            hooks=list(hooks or []),
+            stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
+        )
+
+    all_hooks: list[SessionRunHook] = list(chief_only_hooks or [])
+    session_creator = ChiefSessionCreator(
+        scaffold=scaffold,
+        checkpoint_dir=checkpoint_dir,
+        master=master,
+        config=config,
+        advance_global_step=advance_global_step,
+    )
+    summary_dir = summary_dir or checkpoint_dir
+    if summary_dir:
+        if log_step_count_steps and log_step_count_steps > 0:
+            from trainhooks.hooks.basic import StepCounterHook
+
+            all_hooks.append(
+                StepCounterHook(output_dir=summary_dir, every_n_steps=log_step_count_steps)
+            )
+        if _positive(save_summaries_steps) or _positive(save_summaries_secs):
+            from trainhooks.hooks.summary import SummarySaverHook
+
+            all_hooks.append(
+                SummarySaverHook(
+                    scaffold=scaffold,
+                    save_steps=save_summaries_steps,
+                    save_secs=save_summaries_secs,
+                    output_dir=summary_dir,
+                )
+            )
+    saves_checkpoints = bool(
+        checkpoint_dir and (_positive(save_checkpoint_secs) or _positive(save_checkpoint_steps))
+    )
+    if saves_checkpoints and checkpoint_dir:
+        extra: dict[str, Any] = {"async_save": True} if async_checkpoint else {}
+        if on_checkpoint_error != "raise":
+            extra["on_save_error"] = on_checkpoint_error
+        all_hooks.append(
+            CheckpointSaverHook(
+                checkpoint_dir,
+                save_steps=save_checkpoint_steps,
+                save_secs=save_checkpoint_secs,
+                scaffold=scaffold,
+                **extra,
+            )
+        )
+    all_hooks.extend(hooks or [])
+    if not (saves_checkpoints and checkpoint_dir):
+        return monitored.MonitoredSession(
+            session_creator=session_creator,
+            hooks=all_hooks,
+            stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
+        )
+    # Taken before the session restores or saves anything, held until it closes.
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    lock = acquire_writer_lock(checkpoint_dir)
+    try:
+        session = monitored.MonitoredSession(
+            session_creator=session_creator,
+            hooks=all_hooks,
+            stop_grace_period_secs=stop_grace_period_secs,
+            preemption=preemption,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    session._on_close.append(lock.release)
+    # On a clean close the checkpoint hook's end() closes the saver; after an error it
+    # must still release the saver's buffers and directory lock, without masking the error.
+    session._on_close.append(lambda: _close_saver_quietly(scaffold))
+    return session
+
+
+def _close_saver_quietly(scaffold: Scaffold) -> None:
+    saver = scaffold.saver
+    if saver is None:
+        return
+    try:
+        saver.close()
+    except Exception:
+        logger.warning(
+            "Closing the checkpoint saver after the session closed failed.", exc_info=True
+        )
+
+
+def _positive(value: Any) -> bool:
+    return bool(value) and value > 0
