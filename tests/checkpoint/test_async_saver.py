@@ -1,4 +1,4 @@
-"""Background saving (DESIGN §4): Saver(async_save=True), its snapshot pool and writer thread."""
+"""Background saving (docs/internals.md): Saver(async_save=True), its snapshot pool and writer thread."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CheckpointSaverHook with background saving (DESIGN §4), through real monitored sessions.
+"""CheckpointSaverHook with background saving (docs/internals.md), through real monitored sessions.
 
 Every scenario runs twice, saving synchronously and in the background, and the
 listeners must hear the same calls in the same order; each ``after_save`` must find its

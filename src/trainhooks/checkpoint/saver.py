@@ -68,7 +68,7 @@ class Saver:
         instead of raising ``ValueError("No variables to save")``.
       max_shard_bytes: split the tensors across data files of about this size, so
         that large states are written and read in parallel; None: the format's default.
-      async_save: save in the background (DESIGN §4): :meth:`save` copies the state
+      async_save: save in the background (``docs/internals.md``): :meth:`save` copies the state
         into reused host buffers and returns; writing, commit, state file and retention
         run on a background thread, one save at a time. See :meth:`wait`,
         :meth:`poll_committed` and :meth:`close`.

@@ -1,14 +1,14 @@
 """``CheckpointSaverHook`` and ``CheckpointSaverListener``: when to checkpoint, and who hears of it.
 
 The hook follows TensorFlow 2.x's ``tf.compat.v1.train.CheckpointSaverHook`` call for
-call (``shared/reference/tf_semantics.md`` §2 and §3), with one graph-free change fixed
-by DESIGN §2: after every run it reads the real global step from
+call (``docs/semantics.md``), with one graph-free change, listed among the deliberate
+differences there: after every run it reads the real global step from
 ``run_context.session.global_step``; there is no stale-step pre-check.
 
 One save is split in two halves, :meth:`CheckpointSaverHook._before_save_and_write`
 (listeners' ``before_save``, then ``Saver.save``) and
 :meth:`CheckpointSaverHook._after_commit` (listeners' ``after_save``). With synchronous
-saving the second half runs right after the first. With background saving (DESIGN §4,
+saving the second half runs right after the first. With background saving (``docs/internals.md``,
 a saver with ``async_save``) ``Saver.save`` returns once the state is copied, and the
 hook delivers the second half on the training thread at the first step boundary (the
 start of ``before_run``, the end of ``after_run``) after ``Saver.poll_committed``
@@ -159,7 +159,7 @@ class CheckpointSaverHook(SessionRunHook):
       scaffold: a :class:`~trainhooks.Scaffold` whose ``saver`` is used.
       listeners: :class:`CheckpointSaverListener` instances, called in order around
         each save.
-      async_save: save in the background (DESIGN §4). The hook's own default saver is
+      async_save: save in the background (``docs/internals.md``). The hook's own default saver is
         then ``Saver(async_save=True)``; with ``scaffold``, the scaffold's default
         saver is created that way (``Scaffold.use_async_save``). A ``saver`` (or a
         scaffold's saver) that saves synchronously is refused.

@@ -1,6 +1,6 @@
 """How ``CheckpointSaverHook`` delivers a background save to its listeners.
 
-With background saving (DESIGN §4) ``Saver.save`` returns once the state is copied and
+With background saving (``docs/internals.md``) ``Saver.save`` returns once the state is copied and
 the checkpoint commits later, on another thread. Listeners must still run on the
 training thread, and only for a complete checkpoint: the hook records the save it
 started in a :class:`CommitDelivery`, which, at every step boundary, asks the saver

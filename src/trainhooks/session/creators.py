@@ -126,7 +126,7 @@ class Scaffold:
         return self._finalized
 
     def use_async_save(self) -> None:
-        """Make the scaffold's saver save in the background (DESIGN §4).
+        """Make the scaffold's saver save in the background (``docs/internals.md``).
 
         Before :meth:`finalize`, with no saver given, the default saver will be
         ``Saver(async_save=True)``; a saver that already saves in the background is

@@ -1,6 +1,6 @@
 """``BackgroundWriter``: one thread that runs one save at a time, off the training thread.
 
-A background save (DESIGN §4) is a job handed over by ``Saver.save``: write the
+A background save (``docs/internals.md``) is a job handed over by ``Saver.save``: write the
 snapshot, commit it, update the state file, apply retention. The writer runs at most
 one job at a time; :meth:`BackgroundWriter.submit` refuses a second while one runs, so
 the caller waits first (:meth:`BackgroundWriter.wait`).

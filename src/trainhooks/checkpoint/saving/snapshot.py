@@ -67,7 +67,7 @@ class SnapshotPool:
         this returns. It does alias the pool, so it is valid until the next ``take``.
 
         Args:
-          state: the training state (DESIGN §2).
+          state: the training state (``docs/format.md``).
 
         Returns:
           A ``FlatState`` over the pool's buffers, for ``format.write_checkpoint``.

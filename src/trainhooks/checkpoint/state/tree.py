@@ -1,6 +1,6 @@
 """The training state as named tensors plus a JSON tree, and back into the user's objects.
 
-:func:`flatten_state` turns a state (DESIGN §2) into :class:`FlatState`: every array
+:func:`flatten_state` turns a state (``docs/format.md``) into :class:`FlatState`: every array
 becomes a named :class:`~trainhooks.checkpoint.format.tensor.TensorData` (names are ``/``-joined
 paths, ``"model/fc.weight"``, ``"optimizer/state/0/exp_avg"``) and ``tree`` records how
 the names nest, the adapters used and every other value as JSON. :func:`restore_state`
@@ -96,7 +96,7 @@ def flatten_state(
     """Split ``state`` into named tensors and a JSON tree.
 
     Args:
-      state: the training state: a mapping of names to values (DESIGN §2).
+      state: the training state: a mapping of names to values (``docs/format.md``).
       copy: when False (the default), the buffers of contiguous host arrays alias their
         memory: write them out before the state changes (the next step). Pass True for a
         snapshot the training loop may run on from (background saving); arrays that

@@ -11,7 +11,7 @@ once the checkpoint is complete.
 * :class:`KeepBestListener` (``keep_best.py``) keeps the best N checkpoints by a metric,
   out of reach of the Saver's ``max_to_keep``.
 
-A copy is made durable the way the Saver commits (DESIGN §3): files are written into
+A copy is made durable the way the Saver commits (``docs/format.md``): files are written into
 a temporary directory and fsynced, the directory is renamed into place, the parent is
 fsynced, and only then is the state file replaced; entries it no longer lists are
 deleted last (``durable.py``).

@@ -1,6 +1,6 @@
 """Durable copies for the listeners: a checkpoint directory, or a JSON file, all or nothing.
 
-A copy is made durable the way the Saver commits (DESIGN §3): files are written into
+A copy is made durable the way the Saver commits (``docs/format.md``): files are written into
 a temporary directory (``<name>.partial-<random>``) and fsynced, the directory is renamed
 into place, and the parent is fsynced. A copy being replaced is first moved aside
 (``<name>.replaced-<random>``); :func:`clean_leftovers` tidies up after a crash.
