@@ -7,7 +7,9 @@
 Both create and fill ``.venv`` on first use (and refresh it when ``pyproject.toml``
 changes), so the only requirements are Python 3.10+ and pip. Extra arguments after
 ``test`` go to pytest; extra arguments after ``demo`` go to the demo.
-Other commands: ``bench`` (benchmarks/run_all.py), ``shell`` (print the venv's python).
+Other commands: ``bench`` (benchmarks/run_all.py), ``docs`` (build the documentation site
+into ``site/`` with ``mkdocs build --strict``; installs the ``docs`` extra on first use),
+``shell`` (print the venv's python).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".trainhooks-installed"
+DOCS_STAMP = VENV / ".trainhooks-docs-installed"
 # The pinned CPU build; `pip install torch==2.13.0` resolves it without pulling CUDA wheels.
 TORCH = "torch==2.13.0"
 
@@ -49,8 +52,18 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_docs() -> None:
+    """Install the ``docs`` extra (mkdocs and friends) unless already current."""
+    # Only `dev.py docs` needs it, so the other commands do not pay for it.
+    wanted = STAMP.read_text().strip()
+    if DOCS_STAMP.exists() and DOCS_STAMP.read_text().strip() == wanted:
+        return
+    _run(PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-e", ".[docs]")
+    DOCS_STAMP.write_text(wanted)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
+    if not argv or argv[0] not in {"demo", "test", "bench", "docs", "shell"}:
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
@@ -63,6 +76,11 @@ def main(argv: list[str]) -> int:
         return subprocess.run([str(PYTHON), "examples/demo.py", *rest], cwd=ROOT, env=env).returncode
     if command == "bench":
         return subprocess.run([str(PYTHON), "benchmarks/run_all.py", *rest], cwd=ROOT, env=env).returncode
+    if command == "docs":
+        ensure_docs()
+        env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about its successor
+        build = [str(PYTHON), "-m", "mkdocs", "build", "--strict", "--site-dir", "site", *rest]
+        return subprocess.run(build, cwd=ROOT, env=env).returncode
     steps = [
         [str(PYTHON), "-m", "ruff", "check", "src", "tests", "benchmarks", "examples", "tools"],
         [str(PYTHON), "-m", "ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "tools"],

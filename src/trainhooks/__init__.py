@@ -22,6 +22,7 @@ from typing import Any
 import lazy_loader
 
 __version__ = "0.1.0"
+"""The version of trainhooks, as in ``pyproject.toml``."""
 
 _lazy_getattr, __dir__, _names = lazy_loader.attach_stub(__name__, __file__)
 __all__ = ["__version__", *_names]

@@ -1,6 +1,6 @@
 """Errors raised by trainhooks, named after TensorFlow's ``tf.errors`` where the concept exists.
 
-Their meaning inside a monitored session is fixed by the reference semantics:
+Their meaning inside a monitored session is TensorFlow's (``docs/semantics.md``):
 
 * :class:`OutOfRangeError` (and the built-in ``StopIteration``) end training cleanly:
   hooks' ``end`` runs.
