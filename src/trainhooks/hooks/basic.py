@@ -71,11 +71,13 @@ class StopAtStepHook(SessionRunHook):
         return self._last_step
 
     def after_create_session(self, session: Session, coord: Coordinator | None) -> None:
+        """With ``num_steps``, fix ``last_step`` from the session's step (once, not after a recovery)."""
         if self._last_step is None:
             assert self._num_steps is not None
             self._last_step = session.global_step + self._num_steps
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Request a stop once the real global step reaches ``last_step``."""
         if self._last_step is None:
             raise RuntimeError(
                 "StopAtStepHook(num_steps=...) learns its start step in after_create_session; "
@@ -133,13 +135,16 @@ class StepCounterHook(SessionRunHook):
         self._warnings_logged = 0
 
     def begin(self) -> None:
+        """Open the summary writer (``summary_writer``, else the cached one for ``output_dir``)."""
         self._summary_writer = summary_writer_for(self._writer_arg, self._output_dir)
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Remember the global step before the run, to warn when it does not advance."""
         self._step_before_run = run_context.session.global_step
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """On a trigger, log and record steps per second; warn when the step did not advance."""
         global_step = run_context.session.global_step
         if self._timer.should_trigger_for_step(global_step):
             elapsed_time, elapsed_steps = self._timer.update_last_triggered_step(global_step)
@@ -159,6 +164,7 @@ class StepCounterHook(SessionRunHook):
             )
 
     def end(self, session: Session) -> None:
+        """Flush the summary writer."""
         if self._summary_writer is not None:
             self._summary_writer.flush()
 
@@ -201,9 +207,11 @@ class GlobalStepWaiterHook(SessionRunHook):
         self._worker_is_started = False
 
     def begin(self) -> None:
+        """Forget any earlier wait: the next ``before_run`` waits again."""
         self._worker_is_started = False
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Block until the global step reaches ``wait_until_step`` (once)."""
         if self._worker_is_started:
             return None
         if self._wait_until_step <= 0:
@@ -260,6 +268,7 @@ class FinalOpsHook(SessionRunHook):
         return self._final_ops_values
 
     def end(self, session: Session) -> None:
+        """Run ``final_ops`` with their feed and keep the values in ``final_ops_values``."""
         if self._final_ops is None:
             return
         try:
@@ -292,4 +301,5 @@ class FeedFnHook(SessionRunHook):
         self.feed_fn = feed_fn
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Feed ``feed_fn()`` into the run."""
         return SessionRunArgs(fetches=None, feed_dict=dict(self.feed_fn()))

@@ -257,6 +257,7 @@ class CheckpointSaverHook(SessionRunHook):
         return self._get_saver()
 
     def begin(self) -> None:
+        """Create the checkpoint directory, then call every listener's ``begin``."""
         # TF's begin opens a summary writer for checkpoint_dir, which creates the
         # directory; Saver.save expects its parent directory to exist.
         os.makedirs(self._checkpoint_dir, exist_ok=True)
@@ -264,15 +265,18 @@ class CheckpointSaverHook(SessionRunHook):
             listener.begin()
 
     def after_create_session(self, session: Session, coord: Coordinator) -> None:
+        """Save a checkpoint at the session's current step (a listener's stop request is ignored)."""
         global_step = session.global_step
         # A stop requested by a listener here is ignored, as in TF.
         self._save(session, global_step)
         self._timer.update_last_triggered_step(global_step)
 
     def before_run(self, run_context: SessionRunContext) -> None:
+        """Deliver a background save committed since the last step (its ``after_save``)."""
         self._deliver_committed(run_context.session, run_context)
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Save when the timer triggers for the real global step; a truthy ``after_save`` requests a stop."""
         global_step = run_context.session.global_step
         if self._timer.should_trigger_for_step(global_step):
             # Updated before saving, as TF does: a save that raises is not retried
@@ -283,6 +287,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._deliver_committed(run_context.session, run_context)
 
     def end(self, session: Session) -> None:
+        """Save the last step unless just saved, then call every listener's ``end`` and close the saver."""
         last_step = session.global_step
         if last_step != self._timer.last_triggered_step():
             self._save(session, last_step)

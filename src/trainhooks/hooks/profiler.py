@@ -153,14 +153,17 @@ class ProfilerHook(SessionRunHook):
         self._trace: _StepTrace | None = None
 
     def begin(self) -> None:
+        """Reset the schedule and create ``output_dir``."""
         self._next_step = None
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
 
     def after_create_session(self, session: Session, coord: Any) -> None:
+        """Drop a trace left by a run that failed before a recovery."""
         self._discard_trace()  # a trace left by a run that failed before recovery
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Start tracing this step when the timer triggers (the first run only starts the timer)."""
         self._discard_trace()
         if self._next_step is None:
             # The first run only starts the timer, from the step before the run, so
@@ -171,6 +174,7 @@ class ProfilerHook(SessionRunHook):
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Save the step's trace as ``timeline-<step>.json`` in ``output_dir``."""
         global_step = run_context.session.global_step
         trace, self._trace = self._trace, None
         if trace is not None:
@@ -182,6 +186,7 @@ class ProfilerHook(SessionRunHook):
         self._next_step = global_step + 1
 
     def end(self, session: Session) -> None:
+        """Drop an unfinished trace."""
         self._discard_trace()
 
     def _discard_trace(self) -> None:

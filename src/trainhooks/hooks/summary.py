@@ -348,6 +348,7 @@ class SummarySaverHook(SessionRunHook):
         self._request_summary = False
 
     def begin(self) -> None:
+        """Open the summary writer and pick the summary op (given, else the scaffold's)."""
         self._summary_writer = summary_writer_for(self._writer_arg, self._output_dir)
         self._next_step = None
         self._current_op = self._summary_op
@@ -357,6 +358,7 @@ class SummarySaverHook(SessionRunHook):
                 _check_summary_op(self._current_op, "scaffold.summary_op")
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Fetch the summaries on the first run and whenever the timer triggers."""
         if self._summary_writer is None:
             return None  # nowhere to write: call nothing
         self._request_summary = self._next_step is None or self._timer.should_trigger_for_step(
@@ -367,6 +369,7 @@ class SummarySaverHook(SessionRunHook):
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Write the fetched summaries at the real global step (and a session start on the first run)."""
         writer = self._summary_writer
         if writer is None:
             return
@@ -381,5 +384,6 @@ class SummarySaverHook(SessionRunHook):
         self._next_step = global_step + 1
 
     def end(self, session: Session | None = None) -> None:
+        """Flush the summary writer."""
         if self._summary_writer is not None:
             self._summary_writer.flush()

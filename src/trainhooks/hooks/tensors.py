@@ -67,9 +67,11 @@ class NanTensorHook(SessionRunHook):
         self._fail_on_nan_loss = fail_on_nan_loss
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Fetch the loss."""
         return SessionRunArgs(self._loss_tensor)
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """On a NaN loss, raise :class:`NanLossDuringTrainingError` or request a stop."""
         if _is_nan(self._loss_tensor, run_values.results):
             failure_message = "Model diverged with loss = NaN."
             if self._fail_on_nan_loss:
@@ -149,11 +151,13 @@ class LoggingTensorHook(SessionRunHook):
         self._last_values: dict[str, Any] = {}
 
     def begin(self) -> None:
+        """Reset the timer and the iteration count."""
         self._timer.reset()
         self._iter_count = 0
         self._last_values = {}
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
+        """Fetch the tensors when the timer triggers for this iteration (or to log them at the end)."""
         self._should_trigger = self._timer.should_trigger_for_step(self._iter_count)
         if self._should_trigger:
             return SessionRunArgs(self._tensors)
@@ -163,6 +167,7 @@ class LoggingTensorHook(SessionRunHook):
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Log the fetched tensors when this iteration triggered; count the iteration."""
         if self._log_at_end and run_values.results is not None:
             self._last_values = {tag: run_values.results[tag] for tag in self._names}
         if self._should_trigger:
@@ -170,6 +175,7 @@ class LoggingTensorHook(SessionRunHook):
         self._iter_count += 1
 
     def end(self, session: Session) -> None:
+        """With ``at_end``, log the tensors' latest values."""
         if not self._log_at_end:
             return
         fetches = {t: v for t, v in self._tensors.items() if t not in self._last_values}

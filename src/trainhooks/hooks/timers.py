@@ -93,10 +93,13 @@ class NeverTriggerTimer(SecondOrStepTimer):
         super().__init__(every_steps=1)
 
     def should_trigger_for_step(self, step: int) -> bool:
+        """Never triggers: always False."""
         return False
 
     def update_last_triggered_step(self, step: int) -> tuple[float | None, int | None]:
+        """Records nothing; returns ``(None, None)``."""
         return None, None
 
     def last_triggered_step(self) -> int | None:
+        """Always None."""
         return None

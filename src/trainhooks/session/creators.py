@@ -222,6 +222,7 @@ class _BaseSessionCreator:
 
     @property
     def scaffold(self) -> Scaffold:
+        """The :class:`Scaffold` this creator builds sessions from."""
         return self._scaffold
 
     def _new_session(self) -> Session:

@@ -92,14 +92,17 @@ class SessionRunContext:
 
     @property
     def original_args(self) -> SessionRunArgs:
+        """The :class:`SessionRunArgs` of the caller's ``run`` (fetches and feeds)."""
         return self._original_args
 
     @property
     def session(self) -> Session:
+        """The raw session: running it from a hook calls no hooks."""
         return self._session
 
     @property
     def stop_requested(self) -> bool:
+        """True once a hook called :meth:`request_stop` during this run."""
         return self._stop_requested
 
     def request_stop(self) -> None:

@@ -117,6 +117,7 @@ class Session:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran."""
         return self._closed
 
     def close(self) -> None:

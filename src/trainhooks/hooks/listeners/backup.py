@@ -43,10 +43,12 @@ class BackupListener(HookBoundListener):
         self.keep_all = keep_all
 
     def begin(self) -> None:
+        """Create the backup directory and remove what an interrupted backup left there."""
         os.makedirs(self.backup_dir, exist_ok=True)
         clean_leftovers(self.backup_dir)
 
     def after_save(self, session: Session, global_step_value: int) -> None:
+        """Copy the checkpoint just committed into the backup directory, then list it there."""
         source = self._committed_checkpoint(global_step_value)
         name = os.path.basename(source)
         previous = self._listed(self.backup_dir)

@@ -67,12 +67,14 @@ class EvaluationListener(HookBoundListener):
         self._timer = SecondOrStepTimer(every_steps=every_n_steps if every_n_steps else 0)
 
     def after_save(self, session: Session, global_step_value: int) -> bool:
+        """Evaluate when the timer triggers for this step; True (stop training) if ``stop_if`` says so."""
         if not self._timer.should_trigger_for_step(global_step_value):
             return False
         result = self._evaluate(global_step_value)
         return bool(self.stop_if is not None and self.stop_if(result))
 
     def end(self, session: Session, global_step_value: int) -> None:
+        """Evaluate the final checkpoint unless ``after_save`` already did."""
         # The hook guarantees a checkpoint at the final step by now.
         if self._timer.last_triggered_step() != global_step_value:
             self._evaluate(global_step_value)

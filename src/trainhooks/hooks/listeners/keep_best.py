@@ -95,11 +95,13 @@ class KeepBestListener(HookBoundListener):
         return list(self._kept)
 
     def begin(self) -> None:
+        """Create the directory of the best checkpoints, clean up after a crash, load the list."""
         os.makedirs(self.best_dir, exist_ok=True)
         clean_leftovers(self.best_dir)
         self._kept = self._load()
 
     def after_save(self, session: Session, global_step_value: int) -> None:
+        """Score the checkpoint just committed; copy it in if it ranks among the best ``keep``."""
         if global_step_value == self._last_scored_step:
             return None
         source = self._committed_checkpoint(global_step_value)
