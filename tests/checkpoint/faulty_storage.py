@@ -22,7 +22,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from trainhooks.checkpoint.storage import LocalStorage, Storage, WritableFile
+from trainhooks.checkpoint.storage import (
+    DirectoryReader,
+    Lease,
+    LocalStorage,
+    ReadableFile,
+    Storage,
+    WritableFile,
+)
 
 KINDS = ("enospc", "eio", "eacces", "partial", "slow")
 _ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO, "eacces": errno.EACCES}
@@ -147,3 +154,41 @@ class FaultyStorage:
     def fsync_dir(self, path: str) -> None:
         self._apply(self._next("fsync_dir", path))
         self._inner.fsync_dir(path)
+
+    # The rest of the Storage interface: reads pass through; writes and deletes can fail.
+    can_rename = True
+
+    def makedirs(self, path: str) -> None:
+        self._apply(self._next("makedirs", path))
+        self._inner.makedirs(path)
+
+    def open_read(self, path: str) -> ReadableFile:
+        return self._inner.open_read(path)
+
+    def open_directory(self, path: str) -> DirectoryReader:
+        return self._inner.open_directory(path)
+
+    def read_bytes(self, path: str, *, max_bytes: int) -> bytes:
+        return self._inner.read_bytes(path, max_bytes=max_bytes)
+
+    def put(
+        self, path: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None
+    ) -> None:
+        self._apply(self._next("put", path))
+        self._inner.put(path, data, if_absent=if_absent, if_version=if_version)
+
+    def version(self, path: str) -> str | None:
+        return self._inner.version(path)
+
+    def size(self, path: str) -> int:
+        return self._inner.size(path)
+
+    def mtime(self, path: str) -> float:
+        return self._inner.mtime(path)
+
+    def delete(self, path: str) -> None:
+        self._apply(self._next("delete", path))
+        self._inner.delete(path)
+
+    def lease(self, directory: str) -> Lease:
+        return self._inner.lease(directory)

@@ -268,7 +268,7 @@ def _write_data_file(
 
 
 def read_header(
-    data: mmap.mmap | bytes, file_size: int, fail: Any, expected_end: int | None = None
+    data: mmap.mmap | memoryview | bytes, file_size: int, fail: Any, expected_end: int | None = None
 ) -> bytes:
     """A data file's header (length prefix included), its length bounded by the file size.
 
@@ -283,7 +283,7 @@ def read_header(
         raise fail(f"header length {length} exceeds the file ({file_size} bytes)")
     if expected_end is not None and 8 + length != expected_end:
         raise fail(f"header ends at byte {8 + length}, the manifest says {expected_end}")
-    return data[: 8 + length]
+    return bytes(data[: 8 + length])
 
 
 def check_header(
@@ -306,7 +306,9 @@ def check_header(
     _compare(header, _canonical(expected, fail), fail)
 
 
-def verify_header(data: mmap.mmap | bytes, file_size: int, file: FileEntry, fail: Any) -> None:
+def verify_header(
+    data: mmap.mmap | memoryview | bytes, file_size: int, file: FileEntry, fail: Any
+) -> None:
     """Check a data file's header against its decoded manifest entry (columns and offsets),
     never copying a header longer than the one the entry makes (a forged length is
     refused unread). The header must be byte for byte the one this module writes.

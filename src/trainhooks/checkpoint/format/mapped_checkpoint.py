@@ -10,7 +10,6 @@ nothing unchecked is ever returned.
 from __future__ import annotations
 
 import difflib
-import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -27,6 +26,7 @@ from trainhooks.checkpoint.format.manifest import (
     checksum,
 )
 from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.storage import ReadableFile
 from trainhooks.errors import DataLossError, NotFoundError
 
 __all__ = ["Located", "Locator", "MappedCheckpoint"]
@@ -43,7 +43,6 @@ Located = tuple[
 
 # verify() reads each file through a buffer of this size (small enough to stay in cache).
 _READ_CHUNK = 2**20
-_FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", 2)
 
 
 class MappedCheckpoint:
@@ -63,8 +62,7 @@ class MappedCheckpoint:
     def __init__(self, prefix: str, manifest: Manifest) -> None:
         self.prefix = prefix
         self.manifest = manifest
-        self._maps: dict[str, mmap.mmap] = {}
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, ReadableFile] = {}
         self._views: dict[str, memoryview] = {}
         self._verified: set[tuple[str, int]] = set()  # (file, chunk index)
         self._all_verified = False
@@ -78,13 +76,11 @@ class MappedCheckpoint:
         self._single_array: np.ndarray[Any, Any] | None = None
         self._single_offsets: np.ndarray[Any, Any] | None = None
 
-    def map_file(self, file: str, fd: int, size: int) -> mmap.mmap:
-        """Map the open data file ``fd``; the mapping and fd now belong to this object."""
-        self._fds[file] = fd
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        self._maps[file] = mapped
-        self._views[file] = memoryview(mapped)
-        return mapped
+    def map_file(self, file: str, handle: ReadableFile) -> memoryview:
+        """View the open data file ``handle``, which now belongs to this object."""
+        self._files[file] = handle
+        view = self._views[file] = handle.view()
+        return view
 
     @property
     def global_step(self) -> int:
@@ -178,7 +174,7 @@ class MappedCheckpoint:
                 self.tensor_data(name)
         array = self._arrays.get(fname)
         if array is None:
-            array = self._arrays[fname] = np.frombuffer(self._maps[fname], np.uint8)
+            array = self._arrays[fname] = np.frombuffer(self._views[fname], np.uint8)
             if self._single is not None:
                 self._single_array = array
         return entry.dtypes[i], entry.shapes[i], array, entry.offsets[i], entry.offsets[i + 1]
@@ -205,7 +201,7 @@ class MappedCheckpoint:
         array = self._single_array
         if array is None:
             array = self._single_array = self._arrays[fname] = np.frombuffer(
-                self._maps[fname], np.uint8
+                self._views[fname], np.uint8
             )
         return (
             list(map(entry.dtypes.__getitem__, order)),
@@ -254,7 +250,7 @@ class MappedCheckpoint:
         def verify_file(file: str) -> None:
             chunks = files[file].chunks
             todo = [i for i in range(len(chunks)) if (file, i) not in self._verified]
-            digests = _read_and_checksum(self._fds[file], [chunks[i] for i in todo])
+            digests = _read_and_checksum(self._files[file], [chunks[i] for i in todo])
             for index, digest in zip(todo, digests):
                 self._check(file, index, digest)
 
@@ -274,15 +270,9 @@ class MappedCheckpoint:
         for view in self._views.values():
             view.release()
         self._views = {}
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:
-                pass  # a TensorData handed out still uses it; freed with it
-        self._maps = {}
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        for handle in self._files.values():
+            handle.close()  # a mapping a TensorData handed out still uses stays alive
+        self._files = {}
 
     def __enter__(self) -> MappedCheckpoint:
         return self
@@ -324,7 +314,7 @@ class Locator:
         return self._checkpoint.locate_many(names, unchecked=self._unchecked)
 
 
-def _read_and_checksum(fd: int, chunks: list[Chunk]) -> list[str]:
+def _read_and_checksum(file: ReadableFile, chunks: list[Chunk]) -> list[str]:
     """The checksum of each byte range in ``chunks`` (in file order), read with ``preadv``.
 
     Reads go through a buffer of ``_READ_CHUNK`` bytes that stays in the CPU cache for
@@ -333,14 +323,15 @@ def _read_and_checksum(fd: int, chunks: list[Chunk]) -> list[str]:
     scratch = bytearray(_READ_CHUNK)
     view = memoryview(scratch)
     digests = []
-    if hasattr(os, "posix_fadvise") and chunks:
-        os.posix_fadvise(fd, chunks[0].start, chunks[-1].end - chunks[0].start, _FADV_SEQUENTIAL)
+    advise = getattr(file, "advise_sequential", None)
+    if advise is not None and chunks:
+        advise(chunks[0].start, chunks[-1].end - chunks[0].start)
     for chunk in chunks:
         hasher = xxhash.xxh3_128()
         position = chunk.start
         while position < chunk.end:
             want = min(len(scratch), chunk.end - position)
-            done = os.preadv(fd, [view[:want]], position)
+            done = file.readinto(position, view[:want])
             if done <= 0:
                 break  # truncated under us: the checksum will not match
             hasher.update(view[:done])

@@ -24,7 +24,6 @@ modified in place by trainhooks.
 from __future__ import annotations
 
 import os
-import stat
 
 from trainhooks.checkpoint.format.datafile import verify_header
 from trainhooks.checkpoint.format.manifest import (
@@ -35,6 +34,7 @@ from trainhooks.checkpoint.format.manifest import (
 from trainhooks.checkpoint.format.manifest_decode import decode_manifest
 from trainhooks.checkpoint.format.mapped_checkpoint import MappedCheckpoint
 from trainhooks.checkpoint.gc_pause import paused_gc
+from trainhooks.checkpoint.storage import DirectoryReader, ReadableFile, Storage, storage_for
 from trainhooks.errors import DataLossError, NotFoundError
 
 __all__ = [
@@ -45,12 +45,11 @@ __all__ = [
 
 # A re-save swaps the directory under a reader; it then starts over on the new one.
 _OPEN_ATTEMPTS = 3
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
+def open_checkpoint(
+    prefix: str | os.PathLike[str], *, storage: Storage | None = None
+) -> MappedCheckpoint:
     """Open the checkpoint directory at ``prefix``: manifest, sizes and headers checked.
 
     Files are opened relative to the directory as it was when opening began, so a
@@ -59,6 +58,7 @@ def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
 
     Args:
       prefix: the checkpoint path, e.g. ``"ckpt/model.ckpt-200"``.
+      storage: where it is stored (default: the storage its path names).
 
     Returns:
       A :class:`MappedCheckpoint`; call ``verify()`` to checksum everything.
@@ -74,9 +74,10 @@ def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
     """
     prefix = os.fspath(prefix)
     prefix = prefix.rstrip("/") or prefix
+    storage = storage_for(prefix) if storage is None else storage
     for attempt in range(_OPEN_ATTEMPTS):
         try:
-            dir_fd = os.open(prefix, os.O_RDONLY | _O_DIRECTORY)
+            directory = storage.open_directory(prefix)
         except FileNotFoundError:
             raise NotFoundError(f"Checkpoint {prefix} does not exist.") from None
         except NotADirectoryError:
@@ -85,69 +86,59 @@ def open_checkpoint(prefix: str | os.PathLike[str]) -> MappedCheckpoint:
                 "checkpoint? convert it, or pass the prefix of a trainhooks save)"
             ) from None
         try:
-            return _open_at(prefix, dir_fd)
+            return _open_at(prefix, directory)
         except DataLossError:
-            if attempt + 1 < _OPEN_ATTEMPTS and _was_replaced(prefix, dir_fd):
+            if attempt + 1 < _OPEN_ATTEMPTS and directory.replaced():
                 continue
             raise
         finally:
-            os.close(dir_fd)
+            directory.close()
     raise AssertionError("unreachable")
 
 
-def _was_replaced(prefix: str, dir_fd: int) -> bool:
-    opened = os.fstat(dir_fd)
-    try:
-        now = os.stat(prefix)
-    except OSError:
-        return False
-    return (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino)
-
-
-def _open_file(prefix: str, dir_fd: int, name: str, what: str) -> tuple[int, int]:
-    """Open ``name`` inside the checkpoint (no symlinks); returns (fd, size)."""
+def _open_file(prefix: str, directory: DirectoryReader, name: str, what: str) -> ReadableFile:
+    """Open ``name`` inside the checkpoint (a plain file: no symlinks, no FIFOs)."""
     where = f"Checkpoint {prefix}: {what} {name}"
     try:
-        # O_NONBLOCK: a FIFO planted in place of a file must not block the open.
-        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK, dir_fd=dir_fd)
+        return directory.open_read(name)
     except FileNotFoundError:
         raise DataLossError(f"{where} is missing.") from None
+    except IsADirectoryError:
+        raise DataLossError(f"{where} is not a regular file.") from None
     except OSError as e:  # ELOOP: a symlink
         raise DataLossError(f"{where} cannot be opened ({e}); it must be a plain file.") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise DataLossError(f"{where} is not a regular file.")
-    return fd, info.st_size
 
 
-def _open_at(prefix: str, dir_fd: int) -> MappedCheckpoint:
-    fd, size = _open_file(prefix, dir_fd, MANIFEST_NAME, "manifest")
+def _open_at(prefix: str, directory: DirectoryReader) -> MappedCheckpoint:
+    file = _open_file(prefix, directory, MANIFEST_NAME, "manifest")
     try:
-        if size > MAX_MANIFEST_BYTES:
-            raise DataLossError(f"Checkpoint {prefix}: {MANIFEST_NAME} is {size} bytes; too large.")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read()
+        if file.size > MAX_MANIFEST_BYTES:
+            raise DataLossError(
+                f"Checkpoint {prefix}: {MANIFEST_NAME} is {file.size} bytes; too large."
+            )
+        raw = bytearray(file.size)
+        got = file.readinto(0, memoryview(raw)) if file.size else 0
+        raw = raw[:got]
     finally:
-        os.close(fd)
-    manifest = decode_manifest(raw, prefix)
+        file.close()
+    manifest = decode_manifest(bytes(raw), prefix)
     ckpt = MappedCheckpoint(prefix, manifest)
     try:
-        for file, entry in manifest.files.items():
+        for name, entry in manifest.files.items():
 
-            def fail(message: str, file: str = file) -> DataLossError:
+            def fail(message: str, file: str = name) -> DataLossError:
                 return DataLossError(f"Checkpoint {prefix}: data file {file}: {message}")
 
-            fd, size = _open_file(prefix, dir_fd, file, "data file")
-            if size != entry.size:
-                os.close(fd)
+            data = _open_file(prefix, directory, name, "data file")
+            if data.size != entry.size:
+                data.close()
                 raise fail(
-                    f"{size} bytes, the manifest says {entry.size}; it is "
-                    f"{'truncated' if size < entry.size else 'extended'}"
+                    f"{data.size} bytes, the manifest says {entry.size}; it is "
+                    f"{'truncated' if data.size < entry.size else 'extended'}"
                 )
-            mapped = ckpt.map_file(file, fd, size)
+            mapped = ckpt.map_file(name, data)
             with paused_gc():
-                verify_header(mapped, size, entry, fail)
+                verify_header(mapped, data.size, entry, fail)
         step = int.from_bytes(ckpt.tensor_data(GLOBAL_STEP_NAME).buffer, "little", signed=True)
     except BaseException:
         ckpt.close()

@@ -1,8 +1,16 @@
-"""Writing a checkpoint: the data files, then the manifest, then the commit.
+"""Writing a checkpoint: the data files (any number of writers), then one commit.
 
-:func:`write_checkpoint` checks the flattened state, plans the data files, writes them
-(in parallel, each fsynced) and the manifest into a staging directory, then publishes
-it (``storage/commit.py``): the checkpoint appears at its prefix complete, or not at all.
+:func:`write_checkpoint` checks the flattened state and plans the data files; then, in
+the process group of the save (``distributed/group.py``; a group of one by default):
+
+1. the coordinator opens the staging place (``storage/commit.py``) and tells every rank;
+2. every rank writes its share of the data files (:func:`write_data_files`, in parallel,
+   each fsynced) and reports what it wrote: names, sizes, tensors and checksums;
+3. the coordinator merges the reports into one manifest and commits it
+   (:func:`commit_checkpoint`): the checkpoint appears at its prefix complete, or not at
+   all. If any rank failed, nothing is committed and every rank raises.
+
+A one-process save is the same path with one writer.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from trainhooks._clock import Clock, wall_clock
+from trainhooks.checkpoint.distributed.group import SINGLE_PROCESS, ProcessGroup
 from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.datafile import (
     DEFAULT_MAX_FILE_BYTES,
@@ -23,22 +32,24 @@ from trainhooks.checkpoint.format.datafile import (
 )
 from trainhooks.checkpoint.format.flat_check import FlatStateLike, check_flat
 from trainhooks.checkpoint.format.manifest import (
+    Chunk,
     FileEntry,
     Manifest,
     encode_json,
     encode_manifest,
 )
 from trainhooks.checkpoint.gc_pause import paused_gc
-from trainhooks.checkpoint.storage import LocalStorage, Storage
+from trainhooks.checkpoint.storage import Storage, storage_for
 from trainhooks.checkpoint.storage.commit import (
     MANIFEST_NAME,
-    publish,
-    remove_quietly,
-    staging_path,
+    Staging,
+    abort_staging,
+    begin_staging,
+    commit_staging,
 )
 from trainhooks.errors import NotFoundError
 
-__all__ = ["write_checkpoint"]
+__all__ = ["commit_checkpoint", "write_checkpoint", "write_data_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,7 @@ def write_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_FILE_BYTES,
     num_threads: int | None = None,
     clock: Clock = wall_clock,
+    group: ProcessGroup = SINGLE_PROCESS,
 ) -> None:
     """Write ``flat`` as a checkpoint directory at ``prefix`` and return once it is durable.
 
@@ -69,6 +81,8 @@ def write_checkpoint(
       num_threads: threads writing data files in parallel (default: one per file, at
         most the CPU count).
       clock: the time source for the manifest's wall time.
+      group: the processes that write this checkpoint together (every rank calls this
+        with the same arguments); data file ``i`` is written by rank ``i % world_size``.
 
     Raises:
       NotFoundError: the parent directory of ``prefix`` does not exist.
@@ -84,7 +98,7 @@ def write_checkpoint(
         >>> write_checkpoint("/tmp/model.ckpt-1", flat, global_step=1)  # doctest: +SKIP
     """
     prefix = os.fspath(prefix).rstrip("/")
-    storage = LocalStorage() if storage is None else storage
+    storage = storage_for(prefix) if storage is None else storage
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     with paused_gc():
@@ -95,7 +109,7 @@ def write_checkpoint(
     parent = os.path.dirname(prefix) or os.curdir
     if not storage.is_dir(parent):
         raise NotFoundError(f"Parent directory of {prefix} doesn't exist, can't save.")
-    if storage.exists(prefix) and not storage.exists(os.path.join(prefix, MANIFEST_NAME)):
+    if storage.exists(prefix) and storage.version(os.path.join(prefix, MANIFEST_NAME)) is None:
         raise FileExistsError(
             f"{prefix} exists and is not a trainhooks checkpoint directory; "
             "remove it or save under another path"
@@ -104,22 +118,34 @@ def write_checkpoint(
     with paused_gc():
         sizes = tensors.nbytes()
         groups = plan_files(tensors, sizes, max_shard_bytes)
-    tmp = staging_path(prefix)
     try:
-        _save(
-            storage,
-            prefix,
-            tmp,
-            tensors,
-            sizes,
-            groups,
-            num_threads,
-            global_step,
-            clock,
-            flat.tree,
-            tree_json,
-            user_metadata,
+        staging = Staging(
+            *group.broadcast(begin_staging(storage, prefix) if group.rank == 0 else None)
         )
+        mine = range(group.rank, len(groups), group.world_size)
+        try:
+            report: Any = _files_to_json(
+                write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
+            )
+        except BaseException as e:  # reported to the coordinator, raised below on every rank
+            if group.world_size == 1 or not isinstance(e, Exception):
+                abort_staging(storage, staging)
+                raise
+            report = {"error": f"rank {group.rank}: {type(e).__name__}: {e}"}
+        reports = group.gather(report)
+        outcome = None
+        if reports is not None:
+            failed = [r["error"] for r in reports if "error" in r]
+            if failed:
+                abort_staging(storage, staging)
+                outcome = "; ".join(failed)
+            else:
+                files = {k: v for r in reports for k, v in _files_from_json(r).items()}
+                manifest = Manifest(global_step, clock(), flat.tree, user_metadata, files, {})
+                commit_checkpoint(storage, staging, manifest, tree_json)
+        outcome = group.broadcast(outcome)
+        if outcome is not None:
+            raise OSError(f"a writer failed: {outcome}")
     except OSError as e:
         where = f" at {e.filename}" if e.filename else ""
         raise OSError(
@@ -127,54 +153,58 @@ def write_checkpoint(
         ) from e
 
 
-def _save(
+def write_data_files(
     storage: Storage,
-    prefix: str,
-    tmp: str,
+    staging: Staging,
     tensors: TensorColumns,
     sizes: list[int],
     groups: list[Sequence[int]],
-    num_threads: int | None,
-    global_step: int,
-    clock: Clock,
-    tree: Any,
-    tree_json: str,
-    user_metadata: dict[str, Any],
-) -> None:
-    storage.mkdir(tmp)
-    try:
-        files = _write_files(storage, tmp, tensors, sizes, groups, num_threads)
-        manifest = Manifest(global_step, clock(), tree, user_metadata, files, {})
-        with paused_gc():
-            encoded = encode_manifest(manifest, tree_json)
-        f = storage.create(os.path.join(tmp, MANIFEST_NAME))
-        try:
-            f.write(encoded)
-            f.fsync()
-        finally:
-            f.close()
-        storage.fsync_dir(tmp)
-    except BaseException:
-        remove_quietly(storage, tmp)
-        raise
-    publish(storage, tmp, prefix)
-
-
-def _write_files(
-    storage: Storage,
-    tmp: str,
-    tensors: TensorColumns,
-    sizes: list[int],
-    groups: list[Sequence[int]],
-    num_threads: int | None,
+    which: Sequence[int],
+    num_threads: int | None = None,
 ) -> dict[str, FileEntry]:
-    names = [data_file_name(i, len(groups)) for i in range(len(groups))]
-    threads = num_threads or min(len(groups), os.cpu_count() or 1)
-    jobs = [(storage, os.path.join(tmp, n), tensors, g, sizes) for n, g in zip(names, groups)]
-    if threads <= 1 or len(groups) == 1:
+    """Write data files ``which`` of the plan ``groups`` (in parallel, each fsynced).
+
+    Returns what was written, by the name the manifest lists each file under.
+    """
+    names = [data_file_name(i, len(groups)) for i in which]
+    threads = num_threads or min(len(names), os.cpu_count() or 1)
+    jobs = [(storage, staging.path(n), tensors, groups[i], sizes) for n, i in zip(names, which)]
+    if threads <= 1 or len(jobs) <= 1:
         results = [write_data_file(*job) for job in jobs]
     else:
         with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-write") as pool:
             futures = [pool.submit(write_data_file, *job) for job in jobs]
             results = [fut.result() for fut in futures]
-    return dict(zip(names, results))
+    return {staging.name(n): r for n, r in zip(names, results)}
+
+
+def commit_checkpoint(
+    storage: Storage, staging: Staging, manifest: Manifest, tree_json: str | None = None
+) -> None:
+    """Encode ``manifest`` (every data file of the save) and commit the staged checkpoint."""
+    with paused_gc():
+        encoded = encode_manifest(manifest, tree_json)
+    commit_staging(storage, staging, encoded)
+
+
+def _files_to_json(files: dict[str, FileEntry]) -> Any:
+    """What one writer wrote, as a JSON value for the coordinator (a group of one passes
+    the entries through untouched)."""
+    return {"files": files}
+
+
+def _files_from_json(report: Any) -> dict[str, FileEntry]:
+    files = report["files"]
+    return {
+        name: entry
+        if isinstance(entry, FileEntry)
+        else FileEntry(
+            entry[0],
+            entry[1],
+            tuple(entry[2]),
+            tuple(entry[3]),
+            tuple(tuple(s) for s in entry[4]),
+            tuple(Chunk(*c) for c in entry[5]),
+        )
+        for name, entry in files.items()
+    }

@@ -1,6 +1,8 @@
 """Publishing a checkpoint directory: it appears at its prefix complete, or not at all.
 
-A save writes everything into a staging directory ``<prefix>.tmp-<random>/`` (every
+Two commits behind one interface, chosen by the store (``Storage.can_rename``):
+
+**Rename** (a local disk). A save writes everything into a staging directory ``<prefix>.tmp-<random>/`` (every
 data file and ``manifest.json``, each fsynced, then the directory itself). Publishing
 then makes it visible at ``<prefix>`` and fsyncs the parent:
 
@@ -17,6 +19,14 @@ then makes it visible at ``<prefix>`` and fsyncs the parent:
 A crash at any point leaves at most ``*.tmp-*`` / ``*.old-*`` entries next to the
 checkpoints, which :func:`remove_leftovers` deletes on the next start.
 
+**Manifest last** (an object store, or ``LocalStorage(rename=False)``). Data files
+are written straight under ``<prefix>/`` with a per-save token in their names
+(``data-00000-of-00001.<token>.safetensors``), so no save ever overwrites another's
+bytes; the manifest, written last with a conditional put (create-only, or
+compare-and-swap against the manifest it replaces), is the commit. The data files of
+a replaced manifest are deleted after it. After a crash, a prefix without a manifest
+and data files that no manifest lists are leftovers, removed on the next start.
+
 ``manifest.json`` is the commit record: a directory without one was never committed.
 Its name is defined here, the lowest layer that needs it; ``format/manifest.py`` says
 what is inside.
@@ -24,13 +34,16 @@ what is inside.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import secrets
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from trainhooks.checkpoint.storage.base import Storage
-from trainhooks.checkpoint.storage.local import LocalStorage
+from trainhooks.checkpoint.storage.resolve import storage_for
 
 __all__ = [
     "MANIFEST_NAME",
@@ -39,30 +52,27 @@ __all__ = [
     "publish",
     "remove_leftovers",
     "remove_quietly",
-    "staging_path",
 ]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _LEFTOVER = re.compile(r"(?P<prefix>.+)\.(?P<kind>tmp|old)-[0-9a-f]{12}")
-_CHECKPOINT_ENTRY = re.compile(r"manifest\.json|data-\d{5,}-of-\d{5,}\.safetensors")
+_CHECKPOINT_ENTRY = re.compile(
+    r"manifest\.json|data-\d{5,}-of-\d{5,}(?:-r\d{5,})?(?:\.[0-9a-f]{12})?\.safetensors"
+)
+_TOKENED = re.compile(r"data-.*\.(?P<token>[0-9a-f]{12})\.safetensors")
 
 
 def _sibling(prefix: str, kind: str) -> str:
     return f"{prefix}.{kind}-{secrets.token_hex(6)}"
 
 
-def staging_path(prefix: str) -> str:
-    """A new temporary name beside ``prefix`` for a save in progress."""
-    return _sibling(prefix, "tmp")
-
-
 def _parent(prefix: str) -> str:
     return os.path.dirname(prefix) or os.curdir
 
 
-def is_checkpoint(prefix: str | os.PathLike[str]) -> bool:
+def is_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None = None) -> bool:
     """True if ``prefix`` is a committed checkpoint directory (it has a manifest).
 
     A temporary directory of a save in progress never counts, even once its manifest
@@ -75,15 +85,103 @@ def is_checkpoint(prefix: str | os.PathLike[str]) -> bool:
     prefix = os.fspath(prefix)
     if _LEFTOVER.fullmatch(os.path.basename(prefix.rstrip("/"))):
         return False
+    storage = storage_for(prefix) if storage is None else storage
     return (
-        os.path.isdir(prefix)
-        and not os.path.islink(prefix)
-        and os.path.isfile(os.path.join(prefix, MANIFEST_NAME))
+        storage.is_dir(prefix) and storage.version(os.path.join(prefix, MANIFEST_NAME)) is not None
     )
 
 
+class Staging(NamedTuple):
+    """Where the files of one save go until it is committed (JSON-able, for other ranks).
+
+    ``directory`` is a temporary directory beside ``prefix`` (rename commit), or
+    ``prefix`` itself with ``token`` in every file name (manifest-last commit).
+    """
+
+    prefix: str
+    directory: str
+    token: str
+
+    def path(self, name: str) -> str:
+        """The path a file called ``name`` in the checkpoint is written to now."""
+        if self.token and name.endswith(".safetensors"):
+            name = f"{name[: -len('.safetensors')]}.{self.token}.safetensors"
+        return os.path.join(self.directory, name)
+
+    def name(self, name: str) -> str:
+        """``name`` as the manifest lists it (with the token, where there is one)."""
+        return os.path.basename(self.path(name))
+
+
+def begin_staging(storage: Storage, prefix: str) -> Staging:
+    """Make the place a new save of ``prefix`` writes its files into."""
+    if storage.can_rename:
+        tmp = _sibling(prefix, "tmp")
+        storage.mkdir(tmp)
+        return Staging(prefix, tmp, "")
+    storage.makedirs(prefix)
+    return Staging(prefix, prefix, secrets.token_hex(6))
+
+
+def commit_staging(storage: Storage, staging: Staging, manifest: Sequence[bytes]) -> None:
+    """Write the manifest and publish the save: it is at ``staging.prefix`` from now on.
+
+    Every data file must already be durable. On failure nothing was committed and the
+    staged files are removed; a checkpoint that was at the prefix is still there.
+    """
+    try:
+        if storage.can_rename:
+            f = storage.create(os.path.join(staging.directory, MANIFEST_NAME))
+            try:
+                f.write(manifest)
+                f.fsync()
+            finally:
+                f.close()
+            storage.fsync_dir(staging.directory)
+        else:
+            _put_manifest(storage, staging, b"".join(manifest))
+            return
+    except BaseException:
+        abort_staging(storage, staging)
+        raise
+    publish(storage, staging.directory, staging.prefix)
+
+
+def _put_manifest(storage: Storage, staging: Staging, manifest: bytes) -> None:
+    path = os.path.join(staging.prefix, MANIFEST_NAME)
+    version = storage.version(path)
+    if version is None:
+        storage.put(path, manifest, if_absent=True)
+    else:
+        storage.put(path, manifest, if_version=version)
+    # The replaced checkpoint's files are no longer listed anywhere.
+    for name in storage.list_dir(staging.prefix):
+        match = _TOKENED.fullmatch(name)
+        if match is not None and match["token"] != staging.token:
+            storage.delete(os.path.join(staging.prefix, name))
+
+
+def abort_staging(storage: Storage, staging: Staging) -> None:
+    """Remove what an uncommitted save wrote; never a committed checkpoint's files."""
+    if storage.can_rename:
+        remove_quietly(storage, staging.directory)
+        return
+    try:
+        for name in storage.list_dir(staging.directory):
+            match = _TOKENED.fullmatch(name)
+            if match is not None and match["token"] == staging.token:
+                storage.delete(os.path.join(staging.directory, name))
+    except OSError as e:
+        logger.warning(
+            "Could not remove the files of the failed save of %s (%s); they will be removed "
+            "on the next start.",
+            staging.prefix,
+            e,
+        )
+
+
 def publish(storage: Storage, tmp: str, prefix: str) -> None:
-    """Make the complete directory ``tmp`` visible at ``prefix`` (replacing one there)."""
+    """Rename commit: make the complete directory ``tmp`` visible at ``prefix``."""
     parent = _parent(prefix)
     if not storage.exists(prefix):
         try:
@@ -134,8 +232,10 @@ def remove_leftovers(
         ['/tmp/run/model.ckpt-200.tmp-5f1c0e6a9b2d']
     """
     directory = os.fspath(directory)
-    storage = LocalStorage() if storage is None else storage
+    storage = storage_for(directory) if storage is None else storage
     removed: list[str] = []
+    if not storage.can_rename:
+        removed = _remove_unlisted(storage, directory)
     for name in sorted(storage.list_dir(directory)):
         match = _LEFTOVER.fullmatch(name)
         if match is None:
@@ -171,7 +271,7 @@ def delete_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None
         >>> delete_checkpoint("/tmp/run/model.ckpt-100")  # doctest: +SKIP
     """
     prefix = os.fspath(prefix).rstrip("/")
-    storage = LocalStorage() if storage is None else storage
+    storage = storage_for(prefix) if storage is None else storage
     if not storage.exists(prefix):
         return
     if not storage.is_dir(prefix):
@@ -182,6 +282,11 @@ def delete_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None
             f"{prefix} holds files that are not part of a checkpoint ({sorted(foreign)[:5]}); "
             "not deleting it"
         )
+    if not storage.can_rename:
+        # The manifest goes first: from then on this is not a checkpoint, only leftovers.
+        storage.delete(os.path.join(prefix, MANIFEST_NAME))
+        storage.remove_tree(prefix)
+        return
     doomed = _sibling(prefix, "tmp")
     try:
         storage.rename(prefix, doomed)
@@ -189,3 +294,42 @@ def delete_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None
         return  # deleted concurrently
     storage.fsync_dir(_parent(prefix))
     storage.remove_tree(doomed)
+
+
+def _remove_unlisted(storage: Storage, directory: str) -> list[str]:
+    """Manifest-last leftovers: prefixes of checkpoint files without a manifest, and
+    data files that the manifest beside them does not list."""
+    removed = []
+    for name in sorted(storage.list_dir(directory)):
+        prefix = os.path.join(directory, name)
+        if not storage.is_dir(prefix):
+            continue
+        entries = storage.list_dir(prefix)
+        if not entries or not all(_CHECKPOINT_ENTRY.fullmatch(e) for e in entries):
+            continue  # not (only) checkpoint files: never ours to delete
+        if MANIFEST_NAME not in entries:
+            storage.remove_tree(prefix)
+            removed.append(prefix)
+            continue
+        listed = _listed_files(storage, prefix)
+        if listed is None:
+            continue  # an unreadable manifest: keep everything, restore will report it
+        for entry in entries:
+            if entry != MANIFEST_NAME and entry not in listed:
+                storage.delete(os.path.join(prefix, entry))
+                removed.append(os.path.join(prefix, entry))
+    return removed
+
+
+def _listed_files(storage: Storage, prefix: str) -> set[str] | None:
+    """The data file names a manifest lists (its ``files`` object), or None if unreadable.
+
+    Only the names are read here, to decide what not to delete; the manifest itself is
+    verified in full by ``format/manifest_decode.py`` before anything is restored.
+    """
+    try:
+        doc = json.loads(storage.read_bytes(os.path.join(prefix, MANIFEST_NAME), max_bytes=1 << 30))
+        files = doc["files"]
+        return set(files) if isinstance(files, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
