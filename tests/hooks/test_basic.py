@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hook_driver import hooked, log_messages
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboardX import SummaryWriter
+from tests.helpers.hooks import hooked, log_messages
 
 import trainhooks as th
 from trainhooks.errors import OutOfRangeError

@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.helpers.checkpoints import listed_steps, new_state
+from tests.helpers.hooks import RaiseOnceAtCountN
+from tests.helpers.listeners import RecordingListener
 
 import trainhooks as th
 from trainhooks import errors
@@ -31,71 +34,9 @@ from trainhooks.session.hooked import HookedSession
 from trainhooks.session.session import Session
 
 
-class MockCheckpointSaverListener(th.CheckpointSaverListener):
-    """TF's MockCheckpointSaverListener: counts calls; after_save may ask to stop."""
-
-    def __init__(self) -> None:
-        self.begin_count = 0
-        self.before_save_count = 0
-        self.after_save_count = 0
-        self.end_count = 0
-        self.ask_for_stop = False
-
-    def begin(self) -> None:
-        self.begin_count += 1
-
-    def before_save(self, session: Any, global_step_value: int) -> None:
-        self.before_save_count += 1
-
-    def after_save(self, session: Any, global_step_value: int) -> bool:
-        self.after_save_count += 1
-        return self.ask_for_stop
-
-    def end(self, session: Any, global_step_value: int) -> None:
-        self.end_count += 1
-
-    def get_counts(self) -> dict[str, int]:
-        return {
-            "begin": self.begin_count,
-            "before_save": self.before_save_count,
-            "after_save": self.after_save_count,
-            "end": self.end_count,
-        }
-
-
-class EventListener(th.CheckpointSaverListener):
-    """Records ``(event, step)`` into a list shared between listeners."""
-
-    def __init__(self, events: list[Any], name: str = "") -> None:
-        self.events = events
-        self.prefix = name
-
-    def begin(self) -> None:
-        self.events.append(f"{self.prefix}begin")
-
-    def before_save(self, session: Any, global_step_value: int) -> None:
-        self.events.append(f"{self.prefix}bs{global_step_value}")
-
-    def after_save(self, session: Any, global_step_value: int) -> None:
-        self.events.append(f"{self.prefix}as{global_step_value}")
-
-    def end(self, session: Any, global_step_value: int) -> None:
-        self.events.append(f"{self.prefix}end{global_step_value}")
-
-
-def new_state() -> dict[str, Any]:
-    return {"w": np.zeros(3, dtype=np.float32)}
-
-
 def ckpt(checkpoint_dir: Path | str) -> int:
     """The global step of the latest checkpoint in ``checkpoint_dir``."""
     return int(th.load_variable(str(checkpoint_dir), "global_step"))
-
-
-def listed_steps(checkpoint_dir: Path) -> list[int]:
-    state = th.get_checkpoint_state(str(checkpoint_dir))
-    assert state is not None
-    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
 
 
 def hooked(
@@ -187,7 +128,7 @@ def test_save_secs_saves_in_first_step(tmp_path: Path, clock: Any) -> None:
 
 
 def test_save_secs_calls_listeners_at_begin_and_end(tmp_path: Path, clock: Any) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     hook = th.CheckpointSaverHook(tmp_path, save_secs=2, listeners=[listener], clock=clock)
     sess, mon, train_op = hooked(hook)
     mon.run(train_op)  # saved
@@ -198,7 +139,7 @@ def test_save_secs_calls_listeners_at_begin_and_end(tmp_path: Path, clock: Any) 
 
 
 def test_listener_with_monitored_session(tmp_path: Path) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     scaffold = th.Scaffold(state=new_state())
     hook = th.CheckpointSaverHook(tmp_path, save_steps=1, scaffold=scaffold, listeners=[listener])
     with th.SingularMonitoredSession(
@@ -212,7 +153,7 @@ def test_listener_with_monitored_session(tmp_path: Path) -> None:
 
 
 def test_listener_stops_training_in_after_save(tmp_path: Path) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     hook = th.CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener])
     _, mon, train_op = hooked(hook)
     mon.run(train_op)
@@ -225,7 +166,7 @@ def test_listener_stops_training_in_after_save(tmp_path: Path) -> None:
 
 
 def test_listener_with_default_saver(tmp_path: Path) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     hook = th.CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener])
     with th.SingularMonitoredSession(
         hooks=[hook], checkpoint_dir=str(tmp_path), state=new_state()
@@ -240,7 +181,7 @@ def test_listener_with_default_saver(tmp_path: Path) -> None:
 
 
 def test_two_listeners_with_default_saver(tmp_path: Path) -> None:
-    listener1, listener2 = MockCheckpointSaverListener(), MockCheckpointSaverListener()
+    listener1, listener2 = RecordingListener(), RecordingListener()
     hook = th.CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener1, listener2])
     with th.SingularMonitoredSession(
         hooks=[hook], checkpoint_dir=str(tmp_path), state=new_state()
@@ -278,7 +219,7 @@ def test_save_secs_saves_periodically(tmp_path: Path, clock: Any) -> None:
 
 
 def test_save_secs_calls_listeners_periodically(tmp_path: Path, clock: Any) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     hook = th.CheckpointSaverHook(tmp_path, save_secs=2, listeners=[listener], clock=clock)
     sess, mon, train_op = hooked(hook)
     start = clock.now
@@ -338,7 +279,7 @@ def test_save_checkpoint_before_first_train_step(tmp_path: Path) -> None:
 
 
 def test_stop_request_at_session_creation_and_end_is_ignored(tmp_path: Path) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     listener.ask_for_stop = True
     hook = th.CheckpointSaverHook(tmp_path, save_steps=10, listeners=[listener])
     with th.SingularMonitoredSession(
@@ -354,7 +295,7 @@ def test_stop_request_at_session_creation_and_end_is_ignored(tmp_path: Path) -> 
 def test_logs_tf_lines_and_each_stop_request(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    stopper1, stopper2 = MockCheckpointSaverListener(), MockCheckpointSaverListener()
+    stopper1, stopper2 = RecordingListener(), RecordingListener()
     stopper1.ask_for_stop = stopper2.ask_for_stop = True
     hook = th.CheckpointSaverHook(tmp_path, save_steps=1, listeners=[stopper1, stopper2])
     _, mon, train_op = hooked(hook)
@@ -400,7 +341,7 @@ def test_multi_step_saves_periodically(tmp_path: Path) -> None:
 
 
 def test_multi_step_saves_at_end(tmp_path: Path) -> None:
-    listener = MockCheckpointSaverListener()
+    listener = RecordingListener()
     hook = th.CheckpointSaverHook(tmp_path, save_steps=10, listeners=[listener])
     sess, mon, _ = hooked(hook, advance_global_step=False)
 
@@ -422,7 +363,7 @@ def test_listeners_are_called_in_order_around_each_save(tmp_path: Path) -> None:
     hook = th.CheckpointSaverHook(
         tmp_path,
         save_steps=2,
-        listeners=[EventListener(events, "a."), EventListener(events, "b.")],
+        listeners=[RecordingListener(events, "a."), RecordingListener(events, "b.")],
     )
     with th.SingularMonitoredSession(
         hooks=[hook], checkpoint_dir=str(tmp_path), state=new_state()
@@ -461,7 +402,7 @@ def test_listener_sees_a_committed_checkpoint_in_after_save(tmp_path: Path) -> N
 def test_max_to_keep_deletes_old_checkpoints_listeners_see_every_save(tmp_path: Path) -> None:
     events: list[Any] = []
     hook = th.CheckpointSaverHook(
-        tmp_path, save_steps=1, saver=th.Saver(max_to_keep=2), listeners=[EventListener(events)]
+        tmp_path, save_steps=1, saver=th.Saver(max_to_keep=2), listeners=[RecordingListener(events)]
     )
     with th.SingularMonitoredSession(
         hooks=[hook], checkpoint_dir=str(tmp_path), state=new_state()
@@ -491,7 +432,7 @@ def test_monitored_training_session_with_stop_at_step(tmp_path: Path) -> None:
 
 def test_exception_in_the_loop_means_no_final_save_and_no_listener_end(tmp_path: Path) -> None:
     events: list[Any] = []
-    hook = th.CheckpointSaverHook(tmp_path, save_steps=100, listeners=[EventListener(events)])
+    hook = th.CheckpointSaverHook(tmp_path, save_steps=100, listeners=[RecordingListener(events)])
 
     with (
         pytest.raises(RuntimeError, match="boom at 3"),
@@ -509,7 +450,7 @@ def test_exception_in_the_loop_means_no_final_save_and_no_listener_end(tmp_path:
 
 def test_end_of_input_saves_the_final_step_and_calls_end(tmp_path: Path) -> None:
     events: list[Any] = []
-    hook = th.CheckpointSaverHook(tmp_path, save_steps=100, listeners=[EventListener(events)])
+    hook = th.CheckpointSaverHook(tmp_path, save_steps=100, listeners=[RecordingListener(events)])
     batches = iter(range(3))
 
     def train_op() -> None:
@@ -530,18 +471,12 @@ def test_end_of_input_saves_the_final_step_and_calls_end(tmp_path: Path) -> None
 def test_recovery_resaves_the_restored_step(tmp_path: Path) -> None:
     events: list[Any] = []
 
-    class AbortOnFourthRun(th.SessionRunHook):
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def before_run(self, run_context: th.SessionRunContext) -> None:
-            self.calls += 1
-            if self.calls == 4:
-                raise errors.AbortedError("preempted")
-
-    hook = th.CheckpointSaverHook(tmp_path, save_steps=1, listeners=[EventListener(events)])
+    hook = th.CheckpointSaverHook(tmp_path, save_steps=1, listeners=[RecordingListener(events)])
     creator = th.ChiefSessionCreator(state=new_state(), checkpoint_dir=str(tmp_path))
-    with th.MonitoredSession(session_creator=creator, hooks=[hook, AbortOnFourthRun()]) as sess:
+    with th.MonitoredSession(
+        session_creator=creator,
+        hooks=[hook, RaiseOnceAtCountN(4, errors.AbortedError("preempted"))],
+    ) as sess:
         steps = [sess.run(["global_step", lambda: None])[0] for _ in range(4)]
     assert steps == [1, 2, 3, 4]
     assert events == [

@@ -4,8 +4,9 @@ Every scenario runs twice, saving synchronously and in the background, and the
 listeners must hear the same calls in the same order; each ``after_save`` must find its
 checkpoint committed, listed and verified, holding the state as it was when the save
 began although training has changed it in place since. A save is held in flight, or
-failed, by ``GatedStorage``: the local disk, except that the first operation of a save
-can wait for the test or raise an ``OSError`` as the kernel would.
+failed, by ``GatedStorage`` (``tests/helpers/storage_doubles.py``): the local disk,
+except that the first operation of a save can wait for the test or raise an ``OSError``
+as the kernel would.
 """
 
 from __future__ import annotations
@@ -22,83 +23,33 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import new_state
+from tests.helpers.hooks import RaiseOnceAtCountN
+from tests.helpers.listeners import RecordingListener
+from tests.helpers.paths import SRC
+from tests.helpers.storage_doubles import GatedStorage
 
 import trainhooks as th
 from trainhooks import errors
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saving.directories import wait_for_saves_into
-from trainhooks.checkpoint.storage import LocalStorage
-from trainhooks.session.run_hook import SessionRunArgs, SessionRunContext, SessionRunValues
+from trainhooks.session.run_hook import SessionRunContext, SessionRunValues
 
-ROOT = Path(__file__).resolve().parents[2]
 QUIET: dict[str, Any] = {"save_summaries_steps": 0, "log_step_count_steps": 0}
 
 
-class GatedStorage(LocalStorage):
-    """The local disk; a save can be held at its first operation, or failed there."""
-
-    def __init__(self) -> None:
-        self.hold = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.error: OSError | None = None
-
-    def mkdir(self, path: str) -> None:
-        if self.hold:
-            self.entered.set()
-            assert self.release.wait(20), "the test never released the held save"
-        if self.error is not None:
-            raise self.error
-        super().mkdir(path)
-
-
-class CheckingListener(th.CheckpointSaverListener):
-    """Records every call; in ``after_save`` checks the checkpoint as a user would."""
-
-    def __init__(self, events: list[str], stop_at: int | None = None) -> None:
-        self.events = events
-        self.stop_at = stop_at
-
-    def begin(self) -> None:
-        self.events.append("begin")
-
-    def before_save(self, session: Any, global_step_value: int) -> None:
-        self.events.append(f"bs{global_step_value}")
-
-    def after_save(self, session: Any, global_step_value: int) -> bool:
-        prefix = self.hook.last_checkpoint_path
-        assert prefix is not None and prefix.endswith(f"model.ckpt-{global_step_value}")
-        # Committed and listed, every byte verified ...
-        assert th.latest_checkpoint(self.hook.checkpoint_dir) == prefix
-        with open_checkpoint(prefix) as ckpt:
-            ckpt.verify()
-            assert ckpt.global_step == global_step_value
-        # ... and holding the state as of the save, not as training has changed it.
-        w = th.load_checkpoint(prefix).get_tensor("w")
-        np.testing.assert_array_equal(w, np.full_like(w, global_step_value))
-        self.events.append(f"as{global_step_value}")
-        return self.stop_at == global_step_value
-
-    def end(self, session: Any, global_step_value: int) -> None:
-        self.events.append(f"end{global_step_value}")
-
-
-class AbortOnce(th.SessionRunHook):
-    """Raises AbortedError in the n-th ``before_run``, once: the session recovers."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.count = 0
-
-    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
-        self.count += 1
-        if self.count == self.n:
-            raise errors.AbortedError("preempted")
-        return None
-
-
-def _state() -> dict[str, Any]:
-    return {"w": np.zeros(2**16, np.float32)}
+def check_committed(listener: RecordingListener, global_step_value: int) -> None:
+    """In ``after_save``, checks the checkpoint as a user would."""
+    prefix = listener.hook.last_checkpoint_path
+    assert prefix is not None and prefix.endswith(f"model.ckpt-{global_step_value}")
+    # Committed and listed, every byte verified ...
+    assert th.latest_checkpoint(listener.hook.checkpoint_dir) == prefix
+    with open_checkpoint(prefix) as ckpt:
+        ckpt.verify()
+        assert ckpt.global_step == global_step_value
+    # ... and holding the state as of the save, not as training has changed it.
+    w = th.load_checkpoint(prefix).get_tensor("w")
+    np.testing.assert_array_equal(w, np.full_like(w, global_step_value))
 
 
 def _train(
@@ -112,18 +63,18 @@ def _train(
 ) -> tuple[list[str], list[int]]:
     """Train until StopAtStepHook stops; returns the listener's events and the run results."""
     events: list[str] = []
-    state = _state()
+    state = new_state(2**16)
     scaffold = th.Scaffold(state=state)
     hook = th.CheckpointSaverHook(
         str(directory),
         save_steps=save_steps,
         scaffold=scaffold,
-        listeners=[CheckingListener(events, stop_at)],
+        listeners=[RecordingListener(events, stop_at=stop_at, check=check_committed)],
         async_save=async_save,
     )
     hooks: list[th.SessionRunHook] = [th.StopAtStepHook(last_step=last_step)]
     if abort_at is not None:
-        hooks.insert(0, AbortOnce(abort_at))
+        hooks.insert(0, RaiseOnceAtCountN(abort_at, errors.AbortedError("preempted")))
     results = []
     with th.MonitoredTrainingSession(
         checkpoint_dir=str(directory),
@@ -224,14 +175,14 @@ def _mts(directory: Path, state: dict[str, Any], saver: th.Saver, **kwargs: Any)
 
 def test_end_returns_only_after_the_save_in_flight_committed(tmp_path: Path) -> None:
     storage = GatedStorage()
-    state = _state()
+    state = new_state(2**16)
     events: list[str] = []
     scaffold = th.Scaffold(state=state, saver=th.Saver(async_save=True, storage=storage))
     hook = th.CheckpointSaverHook(
         str(tmp_path),
         save_steps=100,
         scaffold=scaffold,
-        listeners=[CheckingListener(events)],
+        listeners=[RecordingListener(events, check=check_committed)],
         async_save=True,
     )
     sess = th.MonitoredTrainingSession(
@@ -265,7 +216,7 @@ def test_end_returns_only_after_the_save_in_flight_committed(tmp_path: Path) -> 
 
 def test_the_snapshot_is_the_state_when_save_returned(tmp_path: Path) -> None:
     storage = GatedStorage()
-    state = _state()
+    state = new_state(2**16)
     saver = th.Saver(async_save=True, storage=storage)
     with _mts(tmp_path, state, saver, save_checkpoint_steps=2) as sess:
         sess.run(lambda: state["w"].fill(1.0))
@@ -301,7 +252,7 @@ def test_interpreter_exit_finishes_the_save_in_flight(tmp_path: Path) -> None:
         raise SystemExit(0)  # no close(), no end(): the save of step 1 is in flight
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
     proc = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)],
         capture_output=True,
@@ -335,7 +286,7 @@ class StepRecorder(th.SessionRunHook):
 
 def test_a_failed_background_save_is_raised_at_the_next_step_boundary(tmp_path: Path) -> None:
     storage = GatedStorage()
-    state = _state()
+    state = new_state(2**16)
     saver = th.Saver(async_save=True, storage=storage)
     recorder = StepRecorder()
     sess = _mts(tmp_path, state, saver, save_checkpoint_steps=3, hooks=[recorder])
@@ -368,14 +319,14 @@ def test_on_save_error_log_keeps_training_and_the_listed_checkpoints(
     tmp_path: Path, async_save: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     storage = GatedStorage()
-    state = _state()
+    state = new_state(2**16)
     events: list[str] = []
     saver = th.Saver(async_save=async_save, storage=storage, max_to_keep=2)
     hook = th.CheckpointSaverHook(
         str(tmp_path),
         save_steps=1,
         saver=saver,
-        listeners=[CheckingListener(events)],
+        listeners=[RecordingListener(events, check=check_committed)],
         on_save_error="log",
     )
     with (
@@ -454,10 +405,13 @@ def test_the_hook_and_the_session_choose_the_saver_that_saves_in_the_background(
 def test_a_users_background_saver_is_delivered_at_step_boundaries(tmp_path: Path) -> None:
     storage = GatedStorage()
     events: list[str] = []
-    state = _state()
+    state = new_state(2**16)
     saver = th.Saver(async_save=True, storage=storage)
     hook = th.CheckpointSaverHook(
-        str(tmp_path), save_steps=1, saver=saver, listeners=[CheckingListener(events)]
+        str(tmp_path),
+        save_steps=1,
+        saver=saver,
+        listeners=[RecordingListener(events, check=check_committed)],
     )
     storage.hold = True
     with th.SingularMonitoredSession(hooks=[hook], state=state) as sess:

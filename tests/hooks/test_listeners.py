@@ -9,14 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import new_state
 
 import trainhooks as th
 from trainhooks.session.hooked import HookedSession
 from trainhooks.session.session import Session
-
-
-def new_state() -> dict[str, Any]:
-    return {"w": np.zeros(3, dtype=np.float32)}
 
 
 def train(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hook_driver import hooked, log_messages
+from tests.helpers.hooks import hooked, log_messages
 
 import trainhooks as th
 from trainhooks.hooks.tensors import (

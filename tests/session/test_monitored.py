@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch.distributed
+from tests.helpers.hooks import CountingHook, RaiseOnceAtCountN
 
 import trainhooks as th
 from trainhooks import errors
@@ -22,66 +23,10 @@ from trainhooks.session.monitored import (
 )
 from trainhooks.session.run_hook import (
     SessionRunArgs,
-    SessionRunContext,
     SessionRunHook,
-    SessionRunValues,
 )
 from trainhooks.session.session import Session
 from trainhooks.training import MonitoredTrainingSession
-
-
-class CountingHook(SessionRunHook):
-    """Counts every callback; can request a stop or ask for fetches."""
-
-    def __init__(self, request: SessionRunArgs | None = None) -> None:
-        self.request = request
-        self.should_stop = False
-        self.calls: list[str] = []
-        self.sessions: list[Session | None] = []
-        self.coords: list[Coordinator] = []
-        self.results: list[Any] = []
-
-    def count(self, name: str) -> int:
-        return self.calls.count(name)
-
-    def begin(self) -> None:
-        self.calls.append("begin")
-
-    def after_create_session(self, session: Session, coord: Coordinator) -> None:
-        self.calls.append("after_create_session")
-        self.sessions.append(session)
-        self.coords.append(coord)
-
-    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
-        self.calls.append("before_run")
-        return self.request
-
-    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
-        self.calls.append("after_run")
-        self.results.append(run_values.results)
-        if self.should_stop:
-            run_context.request_stop()
-
-    def end(self, session: Session) -> None:
-        self.calls.append("end")
-        self.sessions.append(session)
-
-
-class RaiseOnceAtCountN(SessionRunHook):
-    """Raises ``ex`` in the n-th ``before_run`` (counting from 1), once."""
-
-    def __init__(self, n: int, ex: BaseException) -> None:
-        self.n = n
-        self.ex = ex
-        self.raised = False
-        self.count = 0
-
-    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
-        self.count += 1
-        if self.count == self.n and not self.raised:
-            self.raised = True
-            raise self.ex
-        return None
 
 
 class CountingSessionCreator:

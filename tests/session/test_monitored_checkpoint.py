@@ -11,86 +11,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.helpers.checkpoints import listed_steps, new_state
+from tests.helpers.hooks import CountingHook, RaiseOnceAtCountN
+from tests.helpers.listeners import RecordingListener
 
 import trainhooks as th
 from trainhooks import errors
-from trainhooks.checkpoint.management.state_file import get_checkpoint_state, latest_checkpoint
+from trainhooks.checkpoint.management.state_file import latest_checkpoint
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.hooks.basic import StepCounterHook, StopAtStepHook
-from trainhooks.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
+from trainhooks.hooks.checkpoint import CheckpointSaverHook
 from trainhooks.hooks.summary import SummarySaverHook
 from trainhooks.session.creators import ChiefSessionCreator, Scaffold
 from trainhooks.session.monitored import (
     MonitoredSession,
     SingularMonitoredSession,
 )
-from trainhooks.session.run_hook import (
-    SessionRunArgs,
-    SessionRunContext,
-    SessionRunHook,
-    SessionRunValues,
-)
 from trainhooks.session.session import Session
 from trainhooks.training import MonitoredTrainingSession
-
-
-class CountingHook(SessionRunHook):
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {"begin": 0, "after_create_session": 0, "end": 0}
-
-    def begin(self) -> None:
-        self.calls["begin"] += 1
-
-    def after_create_session(self, session: Session, coord: Any) -> None:
-        self.calls["after_create_session"] += 1
-
-    def end(self, session: Session) -> None:
-        self.calls["end"] += 1
-
-
-class RaiseOnceAtCountN(SessionRunHook):
-    """Raises ``ex`` in the n-th ``before_run`` (or ``after_run``), once."""
-
-    def __init__(self, n: int, ex: BaseException, *, in_after_run: bool = False) -> None:
-        self.n, self.ex, self.in_after_run = n, ex, in_after_run
-        self.raised = False
-        self.count = 0
-
-    def _maybe_raise(self) -> None:
-        self.count += 1
-        if self.count == self.n and not self.raised:
-            self.raised = True
-            raise self.ex
-
-    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
-        if not self.in_after_run:
-            self._maybe_raise()
-        return None
-
-    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
-        if self.in_after_run:
-            self._maybe_raise()
-
-
-class RecordingListener(CheckpointSaverListener):
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def begin(self) -> None:
-        self.events.append("begin")
-
-    def before_save(self, session: Session, global_step_value: int) -> None:
-        self.events.append(f"bs{global_step_value}")
-
-    def after_save(self, session: Session, global_step_value: int) -> None:
-        self.events.append(f"as{global_step_value}")
-
-    def end(self, session: Session, global_step_value: int) -> None:
-        self.events.append(f"end{global_step_value}")
-
-
-def make_state() -> dict[str, Any]:
-    return {"w": np.zeros(3, dtype=np.float32), "count": 0}
 
 
 def train_step(state: dict[str, Any]) -> Any:
@@ -101,19 +39,13 @@ def train_step(state: dict[str, Any]) -> Any:
     return step
 
 
-def saved_steps(checkpoint_dir: Path) -> list[int]:
-    ckpt = get_checkpoint_state(str(checkpoint_dir))
-    assert ckpt is not None
-    return [int(p.rsplit("-", 1)[1]) for p in ckpt.all_model_checkpoint_paths]
-
-
 def test_saving_restoring_checkpoint(tmp_path: Path) -> None:
-    state = make_state()
+    state = new_state(count=0)
     with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=state) as session:
         assert session.run("global_step") == 1
         assert session.run([train_step(state), "global_step"])[1] == 2
     # A restart finds the checkpoint that end() wrote and restores it.
-    state2 = make_state()
+    state2 = new_state(count=0)
     with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=state2) as session:
         assert session.run("global_step") == 3
     assert state2["w"].tolist() == [1.0, 1.0, 1.0]
@@ -125,13 +57,15 @@ def test_custom_saving_with_checkpoints_off(tmp_path: Path) -> None:
         checkpoint_dir=str(tmp_path),
         chief_only_hooks=[hook],
         save_checkpoint_secs=0,
-        state=make_state(),
+        state=new_state(count=0),
     ) as session:
         assert session.run("global_step") == 1
-    assert hook.calls["begin"] == 1
+    assert hook.count("begin") == 1
     assert not (tmp_path / "checkpoint").exists()
     # A restart finds no checkpoint, since nothing was saved.
-    with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=make_state()) as session:
+    with MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path), state=new_state(count=0)
+    ) as session:
         assert session.run("global_step") == 1
 
 
@@ -141,7 +75,7 @@ def test_default_chief_hooks_and_their_order(tmp_path: Path) -> None:
         checkpoint_dir=str(tmp_path),
         chief_only_hooks=[chief_hook],
         hooks=[user_hook],
-        state=make_state(),
+        state=new_state(count=0),
     ) as session:
         hooks = session._hooks
         # The checkpoint at the creation step is already there.
@@ -163,7 +97,7 @@ def test_default_chief_hooks_and_their_order(tmp_path: Path) -> None:
 def test_summary_dir_takes_the_summaries(tmp_path: Path) -> None:
     summaries = tmp_path / "summaries"
     with MonitoredTrainingSession(
-        checkpoint_dir=str(tmp_path / "ckpt"), summary_dir=str(summaries), state=make_state()
+        checkpoint_dir=str(tmp_path / "ckpt"), summary_dir=str(summaries), state=new_state(count=0)
     ) as session:
         session.run(lambda: None)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(summaries))
@@ -178,7 +112,7 @@ def test_both_checkpoint_schedules_are_refused(tmp_path: Path) -> None:
             checkpoint_dir=str(tmp_path),
             save_checkpoint_secs=10,
             save_checkpoint_steps=10,
-            state=make_state(),
+            state=new_state(count=0),
         )
 
 
@@ -187,15 +121,15 @@ def test_checkpoint_every_3_steps_with_stop_at_10(tmp_path: Path) -> None:
         checkpoint_dir=str(tmp_path),
         save_checkpoint_steps=3,
         hooks=[StopAtStepHook(last_step=10)],
-        state=make_state(),
+        state=new_state(count=0),
     ) as session:
         while not session.should_stop():
             session.run(lambda: None)
-    assert saved_steps(tmp_path) == [0, 3, 6, 9, 10]
+    assert listed_steps(tmp_path) == [0, 3, 6, 9, 10]
 
 
 def test_last_step(tmp_path: Path) -> None:
-    state = make_state()
+    state = new_state(count=0)
     hooks = [StopAtStepHook(last_step=3)]
     creator = ChiefSessionCreator(checkpoint_dir=str(tmp_path), state=state)
     with MonitoredSession(session_creator=creator, hooks=hooks) as session:
@@ -215,7 +149,7 @@ def test_last_step(tmp_path: Path) -> None:
         assert scaffold.saver is not None
         scaffold.saver.restore(sess, save_path)
 
-    creator = ChiefSessionCreator(Scaffold(init_fn=load_ckpt, state=make_state()))
+    creator = ChiefSessionCreator(Scaffold(init_fn=load_ckpt, state=new_state(count=0)))
     with MonitoredSession(session_creator=creator, hooks=[StopAtStepHook(last_step=5)]) as session:
         assert session.run("global_step") == 4
         assert not session.should_stop()
@@ -225,7 +159,7 @@ def test_last_step(tmp_path: Path) -> None:
 
 def test_num_steps_after_restore(tmp_path: Path) -> None:
     with MonitoredTrainingSession(
-        checkpoint_dir=str(tmp_path), hooks=[StopAtStepHook(num_steps=3)], state=make_state()
+        checkpoint_dir=str(tmp_path), hooks=[StopAtStepHook(num_steps=3)], state=new_state(count=0)
     ) as session:
         steps = []
         while not session.should_stop():
@@ -233,7 +167,7 @@ def test_num_steps_after_restore(tmp_path: Path) -> None:
     assert steps == [1, 2, 3]
     # Restored at 3, num_steps=4 counts from there: stops at 7.
     with MonitoredTrainingSession(
-        checkpoint_dir=str(tmp_path), hooks=[StopAtStepHook(num_steps=4)], state=make_state()
+        checkpoint_dir=str(tmp_path), hooks=[StopAtStepHook(num_steps=4)], state=new_state(count=0)
     ) as session:
         steps = []
         while not session.should_stop():
@@ -242,7 +176,7 @@ def test_num_steps_after_restore(tmp_path: Path) -> None:
 
 
 def test_recovery(tmp_path: Path) -> None:
-    state = make_state()
+    state = new_state(count=0)
     scaffold = Scaffold(state=state)
     hooks = [CheckpointSaverHook(str(tmp_path), save_steps=1, scaffold=scaffold)]
     creator = ChiefSessionCreator(scaffold, checkpoint_dir=str(tmp_path))
@@ -264,7 +198,7 @@ def test_recovery(tmp_path: Path) -> None:
 
 
 def test_recover_and_retry_on_aborted_error(tmp_path: Path) -> None:
-    state = make_state()
+    state = new_state(count=0)
     scaffold = Scaffold(state=state)
     listener = RecordingListener()
     abort_hook = RaiseOnceAtCountN(4, errors.AbortedError("Abort"))
@@ -292,7 +226,7 @@ def test_recover_and_retry_on_aborted_error(tmp_path: Path) -> None:
 
 
 def test_recovery_restores_the_state_changed_by_the_failed_step(tmp_path: Path) -> None:
-    state = make_state()
+    state = new_state(count=0)
     abort_hook = RaiseOnceAtCountN(3, errors.UnavailableError("peer gone"), in_after_run=True)
     with MonitoredTrainingSession(
         checkpoint_dir=str(tmp_path),
@@ -345,7 +279,7 @@ def test_restore_torch_state_on_a_second_session(tmp_path: Path) -> None:
 
 
 def test_worker_restores_the_chief_checkpoint_and_writes_nothing(tmp_path: Path) -> None:
-    state = make_state()
+    state = new_state(count=0)
     with MonitoredTrainingSession(
         checkpoint_dir=str(tmp_path), state=state, save_checkpoint_steps=1
     ) as session:
@@ -353,7 +287,7 @@ def test_worker_restores_the_chief_checkpoint_and_writes_nothing(tmp_path: Path)
         session.run(train_step(state))
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
 
-    worker_state = make_state()
+    worker_state = new_state(count=0)
     with MonitoredTrainingSession(
         is_chief=False, checkpoint_dir=str(tmp_path), state=worker_state
     ) as session:
@@ -365,7 +299,7 @@ def test_worker_restores_the_chief_checkpoint_and_writes_nothing(tmp_path: Path)
 def test_restart_falls_back_when_the_latest_checkpoint_is_corrupt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    state = make_state()
+    state = new_state(count=0)
     with MonitoredTrainingSession(
         checkpoint_dir=str(tmp_path), state=state, save_checkpoint_steps=1
     ) as session:
@@ -376,7 +310,7 @@ def test_restart_falls_back_when_the_latest_checkpoint_is_corrupt(
     raw[-1] ^= 0xFF  # flip bits in the last tensor byte
     data_file.write_bytes(bytes(raw))
 
-    state2 = make_state()
+    state2 = new_state(count=0)
     with (
         caplog.at_level("WARNING"),
         SingularMonitoredSession(checkpoint_dir=str(tmp_path), state=state2) as session,

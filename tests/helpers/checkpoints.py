@@ -1,0 +1,73 @@
+"""States, sessions and flat states to save, and what a checkpoint directory holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from trainhooks.checkpoint.format.tensor import TensorData
+from trainhooks.checkpoint.management.state_file import get_checkpoint_state
+from trainhooks.session.session import Session
+
+
+class Flat(NamedTuple):  # tree.FlatState's shape
+    tensors: dict[str, TensorData]
+    tree: Any
+
+
+# The safetensors dtype code of each NumPy dtype that has one.
+CODES = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.uint16): "U16",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.uint64): "U64",
+    np.dtype(np.complex64): "C64",
+}
+
+
+def td(a: np.ndarray) -> TensorData:
+    """``a`` as the ``TensorData`` a flat state holds (a view of its bytes)."""
+    a = np.require(a, requirements="C")  # keeps 0-d arrays 0-d
+    return TensorData(CODES[a.dtype], a.shape, memoryview(a.reshape(-1).view(np.uint8)))
+
+
+def new_state(size: int = 3, **extra: Any) -> dict[str, Any]:
+    """``{"w": zeros(size, float32), **extra}``: the state the hook tests train (w += 1)."""
+    return {"w": np.zeros(size, dtype=np.float32), **extra}
+
+
+def array_session(
+    value: float = 1.0,
+    step: int = 0,
+    *,
+    name: str = "v",
+    size: int = 2,
+    dtype: npt.DTypeLike = np.float64,
+) -> Session:
+    """A raw Session over one array ``[value, value + 1, ...]`` of ``size`` elements."""
+    dt = np.dtype(dtype)
+    return Session({name: np.arange(size, dtype=dt) + dt.type(value)}, global_step=step)
+
+
+def listed_steps(checkpoint_dir: Path | str) -> list[int]:
+    """The steps of the checkpoints the directory's state file lists, oldest first."""
+    state = get_checkpoint_state(str(checkpoint_dir))
+    assert state is not None
+    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
+
+
+def leftovers(directory: Path) -> list[str]:
+    """The temporary and set-aside directories of interrupted saves, sorted."""
+    return sorted(n for n in os.listdir(directory) if ".tmp-" in n or ".old-" in n)
