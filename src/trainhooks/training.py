@@ -20,12 +20,11 @@ checkpoint (``session/preemption.py``).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainhooks.checkpoint.storage.lock import acquire_writer_lock
+from trainhooks.checkpoint.storage import storage_for
 from trainhooks.hooks.checkpoint import CheckpointSaverHook
 from trainhooks.session import monitored
 from trainhooks.session.creators import (
@@ -124,12 +123,24 @@ def MonitoredTrainingSession(
       CheckpointDirLockedError: another process is saving into ``checkpoint_dir``.
 
     Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> import trainhooks as th
+        >>> state = {"w": np.zeros(3), "epoch": 0}
+        >>> def train_step():
+        ...     state["w"] += 0.5
+        ...     return {"loss": float(state["w"].sum())}
+        >>> checkpoint_dir = tempfile.mkdtemp()
         >>> with MonitoredTrainingSession(
-        ...     checkpoint_dir="ckpt", state={"model": model, "opt": opt},
-        ...     save_checkpoint_steps=100, hooks=[StopAtStepHook(last_step=1000)],
+        ...     checkpoint_dir=checkpoint_dir, state=state,
+        ...     save_checkpoint_steps=5, hooks=[th.StopAtStepHook(last_step=10)],
         ... ) as sess:
         ...     while not sess.should_stop():
-        ...         sess.run(train_step)
+        ...         results = sess.run(train_step)
+        >>> results["loss"]
+        15.0
+        >>> th.latest_checkpoint(checkpoint_dir) == os.path.join(checkpoint_dir, "model.ckpt-10")
+        True
     """
     if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
         save_summaries_steps, save_summaries_secs = 100, None
@@ -223,8 +234,9 @@ def MonitoredTrainingSession(
             preemption=preemption,
         )
     # Taken before the session restores or saves anything, held until it closes.
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    lock = acquire_writer_lock(checkpoint_dir)
+    storage = storage_for(checkpoint_dir)
+    storage.makedirs(checkpoint_dir)
+    lock = storage.lease(checkpoint_dir)
     try:
         session = monitored.MonitoredSession(
             session_creator=session_creator,

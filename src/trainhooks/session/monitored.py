@@ -185,9 +185,17 @@ class _MonitoredSession:
           ValueError: if ``step_fn`` has other arguments.
 
         Example:
+            >>> import numpy as np
+            >>> import trainhooks as th
+            >>> state = {"w": np.zeros(3)}
+            >>> def train_step():
+            ...     state["w"] += 1.0
+            ...     return float(state["w"][0])
             >>> def step_fn(step_context):
             ...     return step_context.run_with_hooks(train_step)
-            >>> loss = sess.run_step_fn(step_fn)
+            >>> with th.MonitoredSession(th.ChiefSessionCreator(state=state)) as sess:
+            ...     sess.run_step_fn(step_fn)
+            1.0
         """
         step_fn_arguments = _fn_args(step_fn)
         if step_fn_arguments not in (("step_context",), ("self", "step_context")):
@@ -286,10 +294,19 @@ class MonitoredSession(_MonitoredSession):
         current handlers.
 
     Example:
-        >>> creator = ChiefSessionCreator(state={"w": w}, checkpoint_dir="ckpt")
-        >>> with MonitoredSession(session_creator=creator, hooks=[hook]) as sess:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> import trainhooks as th
+        >>> state = {"w": np.zeros(3)}
+        >>> def train_step():
+        ...     state["w"] += 1.0
+        >>> creator = th.ChiefSessionCreator(state=state, checkpoint_dir=tempfile.mkdtemp())
+        >>> hooks = [th.StopAtStepHook(last_step=3)]
+        >>> with MonitoredSession(session_creator=creator, hooks=hooks) as sess:
         ...     while not sess.should_stop():
         ...         sess.run(train_step)
+        >>> state["w"]
+        array([3., 3., 3.])
     """
 
     def __init__(
@@ -327,8 +344,15 @@ class SingularMonitoredSession(_MonitoredSession):
       advance_global_step: False when the step function advances the global step itself.
 
     Example:
-        >>> with SingularMonitoredSession(state={"w": w}, checkpoint_dir="ckpt") as sess:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> state = {"w": np.zeros(3)}
+        >>> def train_step():
+        ...     state["w"] += 1.0
+        >>> with SingularMonitoredSession(state=state, checkpoint_dir=tempfile.mkdtemp()) as sess:
         ...     sess.run(train_step)
+        ...     sess.raw_session().global_step
+        1
     """
 
     def __init__(
