@@ -82,12 +82,19 @@ class Saver:
       clock: the time source for ``keep_checkpoint_every_n_hours``.
 
     Example:
+        >>> import os, tempfile
         >>> import numpy as np, trainhooks as th
         >>> sess = th.Session({"w": np.zeros(3)})
+        >>> run_dir = tempfile.mkdtemp()
         >>> saver = th.Saver(max_to_keep=2)
-        >>> saver.save(sess, "/tmp/run/model.ckpt", global_step=10)  # doctest: +SKIP
-        '/tmp/run/model.ckpt-10'
-        >>> saver.restore(sess, th.latest_checkpoint("/tmp/run"))  # doctest: +SKIP
+        >>> prefix = saver.save(sess, os.path.join(run_dir, "model.ckpt"), global_step=10)
+        >>> os.path.basename(prefix)
+        'model.ckpt-10'
+        >>> sess.state["w"][:] = 7.0
+        >>> saver.restore(sess, th.latest_checkpoint(run_dir))
+        >>> sess.state["w"]
+        array([0., 0., 0.])
+        >>> saver.close()
     """
 
     def __init__(
@@ -276,9 +283,17 @@ class Saver:
           Exception: the error of a background save that failed (raised once).
 
         Example:
+            >>> import os, tempfile
+            >>> import numpy as np
+            >>> from trainhooks import Session
+            >>> sess = Session({"w": np.zeros(3)})
             >>> saver = Saver(async_save=True)
-            >>> saver.save(sess, "/tmp/run/model.ckpt", global_step=1)  # doctest: +SKIP
-            >>> saver.wait()  # /tmp/run/model.ckpt-1 is now committed and listed
+            >>> path = os.path.join(tempfile.mkdtemp(), "model.ckpt")
+            >>> prefix = saver.save(sess, path, global_step=1)  # returns once the state is copied
+            >>> saver.wait()  # the checkpoint is now committed and listed
+            >>> saver.last_checkpoints == [prefix]
+            True
+            >>> saver.close()
         """
         self._writer.wait()
 
