@@ -17,6 +17,7 @@ import numpy as np
 from trainhooks.checkpoint.format.dtypes import numpy_dtype
 from trainhooks.checkpoint.format.manifest import MANIFEST_NAME
 from trainhooks.checkpoint.format.opening import MappedCheckpoint, open_checkpoint
+from trainhooks.checkpoint.storage import storage_for
 from trainhooks.checkpoint.storage.commit import is_checkpoint
 
 __all__ = ["CheckpointReader", "list_variables", "load_checkpoint", "load_variable"]
@@ -126,9 +127,10 @@ class CheckpointReader:
 def _checkpoint_path(ckpt_dir_or_file: str | os.PathLike[str]) -> str:
     """A checkpoint prefix as given, or a directory's latest checkpoint (TF's rule)."""
     path = os.fspath(ckpt_dir_or_file)
-    if is_checkpoint(path) or not os.path.isdir(path):
+    storage = storage_for(path)
+    if is_checkpoint(path, storage=storage) or not storage.is_dir(path):
         return path
-    entries = os.listdir(path)
+    entries = storage.list_dir(path)
     if MANIFEST_NAME in entries or any(e.endswith(".safetensors") for e in entries):
         return path  # a broken checkpoint directory: open_checkpoint says what is wrong
     from trainhooks.checkpoint.management.state_file import (

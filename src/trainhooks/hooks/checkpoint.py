@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainhooks._clock import Clock, wall_clock
+from trainhooks.checkpoint.storage import storage_for
 from trainhooks.hooks.checkpoint_delivery import CommitDelivery
 from trainhooks.hooks.timers import SecondOrStepTimer
 from trainhooks.session.run_hook import SessionRunContext, SessionRunHook, SessionRunValues
@@ -260,7 +261,7 @@ class CheckpointSaverHook(SessionRunHook):
         """Create the checkpoint directory, then call every listener's ``begin``."""
         # TF's begin opens a summary writer for checkpoint_dir, which creates the
         # directory; Saver.save expects its parent directory to exist.
-        os.makedirs(self._checkpoint_dir, exist_ok=True)
+        storage_for(self._checkpoint_dir).makedirs(self._checkpoint_dir)
         for listener in self._listeners:
             listener.begin()
 

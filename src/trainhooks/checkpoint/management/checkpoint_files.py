@@ -7,11 +7,11 @@ directory TensorFlow wrote can be managed (and pruned by a ``Saver``) as well.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from collections.abc import Iterable
 
+from trainhooks.checkpoint.storage import storage_for
 from trainhooks.checkpoint.storage.commit import MANIFEST_NAME, delete_checkpoint, is_checkpoint
 
 __all__ = ["V1", "V2", "checkpoint_exists", "get_checkpoint_mtimes", "remove_checkpoint"]
@@ -30,13 +30,14 @@ def _existing_checkpoint_file(prefix: str) -> str | None:
     TensorFlow's V2 ``<prefix>.index`` comes next, then a V1 file at ``<prefix>``.
     Paths are taken literally, not as glob patterns.
     """
-    if os.path.isdir(prefix):
-        if is_checkpoint(prefix):
+    storage = storage_for(prefix)
+    if storage.is_dir(prefix):
+        if is_checkpoint(prefix, storage=storage):
             return os.path.join(prefix, MANIFEST_NAME)
         return None
-    if os.path.isfile(prefix + ".index"):
+    if storage.version(prefix + ".index") is not None:
         return prefix + ".index"
-    if os.path.isfile(prefix):
+    if storage.version(prefix) is not None:
         return prefix
     return None
 
@@ -81,7 +82,7 @@ def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[StrPath]) -> list[float]
         if path is None:
             continue
         try:
-            mtimes.append(os.stat(path).st_mtime_ns / 1e9)
+            mtimes.append(storage_for(path).mtime(path))
         except FileNotFoundError:  # deleted concurrently: as good as missing
             continue
     return mtimes
@@ -108,23 +109,24 @@ def remove_checkpoint(
         >>> remove_checkpoint("/tmp/run/model.ckpt-10")  # doctest: +SKIP
     """
     prefix = os.fspath(checkpoint_prefix)
-    if os.path.isdir(prefix):
-        delete_checkpoint(prefix)
-    _delete_if_exists(_meta_graph_filename(prefix, meta_graph_suffix))
+    storage = storage_for(prefix)
+    if storage.is_dir(prefix):
+        delete_checkpoint(prefix, storage=storage)
+    storage.delete(_meta_graph_filename(prefix, meta_graph_suffix))
     if checkpoint_format_version == V2:
-        _delete_if_exists(prefix + ".index")
-        for path in glob.glob(glob.escape(prefix) + ".data-?????-of-?????"):
-            _delete_if_exists(path)
-    elif os.path.isfile(prefix):
-        _delete_if_exists(prefix)
+        storage.delete(prefix + ".index")
+        parent, base = os.path.split(prefix)
+        shards = re.compile(re.escape(base) + r"\.data-.{5}-of-.{5}")
+        try:
+            names = storage.list_dir(parent or os.curdir)
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        for name in names:
+            if shards.fullmatch(name):
+                storage.delete(os.path.join(parent, name))
+    elif storage.version(prefix) is not None:
+        storage.delete(prefix)
 
 
 def _meta_graph_filename(prefix: str, suffix: str) -> str:
     return re.sub(r"-[\d\?]+-of-\d+$", "", prefix) + "." + suffix
-
-
-def _delete_if_exists(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

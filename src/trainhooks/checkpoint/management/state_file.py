@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +32,8 @@ from trainhooks.checkpoint.management.checkpoint_files import (
     get_checkpoint_mtimes,
     remove_checkpoint,
 )
+from trainhooks.checkpoint.storage import storage_for
+from trainhooks.checkpoint.storage.resolve import is_url
 
 __all__ = [
     "CheckpointState",
@@ -137,11 +137,11 @@ def generate_checkpoint_state_proto(
             "Checkpoint timestamps, if provided, must match checkpoint paths (got paths "
             f"{paths} and timestamps {timestamps})"
         )
-    if not os.path.isabs(save_dir):
+    if not _isabs(save_dir):
         base = save_dir or os.curdir  # "" (the cwd) would make os.path.relpath raise
-        if not os.path.isabs(model_path):
+        if not _isabs(model_path):
             model_path = os.path.relpath(model_path, base)
-        paths = [p if os.path.isabs(p) else os.path.relpath(p, base) for p in paths]
+        paths = [p if _isabs(p) else os.path.relpath(p, base) for p in paths]
     return CheckpointState(
         model_checkpoint_path=model_path,
         all_model_checkpoint_paths=paths,
@@ -204,47 +204,28 @@ def update_checkpoint_state(
     _atomic_write(state_filename, str(ckpt).encode("utf-8"))
 
 
+def _isabs(path: str) -> bool:
+    """Absolute: a local absolute path, or a URL (``memory://bucket/run/...``)."""
+    return os.path.isabs(path) or is_url(path)
+
+
 def _relative_to(path: str, save_dir: str) -> str:
-    return os.path.relpath(path, save_dir or os.curdir) if os.path.isabs(path) else path
+    return os.path.relpath(path, save_dir or os.curdir) if _isabs(path) else path
 
 
 def _atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old content or the new one."""
-    # "<file>.tmp-<12 hex>" is the leftover pattern that commit.remove_leftovers cleans up.
-    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno is not None:
-            # Same errno (callers may test for ENOSPC), a message that names the file.
-            raise type(e)(
-                e.errno,
-                f"{e.strerror}: could not write the checkpoint state file {path}; the "
-                "previous state file is unchanged",
-            ) from e
-        raise
-    _fsync_dir(os.path.dirname(path) or os.curdir)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms where a directory cannot be opened (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        storage_for(path).put(path, data)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        # Same errno (callers may test for ENOSPC), a message that names the file.
+        raise type(e)(
+            e.errno,
+            f"{e.strerror}: could not write the checkpoint state file {path}; the "
+            "previous state file is unchanged",
+        ) from e
 
 
 def get_checkpoint_state(
@@ -273,7 +254,7 @@ def get_checkpoint_state(
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     state_filename = _state_filename(checkpoint_dir, latest_filename)
-    if not os.path.exists(state_filename):
+    if not storage_for(state_filename).exists(state_filename):
         return None
     try:
         ckpt = CheckpointState.from_text(_read_state_file(state_filename))
@@ -283,11 +264,10 @@ def get_checkpoint_state(
         return None
     if not ckpt.model_checkpoint_path:
         raise ValueError(f"Invalid checkpoint state loaded from {checkpoint_dir}")
-    if not os.path.isabs(ckpt.model_checkpoint_path):
+    if not _isabs(ckpt.model_checkpoint_path):
         ckpt.model_checkpoint_path = os.path.join(checkpoint_dir, ckpt.model_checkpoint_path)
     ckpt.all_model_checkpoint_paths = [
-        p if os.path.isabs(p) else os.path.join(checkpoint_dir, p)
-        for p in ckpt.all_model_checkpoint_paths
+        p if _isabs(p) else os.path.join(checkpoint_dir, p) for p in ckpt.all_model_checkpoint_paths
     ]
     return ckpt
 
@@ -299,30 +279,15 @@ MAX_STATE_FILE_BYTES = 4 * 2**20
 def _read_state_file(path: str) -> bytes:
     """The state file's bytes, refusing what could hang or exhaust the reader.
 
-    Opened non-blocking (a FIFO planted under its name must not block), only a regular
-    file is read, and at most :data:`MAX_STATE_FILE_BYTES`.
+    Only a regular file is read (a FIFO planted under its name must not block), and at
+    most :data:`MAX_STATE_FILE_BYTES`.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointStateParseError(f"{path} is not a regular file.")
-        chunks = []
-        remaining = MAX_STATE_FILE_BYTES + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_STATE_FILE_BYTES:
+        return storage_for(path).read_bytes(path, max_bytes=MAX_STATE_FILE_BYTES)
+    except ValueError as e:
         raise CheckpointStateParseError(
-            f"{path} is larger than {MAX_STATE_FILE_BYTES} bytes; a checkpoint state file "
-            "is a short list of paths."
-        )
-    return data
+            f"{e} A checkpoint state file is a short list of paths."
+        ) from None
 
 
 def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = None) -> str | None:

@@ -19,8 +19,8 @@ import weakref
 from typing import Any
 
 from trainhooks.checkpoint.saving.background import BackgroundWriter
+from trainhooks.checkpoint.storage import Lease, storage_for
 from trainhooks.checkpoint.storage.commit import remove_leftovers
-from trainhooks.checkpoint.storage.lock import WriterLock, acquire_writer_lock
 
 __all__ = ["DirectoryClaims", "track_background_writer", "wait_for_saves_into"]
 
@@ -38,7 +38,7 @@ class DirectoryClaims:
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, WriterLock] = {}
+        self._locks: dict[str, Lease] = {}
         # A saver dropped without close() must not keep the directory locked; at exit
         # the kernel drops the lock with the process.
         weakref.finalize(self, _release, self._locks).atexit = False
@@ -55,7 +55,7 @@ class DirectoryClaims:
         key = os.path.abspath(directory)
         if key in self._locks:
             return
-        lock = acquire_writer_lock(directory)
+        lock = storage_for(directory).lease(directory)
         try:
             # A save of this process (another saver's) may be in flight there: its
             # temporary directory is not a leftover.
@@ -71,7 +71,7 @@ class DirectoryClaims:
         _release(self._locks)
 
 
-def _release(locks: dict[str, WriterLock]) -> None:
+def _release(locks: dict[str, Lease]) -> None:
     for lock in locks.values():
         lock.release()
     locks.clear()

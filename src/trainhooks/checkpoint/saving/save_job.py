@@ -21,7 +21,7 @@ from trainhooks.checkpoint.saving.snapshot import SnapshotPool
 from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.saving.write import write_checkpoint
 from trainhooks.checkpoint.state import tree
-from trainhooks.checkpoint.storage import Storage
+from trainhooks.checkpoint.storage import Storage, storage_for
 
 __all__ = ["CommittedSave", "SaveJob", "take_snapshot", "write_and_record"]
 
@@ -106,7 +106,7 @@ def take_snapshot(
     if var_list.is_empty:
         return None
     save_dir = os.path.dirname(save_path)
-    if not os.path.isdir(save_dir or os.curdir):
+    if not storage_for(save_dir or os.curdir).is_dir(save_dir or os.curdir):
         raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
     directories.claim(save_dir or os.curdir)
     state = var_list.state_of(session)

@@ -9,6 +9,7 @@ from trainhooks.checkpoint.management.state_file import (
     get_checkpoint_state,
     update_checkpoint_state,
 )
+from trainhooks.checkpoint.storage import storage_for
 from trainhooks.hooks.listeners.durable import clean_leftovers, place_checkpoint
 from trainhooks.hooks.listeners.hook_bound import HookBoundListener
 from trainhooks.session.session import Session
@@ -44,7 +45,7 @@ class BackupListener(HookBoundListener):
 
     def begin(self) -> None:
         """Create the backup directory and remove what an interrupted backup left there."""
-        os.makedirs(self.backup_dir, exist_ok=True)
+        storage_for(self.backup_dir).makedirs(self.backup_dir)
         clean_leftovers(self.backup_dir)
 
     def after_save(self, session: Session, global_step_value: int) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from typing import Any
+
+from trainhooks.checkpoint.storage import LocalStorage, Storage, storage_for
 
 __all__ = [
     "clean_leftovers",
@@ -24,23 +25,28 @@ __all__ = [
 
 _PARTIAL = ".partial-"  # a copy being written
 _REPLACED = ".replaced-"  # an older copy moved aside while its replacement is renamed in
+_COPY_BYTES = 1 << 20
 
 
 def fsync_dir(path: str) -> None:
     """Make the entries of directory ``path`` (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    storage_for(path).fsync_dir(path)
 
 
 def copy_file_durably(src: str, dst: str) -> None:
     """Copy file ``src`` to the new file ``dst`` and fsync it."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
+    source = storage_for(src).open_read(src)
+    try:
+        out = storage_for(dst).create(dst)
+        try:
+            view = source.view()
+            for start in range(0, len(view), _COPY_BYTES):
+                out.write([view[start : start + _COPY_BYTES]])
+            out.fsync()
+        finally:
+            out.close()
+    finally:
+        source.close()
 
 
 def place_checkpoint(src: str, dst: str, *, hard_link: bool) -> None:
@@ -49,44 +55,51 @@ def place_checkpoint(src: str, dst: str, *, hard_link: bool) -> None:
     With ``hard_link`` every file is hard-linked (the Saver already fsynced its data),
     falling back to a copy where the file system refuses links.
     """
+    storage = storage_for(dst)
     parent = os.path.dirname(dst)
     tmp = f"{dst}{_PARTIAL}{uuid.uuid4().hex}"
-    for root, _, files in os.walk(src):
-        target = os.path.join(tmp, os.path.relpath(root, src))
-        os.makedirs(target, exist_ok=True)
-        for name in files:
-            src_file, dst_file = os.path.join(root, name), os.path.join(target, name)
-            if hard_link:
-                try:
-                    os.link(src_file, dst_file)
-                    continue
-                except OSError:  # another device, or links unsupported: copy instead
-                    pass
-            copy_file_durably(src_file, dst_file)
-        fsync_dir(target)
+    storage.makedirs(tmp)
+    for name in storage_for(src).list_dir(src):
+        src_file, dst_file = os.path.join(src, name), os.path.join(tmp, name)
+        if hard_link and isinstance(storage, LocalStorage):
+            try:
+                os.link(src_file, dst_file)
+                continue
+            except OSError:  # another device, or links unsupported: copy instead
+                pass
+        copy_file_durably(src_file, dst_file)
+    storage.fsync_dir(tmp)
     replaced = None
-    if os.path.lexists(dst):
+    if storage.exists(dst):
         # A directory cannot be renamed over a non-empty one: move the old copy aside.
         replaced = f"{dst}{_REPLACED}{uuid.uuid4().hex}"
-        os.rename(dst, replaced)
-    os.rename(tmp, dst)
-    fsync_dir(parent)
+        storage.rename(dst, replaced)
+    storage.rename(tmp, dst)
+    storage.fsync_dir(parent)
     if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+        _remove_quietly(storage, replaced)
 
 
 def clean_leftovers(directory: str) -> None:
     """Remove partial copies a crash left in ``directory``; put back a copy moved aside."""
-    for name in sorted(os.listdir(directory)):
+    storage = storage_for(directory)
+    for name in sorted(storage.list_dir(directory)):
         path = os.path.join(directory, name)
         if _PARTIAL in name:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_quietly(storage, path)
         elif _REPLACED in name:
             original = os.path.join(directory, name.split(_REPLACED)[0])
-            if os.path.lexists(original):
-                shutil.rmtree(path, ignore_errors=True)
+            if storage.exists(original):
+                _remove_quietly(storage, path)
             else:
-                os.rename(path, original)
+                storage.rename(path, original)
+
+
+def _remove_quietly(storage: Storage, path: str) -> None:
+    try:
+        storage.remove_tree(path)
+    except OSError:
+        pass  # a partial copy is removed again at the next start
 
 
 def write_json_durably(path: str, value: Any) -> None:
@@ -95,10 +108,5 @@ def write_json_durably(path: str, value: Any) -> None:
     Example:
         >>> write_json_durably("/tmp/best/best_checkpoints.json", {"mode": "min"})  # doctest: +SKIP
     """
-    tmp = f"{path}{_PARTIAL}{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    data = json.dumps(value, indent=1, allow_nan=False).encode("utf-8")
+    storage_for(path).put(path, data)

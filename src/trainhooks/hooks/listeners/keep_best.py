@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from trainhooks.checkpoint.management.state_file import update_checkpoint_state
+from trainhooks.checkpoint.storage import storage_for
 from trainhooks.hooks.listeners.durable import (
     clean_leftovers,
     place_checkpoint,
@@ -96,7 +97,7 @@ class KeepBestListener(HookBoundListener):
 
     def begin(self) -> None:
         """Create the directory of the best checkpoints, clean up after a crash, load the list."""
-        os.makedirs(self.best_dir, exist_ok=True)
+        storage_for(self.best_dir).makedirs(self.best_dir)
         clean_leftovers(self.best_dir)
         self._kept = self._load()
 
