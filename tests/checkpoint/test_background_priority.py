@@ -12,27 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.helpers.storage_doubles import PolicyRecordingStorage
 
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.saving.background import BackgroundWriter, lower_thread_priority
-from trainhooks.checkpoint.storage import LocalFile, LocalStorage
 from trainhooks.session.session import Session
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's"
 )
-
-
-class PolicyRecordingStorage(LocalStorage):
-    """The local disk, noting the scheduling policy of each thread that creates a file."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.policies: dict[str, int] = {}
-
-    def create(self, path: str) -> LocalFile:
-        self.policies[os.path.basename(path)] = os.sched_getscheduler(0)
-        return super().create(path)
 
 
 def _poll_until_done(in_flight: Callable[[], object]) -> None:

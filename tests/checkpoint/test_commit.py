@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import Flat, leftovers
+from tests.helpers.paths import ROOT, SRC
+from tests.helpers.storage_doubles import FullDisk, NoExchangeStorage, ObservedStorage
 
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.saving.write import write_checkpoint
-from trainhooks.checkpoint.storage import LocalFile, LocalStorage, Storage
+from trainhooks.checkpoint.storage import LocalStorage, Storage
 from trainhooks.checkpoint.storage.commit import delete_checkpoint, is_checkpoint, remove_leftovers
 from trainhooks.errors import DataLossError
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Flat(NamedTuple):  # tree.FlatState's shape
-    tensors: dict[str, TensorData]
-    tree: Any
 
 
 def state_for(step: int, n: int = 6, size: int = 3000) -> Flat:
@@ -52,62 +45,6 @@ def saved_step(prefix: Path) -> int | None:
                 assert set(values.tolist()) == {float(ckpt.global_step)}
         assert ckpt.tree == {"step": ckpt.global_step}
         return ckpt.global_step
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if ".tmp-" in n or ".old-" in n)
-
-
-class ObservedFile(LocalFile):
-    def __init__(self, path: str, observe: Callable[[str], None]) -> None:
-        super().__init__(path)
-        self._observe = observe
-
-    def write(self, buffers: Sequence[memoryview | bytes]) -> None:
-        self._observe("write")
-        super().write(buffers)
-
-    def fsync(self) -> None:
-        self._observe("fsync")
-        super().fsync()
-
-
-class ObservedStorage(LocalStorage):
-    """The local disk, calling ``observe(op)`` before every operation of a save."""
-
-    def __init__(self, observe: Callable[[str], None]) -> None:
-        self.observe = observe
-
-    def mkdir(self, path: str) -> None:
-        self.observe("mkdir")
-        super().mkdir(path)
-
-    def create(self, path: str) -> LocalFile:
-        self.observe("create")
-        return ObservedFile(path, self.observe)
-
-    def rename(self, src: str, dst: str) -> None:
-        self.observe("rename")
-        super().rename(src, dst)
-
-    def exchange(self, a: str, b: str) -> bool:
-        self.observe("exchange")
-        return super().exchange(a, b)
-
-    def remove_tree(self, path: str) -> None:
-        self.observe("remove_tree")
-        super().remove_tree(path)
-
-    def fsync_dir(self, path: str) -> None:
-        self.observe("fsync_dir")
-        super().fsync_dir(path)
-
-
-class NoExchangeStorage(LocalStorage):
-    """A store without an atomic swap (macOS, Windows, network file systems)."""
-
-    def exchange(self, a: str, b: str) -> bool:
-        return False
 
 
 @pytest.mark.parametrize("storage_class", [LocalStorage, NoExchangeStorage])
@@ -182,47 +119,25 @@ CRASH_SCRIPT = textwrap.dedent(
     import json, os, sys
     import numpy as np
     from trainhooks.checkpoint.saving.write import write_checkpoint
-    from trainhooks.checkpoint.storage import LocalFile, LocalStorage
     from trainhooks.checkpoint.format.tensor import TensorData
+    from tests.helpers.checkpoints import Flat
+    from tests.helpers.storage_doubles import CrashingStorage
 
     exchange, jobs = sys.argv[1] == "yes", json.loads(sys.argv[2])
-    crash_at, ops = -1, 0
 
-    def op():
-        global ops
-        if ops == crash_at:
-            os._exit(3)  # a crash: nothing after this runs, no cleanup
-        ops += 1
-
-    class File(LocalFile):
-        def write(self, buffers):
-            op(); super().write(buffers)
-        def fsync(self):
-            op(); super().fsync()
-
-    class Crashing(LocalStorage):
-        def mkdir(self, p): op(); super().mkdir(p)
-        def create(self, p): op(); return File(p)
-        def rename(self, a, b): op(); super().rename(a, b)
-        def exchange(self, a, b):
-            op()
-            return exchange and super().exchange(a, b)
-        def remove_tree(self, p): op(); super().remove_tree(p)
-        def fsync_dir(self, p): op(); super().fsync_dir(p)
-
-    def save(directory):
+    def save(directory, crash_at):
         a = np.full(5000, 2, dtype=np.float32)
         b = np.full(3000, 2, dtype=np.float32)
         tensors = {k: TensorData("F32", v.shape, memoryview(v.view(np.uint8))) for k, v in (("a", a), ("b", b))}
-        flat = type("Flat", (), {"tensors": tensors, "tree": {"step": 2}})
-        write_checkpoint(os.path.join(directory, "model.ckpt-1"), flat, global_step=2,
-                         storage=Crashing(), max_shard_bytes=16000)
+        write_checkpoint(os.path.join(directory, "model.ckpt-1"), Flat(tensors, {"step": 2}),
+                         global_step=2, storage=CrashingStorage(crash_at, exchange=exchange),
+                         max_shard_bytes=16000)
 
     results = []
-    for directory, crash_at in jobs:  # sets the global crash_at that op() reads
+    for directory, crash_at in jobs:
         pid = os.fork()  # one import, many crashes: each child dies at its own step
         if pid == 0:
-            save(directory)
+            save(directory, crash_at)
             os._exit(0 if crash_at < 0 else 1)
         results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
     print(json.dumps(results))
@@ -232,7 +147,7 @@ CRASH_SCRIPT = textwrap.dedent(
 
 def run_crashes(jobs: list[tuple[Path, int]], exchange: bool) -> list[int]:
     """Save (step 2) into each directory, crashing at the given operation; the exit codes."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
     args = ["yes" if exchange else "no", json.dumps([(str(d), n) for d, n in jobs])]
     out = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, text=True
@@ -275,13 +190,6 @@ def test_a_crash_at_any_step_leaves_a_complete_checkpoint_after_cleanup(
                 assert before == after
         else:
             assert before == after and after in (None, 2)
-
-
-class FullDisk(LocalStorage):
-    def create(self, path: str) -> LocalFile:
-        if path.endswith(".safetensors") and "00001" in path:
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        return super().create(path)
 
 
 def test_a_failed_save_removes_its_files_and_keeps_the_old_checkpoint(tmp_path: Path) -> None:

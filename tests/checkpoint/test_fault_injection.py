@@ -1,9 +1,9 @@
 """Faults at every storage operation of a save: no listed checkpoint is ever damaged.
 
-A save goes through ``FaultyStorage`` (``faulty_storage.py``), which fails one chosen
-operation with ENOSPC, EIO or EACCES, cuts a write short, or stalls it. The sweep first
-records a clean save, then fails each of its operations in turn, for a new step and for
-a re-save of a listed step. A real, tiny tmpfs then gives real ENOSPC and EROFS through
+A save goes through ``FaultyStorage`` (``tests/helpers/storage_doubles.py``), which
+fails one chosen operation with ENOSPC, EIO or EACCES, cuts a write short, or stalls it.
+The sweep first records a clean save, then fails each of its operations in turn, for a
+new step and for a re-save of a listed step. A real, tiny tmpfs then gives real ENOSPC and EROFS through
 ``Saver`` itself (skipped where mounting is not allowed).
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from faulty_storage import Fault, FaultyStorage
+from tests.helpers.checkpoints import leftovers
+from tests.helpers.storage_doubles import Fault, FaultyStorage
 
 import trainhooks as th
 from trainhooks.checkpoint.format.opening import open_checkpoint
@@ -44,10 +45,6 @@ def _state(step: int) -> dict[str, Any]:
         "moments": np.arange(6, dtype=np.float64) * step,
         "step_name": f"step-{step}",
     }
-
-
-def _leftovers(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if ".tmp-" in n or ".old-" in n)
 
 
 def _save(directory: Path, step: int, storage: Any = None) -> str:
@@ -129,7 +126,7 @@ def test_a_fault_at_every_operation_of_a_save_damages_no_listed_checkpoint(
                 ckpt.verify()
         # ... and the next start removes what the failed save left behind.
         remove_leftovers(directory)
-        assert _leftovers(directory) == [], where
+        assert leftovers(directory) == [], where
         assert _assert_listed_intact(directory) in (1, step), where
         # Saving again works: training continues once the fault is gone.
         _save(directory, 3)
@@ -247,7 +244,7 @@ def test_real_enospc_at_every_fill_level_damages_no_listed_checkpoint(tiny_fs: P
         assert torch.equal(restored.state["model"]["weight"], expected["model"]["weight"])
         filler.unlink()
         remove_leftovers(tiny_fs)
-        assert _leftovers(tiny_fs) == []
+        assert leftovers(tiny_fs) == []
     assert failures >= 3  # the sweep did hit a full disk at several points
 
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from tests.helpers.checkpoints import CODES, Flat, td
 
 from trainhooks.checkpoint.format.opening import MANIFEST_NAME, open_checkpoint
 from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE, TensorData
@@ -21,37 +22,11 @@ from trainhooks.checkpoint.saving.write import write_checkpoint
 from trainhooks.checkpoint.storage.commit import is_checkpoint
 from trainhooks.errors import NotFoundError
 
-
-class Flat(NamedTuple):  # tree.FlatState's shape
-    tensors: dict[str, TensorData]
-    tree: Any
-
-
-CODES = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint8): "U8",
-    np.dtype(np.int8): "I8",
-    np.dtype(np.int16): "I16",
-    np.dtype(np.uint16): "U16",
-    np.dtype(np.float16): "F16",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.uint32): "U32",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float64): "F64",
-    np.dtype(np.int64): "I64",
-    np.dtype(np.uint64): "U64",
-    np.dtype(np.complex64): "C64",
-}
 TORCH_CODES = {
     torch.bfloat16: "BF16",
     torch.float8_e5m2: "F8_E5M2",
     torch.float8_e4m3fn: "F8_E4M3",
 }
-
-
-def td(a: np.ndarray) -> TensorData:
-    a = np.require(a, requirements="C")  # keeps 0-d arrays 0-d
-    return TensorData(CODES[a.dtype], a.shape, memoryview(a.reshape(-1).view(np.uint8)))
 
 
 def torch_td(t: torch.Tensor) -> TensorData:

@@ -10,11 +10,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from tests.helpers.checkpoints import Flat, td
 
 from trainhooks.checkpoint.format.manifest import seal_manifest
 from trainhooks.checkpoint.format.opening import MANIFEST_NAME, open_checkpoint
@@ -23,19 +24,6 @@ from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.checkpoint.reader import list_variables, load_checkpoint, load_variable
 from trainhooks.checkpoint.saving.write import write_checkpoint
 from trainhooks.errors import DataLossError, NotFoundError
-
-
-class Flat(NamedTuple):  # tree.FlatState's shape
-    tensors: dict[str, TensorData]
-    tree: Any
-
-
-CODES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.float16): "F16"}
-
-
-def td(a: np.ndarray) -> TensorData:
-    return TensorData(CODES[a.dtype], a.shape, memoryview(a.reshape(-1).view(np.uint8)))
-
 
 ARRAYS = {
     "model/dense/kernel": np.arange(12, dtype=np.float32).reshape(3, 4),

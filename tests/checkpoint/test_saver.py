@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import array_session
+from tests.helpers.storage_doubles import GatedStorage
 
 from trainhooks import errors
 from trainhooks.checkpoint.management.state_file import (
@@ -24,16 +26,11 @@ from trainhooks.checkpoint.management.state_file import (
     remove_checkpoint,
 )
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.checkpoint.storage import LocalStorage
 from trainhooks.checkpoint.storage.lock import LOCK_FILE_NAME
 from trainhooks.session.session import Session
 
 if TYPE_CHECKING:
-    from tests.conftest import FakeClock
-
-
-def _session(value: float = 1.0, step: int = 0) -> Session:
-    return Session({"v": np.array([value, value + 1.0])}, global_step=step)
+    from tests.helpers.clock import FakeClock
 
 
 def _assert_state(save_dir: Path, model: str, paths: list[str]) -> None:
@@ -60,7 +57,7 @@ def _corrupt(prefix: str) -> None:
 
 
 def test_max_to_keep_non_sharded(tmp_path: Path) -> None:
-    sess = _session()
+    sess = array_session()
     save = Saver(max_to_keep=2)
     assert save.last_checkpoints == []
     s1 = save.save(sess, str(tmp_path / "s1"))
@@ -127,7 +124,7 @@ def test_state_file_is_replaced_before_the_dropped_checkpoint_is_deleted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save = Saver(max_to_keep=1)
-    s1 = save.save(_session(), str(tmp_path / "s1"))
+    s1 = save.save(array_session(), str(tmp_path / "s1"))
     seen: list[str] = []
     real_rmtree = shutil.rmtree
 
@@ -136,7 +133,7 @@ def test_state_file_is_replaced_before_the_dropped_checkpoint_is_deleted(
         real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", spying_rmtree)
-    s2 = save.save(_session(), str(tmp_path / "s2"))
+    s2 = save.save(array_session(), str(tmp_path / "s2"))
     assert s1 and s2 and not checkpoint_exists(s1)
     # When s1's files went, the state file already named only s2.
     assert seen == [f'model_checkpoint_path: "{s2}"\nall_model_checkpoint_paths: "{s2}"\n']
@@ -146,10 +143,10 @@ def test_failed_retention_delete_is_logged_and_ignored(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     save = Saver(max_to_keep=1)
-    s1 = save.save(_session(), str(tmp_path / "s1"))
+    s1 = save.save(array_session(), str(tmp_path / "s1"))
     (tmp_path / "s1" / "notes.txt").write_text("not part of a checkpoint")
     with caplog.at_level(logging.WARNING):
-        s2 = save.save(_session(), str(tmp_path / "s2"))
+        s2 = save.save(array_session(), str(tmp_path / "s2"))
     assert "Ignoring: " in caplog.text and "notes.txt" in caplog.text
     assert s1 and s2 and checkpoint_exists(s1)
     _assert_state(tmp_path, s2, [s2])
@@ -157,7 +154,7 @@ def test_failed_retention_delete_is_logged_and_ignored(
 
 @pytest.mark.parametrize("max_to_keep", [None, 0])
 def test_no_max_to_keep(tmp_path: Path, max_to_keep: int | None) -> None:
-    sess = _session()
+    sess = array_session()
     save = Saver(max_to_keep=max_to_keep)
     s1 = save.save(sess, str(tmp_path / "s1"))
     assert save.last_checkpoints == []
@@ -187,7 +184,7 @@ def test_sharded_checkpoints_are_deleted_whole(tmp_path: Path) -> None:
 
 
 def test_keep_checkpoint_every_n_hours(tmp_path: Path, clock: FakeClock) -> None:
-    sess = _session()
+    sess = array_session()
     start = clock()
     save = Saver(max_to_keep=2, keep_checkpoint_every_n_hours=0.7 / 3600, clock=clock)
     assert save.last_checkpoints == []
@@ -211,7 +208,7 @@ def test_keep_checkpoint_every_n_hours(tmp_path: Path, clock: FakeClock) -> None
 
 def test_keep_deadline_steps_from_the_previous_deadline(tmp_path: Path, clock: FakeClock) -> None:
     start = clock()
-    sess = _session()
+    sess = array_session()
     save = Saver(max_to_keep=1, keep_checkpoint_every_n_hours=10 / 3600, clock=clock)
     paths = []
     for name, at in (("a", 25), ("b", 26), ("c", 27), ("d", 29)):
@@ -230,7 +227,7 @@ def test_keep_deadline_steps_from_the_previous_deadline(tmp_path: Path, clock: F
 
 
 def test_recover_last_checkpoints(tmp_path: Path) -> None:
-    sess = _session()
+    sess = array_session()
     save = Saver(max_to_keep=10)
     s1, s2, s3 = (save.save(sess, str(tmp_path / f"ckpt-{i}")) for i in (1, 2, 3))
     assert s1 and s2 and s3
@@ -252,12 +249,14 @@ def test_recover_last_checkpoints(tmp_path: Path) -> None:
 
 
 def test_recovered_bookkeeping_keeps_max_to_keep_across_restarts(tmp_path: Path) -> None:
-    sess = _session()
+    sess = array_session()
     first = Saver(max_to_keep=2)
     for step in (1, 2):
         first.save(sess, str(tmp_path / "model.ckpt"), global_step=step)
     restarted = Saver(max_to_keep=2)
-    assert restarted.restore_latest(_session(), str(tmp_path)) == str(tmp_path / "model.ckpt-2")
+    assert restarted.restore_latest(array_session(), str(tmp_path)) == str(
+        tmp_path / "model.ckpt-2"
+    )
     assert restarted.last_checkpoints == [str(tmp_path / f"model.ckpt-{s}") for s in (1, 2)]
     restarted.save(sess, str(tmp_path / "model.ckpt"), global_step=3)
     assert _files(tmp_path) == ["checkpoint", "model.ckpt-2", "model.ckpt-3"]
@@ -270,7 +269,7 @@ def test_name_collision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.chdir(tmp_path)
     os.mkdir("train")
     filepath = os.path.join("train", "checkpoint")
-    sess = _session()
+    sess = array_session()
     saver = Saver()
     with pytest.raises(ValueError, match="collides with"):
         saver.save(sess, filepath)
@@ -306,7 +305,7 @@ def test_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_save_in_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert Saver().save(_session(), "model", global_step=4) == "model-4"
+    assert Saver().save(array_session(), "model", global_step=4) == "model-4"
     assert Path("checkpoint").read_text() == (
         'model_checkpoint_path: "model-4"\nall_model_checkpoint_paths: "model-4"\n'
     )
@@ -326,7 +325,7 @@ def test_checkpoint_exists(tmp_path: Path, max_shard_bytes: int | None) -> None:
 
 def test_get_checkpoint_mtimes(tmp_path: Path) -> None:
     saver = Saver()
-    prefixes = [saver.save(_session(), str(tmp_path / str(i))) for i in (1, 2)]
+    prefixes = [saver.save(array_session(), str(tmp_path / str(i))) for i in (1, 2)]
     mtimes = get_checkpoint_mtimes([p for p in prefixes if p])
     assert len(mtimes) == 2
     assert mtimes[1] >= mtimes[0]
@@ -348,7 +347,7 @@ def test_remove_checkpoint(tmp_path: Path, max_shard_bytes: int | None) -> None:
 
 
 def test_save_names_and_returns_the_prefix(tmp_path: Path) -> None:
-    sess = _session(step=42)
+    sess = array_session(step=42)
     assert Saver().save(sess, str(tmp_path / "m"), global_step=42) == str(tmp_path / "m-42")
     padded = Saver(pad_step_number=True).save(sess, str(tmp_path / "p"), global_step=42)
     assert padded == str(tmp_path / "p-00000042")
@@ -360,19 +359,19 @@ def test_save_names_and_returns_the_prefix(tmp_path: Path) -> None:
 
 def test_filename_is_the_default_save_path(tmp_path: Path) -> None:
     saver = Saver(filename=str(tmp_path / "model.ckpt"))
-    assert saver.save(_session(), None, global_step=1) == str(tmp_path / "model.ckpt-1")
+    assert saver.save(array_session(), None, global_step=1) == str(tmp_path / "model.ckpt-1")
     with pytest.raises(ValueError, match="save_path is None"):
-        Saver().save(_session(), None)
+        Saver().save(array_session(), None)
 
 
 def test_latest_filename_must_not_contain_path_components(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'latest_filename' must not contain path components"):
-        Saver().save(_session(), str(tmp_path / "m"), latest_filename="sub/checkpoint")
+        Saver().save(array_session(), str(tmp_path / "m"), latest_filename="sub/checkpoint")
     assert os.listdir(tmp_path) == []
 
 
 def test_custom_latest_filename(tmp_path: Path) -> None:
-    prefix = Saver().save(_session(), str(tmp_path / "m"), 1, latest_filename="latest")
+    prefix = Saver().save(array_session(), str(tmp_path / "m"), 1, latest_filename="latest")
     assert _files(tmp_path) == ["latest", "m-1"]
     assert latest_checkpoint(str(tmp_path), "latest") == prefix
 
@@ -380,13 +379,13 @@ def test_custom_latest_filename(tmp_path: Path) -> None:
 def test_missing_parent_directory(tmp_path: Path) -> None:
     save_path = str(tmp_path / "missing" / "model.ckpt")
     with pytest.raises(ValueError, match=r"Parent directory of .*missing/model.ckpt doesn't exist"):
-        Saver().save(_session(), save_path, global_step=1)
+        Saver().save(array_session(), save_path, global_step=1)
 
 
 def test_write_state_false_leaves_state_file_and_bookkeeping(tmp_path: Path) -> None:
     saver = Saver(max_to_keep=1)
     for step in (1, 2):
-        prefix = saver.save(_session(), str(tmp_path / "m"), step, write_state=False)
+        prefix = saver.save(array_session(), str(tmp_path / "m"), step, write_state=False)
         assert prefix is not None and checkpoint_exists(prefix)
     assert saver.last_checkpoints == []
     assert _files(tmp_path) == ["m-1", "m-2"]
@@ -395,7 +394,7 @@ def test_write_state_false_leaves_state_file_and_bookkeeping(tmp_path: Path) -> 
 def test_save_relative_paths(tmp_path: Path) -> None:
     saver = Saver(save_relative_paths=True)
     for step in (1, 2):
-        saver.save(_session(), str(tmp_path / "m"), global_step=step)
+        saver.save(array_session(), str(tmp_path / "m"), global_step=step)
     assert (tmp_path / "checkpoint").read_text() == (
         'model_checkpoint_path: "m-2"\n'
         'all_model_checkpoint_paths: "m-1"\n'
@@ -410,18 +409,18 @@ def test_first_save_removes_crash_leftovers(tmp_path: Path) -> None:
     leftover = tmp_path / "model.ckpt-5.tmp-0123456789ab"
     leftover.mkdir()
     (leftover / "data-00000-of-00001.safetensors").write_bytes(b"partial")
-    Saver().save(_session(), str(tmp_path / "model.ckpt"), global_step=6)
+    Saver().save(array_session(), str(tmp_path / "model.ckpt"), global_step=6)
     assert _files(tmp_path) == ["checkpoint", "model.ckpt-6"]
 
 
 def test_resave_of_an_existing_step_replaces_it(tmp_path: Path) -> None:
     saver = Saver()
-    sess = _session(1.0, step=5)
+    sess = array_session(1.0, step=5)
     prefix = saver.save(sess, str(tmp_path / "m"), global_step=5)
     sess.state["v"][:] = 9.0
     assert saver.save(sess, str(tmp_path / "m"), global_step=5) == prefix
     assert saver.last_checkpoints == [prefix]
-    target = _session(0.0)
+    target = array_session(0.0)
     Saver().restore(target, str(prefix))
     assert target.state["v"].tolist() == [9.0, 9.0]
     assert _files(tmp_path) == ["checkpoint", "m-5"]
@@ -444,7 +443,7 @@ def test_var_list_validation() -> None:
 
 def test_allow_empty_saver_is_a_no_op(tmp_path: Path) -> None:
     saver = Saver(var_list={}, allow_empty=True)
-    sess = _session(step=3)
+    sess = array_session(step=3)
     assert saver.save(sess, str(tmp_path / "m"), global_step=3) is None
     assert os.listdir(tmp_path) == []
     saver.restore(sess, str(tmp_path / "m-3"))  # nothing to restore: no error
@@ -469,8 +468,8 @@ def test_var_list_as_state_keys(tmp_path: Path) -> None:
 
 
 def test_restore_sets_state_in_place_and_global_step(tmp_path: Path) -> None:
-    prefix = Saver().save(_session(5.0, step=12), str(tmp_path / "m"), global_step=12)
-    target = _session(0.0)
+    prefix = Saver().save(array_session(5.0, step=12), str(tmp_path / "m"), global_step=12)
+    target = array_session(0.0)
     held = target.state["v"]
     Saver().restore(target, str(prefix))
     assert held.tolist() == [5.0, 6.0]  # the array the user holds was updated
@@ -479,21 +478,21 @@ def test_restore_sets_state_in_place_and_global_step(tmp_path: Path) -> None:
 
 def test_restore_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"The passed save_path is not a valid checkpoint: .*m-1"):
-        Saver().restore(_session(), str(tmp_path / "m-1"))
+        Saver().restore(array_session(), str(tmp_path / "m-1"))
 
 
 def test_restore_refuses_a_tensorflow_checkpoint(tmp_path: Path) -> None:
     for suffix in (".index", ".data-00000-of-00001"):
         Path(str(tmp_path / "m-1") + suffix).write_bytes(b"tf")
     with pytest.raises(ValueError, match="is a TensorFlow checkpoint"):
-        Saver().restore(_session(), str(tmp_path / "m-1"))
+        Saver().restore(array_session(), str(tmp_path / "m-1"))
 
 
 def test_restore_of_a_corrupt_checkpoint_changes_nothing(tmp_path: Path) -> None:
-    prefix = Saver().save(_session(5.0, step=3), str(tmp_path / "m"), global_step=3)
+    prefix = Saver().save(array_session(5.0, step=3), str(tmp_path / "m"), global_step=3)
     assert prefix is not None
     _corrupt(prefix)
-    target = _session(0.0, step=1)
+    target = array_session(0.0, step=1)
     with pytest.raises(errors.DataLossError, match="checksum mismatch"):
         Saver().restore(target, prefix)
     assert target.state["v"].tolist() == [0.0, 1.0]
@@ -506,11 +505,11 @@ def test_restore_latest_falls_back_to_newest_verified(
     saver = Saver(max_to_keep=5)
     prefixes = []
     for step in (1, 2, 3):
-        prefixes.append(saver.save(_session(float(step), step), str(tmp_path / "m"), step))
+        prefixes.append(saver.save(array_session(float(step), step), str(tmp_path / "m"), step))
     p1, p2, p3 = (str(p) for p in prefixes)
     _corrupt(p3)
     remove_checkpoint(p2)
-    target = _session(0.0)
+    target = array_session(0.0)
     restarted = Saver(max_to_keep=5)
     with caplog.at_level(logging.WARNING):
         assert restarted.restore_latest(target, str(tmp_path)) == p1
@@ -526,28 +525,28 @@ def test_restore_latest_falls_back_to_newest_verified(
 
 
 def test_restore_latest_without_state_file(tmp_path: Path) -> None:
-    target = _session(0.0, step=4)
+    target = array_session(0.0, step=4)
     assert Saver().restore_latest(target, str(tmp_path)) is None
     assert target.global_step == 4
 
 
 def test_restore_latest_when_nothing_is_left(tmp_path: Path) -> None:
     saver = Saver()
-    prefix = saver.save(_session(), str(tmp_path / "m"), global_step=1)
+    prefix = saver.save(array_session(), str(tmp_path / "m"), global_step=1)
     assert prefix is not None
     remove_checkpoint(prefix)
     with pytest.raises(ValueError, match="not a valid checkpoint"):
-        Saver().restore_latest(_session(), str(tmp_path))
-    saver.save(_session(), str(tmp_path / "m"), global_step=2)
+        Saver().restore_latest(array_session(), str(tmp_path))
+    saver.save(array_session(), str(tmp_path / "m"), global_step=2)
     _corrupt(str(tmp_path / "m-2"))
     with pytest.raises(errors.DataLossError, match=r"No checkpoint listed in .* could be restored"):
-        Saver().restore_latest(_session(), str(tmp_path))
+        Saver().restore_latest(array_session(), str(tmp_path))
 
 
 def test_restore_latest_does_not_hide_a_state_mismatch(tmp_path: Path) -> None:
     saver = Saver()
-    saver.save(_session(), str(tmp_path / "m"), global_step=1)
-    saver.save(_session(), str(tmp_path / "m"), global_step=2)
+    saver.save(array_session(), str(tmp_path / "m"), global_step=1)
+    saver.save(array_session(), str(tmp_path / "m"), global_step=2)
     other = Session({"w": np.zeros(2)})
     with pytest.raises(ValueError, match="does not match the state"):
         Saver().restore_latest(other, str(tmp_path))
@@ -578,45 +577,31 @@ def _save_in_another_process(directory: Path) -> subprocess.CompletedProcess[str
 def test_saver_holds_the_writer_lock_from_its_first_save_until_close(tmp_path: Path) -> None:
     saver = Saver()
     reader = Saver()
-    reader.restore_latest(_session(), str(tmp_path))  # restores never take the lock
-    saver.save(_session(), str(tmp_path / "m"), global_step=1)
+    reader.restore_latest(array_session(), str(tmp_path))  # restores never take the lock
+    saver.save(array_session(), str(tmp_path / "m"), global_step=1)
     refused = _save_in_another_process(tmp_path)
     assert refused.returncode != 0
     assert "CheckpointDirLockedError" in refused.stderr
     assert f"locked for writing by process {os.getpid()}" in refused.stderr
     assert not os.path.exists(tmp_path / "m-9")
-    saver.save(_session(), str(tmp_path / "m"), global_step=2)  # still ours
+    saver.save(array_session(), str(tmp_path / "m"), global_step=2)  # still ours
     saver.close()
     assert _save_in_another_process(tmp_path).returncode == 0
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-9")
 
 
 def test_a_saver_dropped_without_close_releases_the_lock(tmp_path: Path) -> None:
-    Saver().save(_session(), str(tmp_path / "m"), global_step=1)
+    Saver().save(array_session(), str(tmp_path / "m"), global_step=1)
     gc.collect()
     assert _save_in_another_process(tmp_path).returncode == 0
 
 
-class _FailingStorage(LocalStorage):
-    """The local disk, failing with ENOSPC once ``fail`` is set, and counting directories."""
-
-    def __init__(self) -> None:
-        self.fail = False
-        self.made: list[str] = []
-
-    def mkdir(self, path: str) -> None:
-        if self.fail:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.made.append(os.path.basename(path))
-        super().mkdir(path)
-
-
 def test_checkpoint_directories_are_written_through_the_storage(tmp_path: Path) -> None:
-    storage = _FailingStorage()
+    storage = GatedStorage()
     saver = Saver(storage=storage)
-    first = saver.save(_session(), str(tmp_path / "m"), global_step=1)
+    first = saver.save(array_session(), str(tmp_path / "m"), global_step=1)
     assert [name.split(".tmp-")[0] for name in storage.made] == ["m-1"]
-    storage.fail = True
+    storage.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with pytest.raises(OSError, match=r"No space left on device: saving checkpoint .*m-2"):
-        saver.save(_session(), str(tmp_path / "m"), global_step=2)
+        saver.save(array_session(), str(tmp_path / "m"), global_step=2)
     _assert_state(tmp_path, str(first), [str(first)])

@@ -11,24 +11,26 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import array_session
 
 from trainhooks.checkpoint.management.state_file import (
     get_checkpoint_state,
     update_checkpoint_state,
 )
 from trainhooks.checkpoint.saver import Saver
-from trainhooks.session.session import Session
 
 tf: Any = pytest.importorskip("tensorflow")
 
-
-def _session(step: int = 0) -> Session:
-    return Session({"w": np.arange(4, dtype=np.float32)}, global_step=step)
+# The state of every session here: one float32 array, [0, 1, 2, 3].
+W: dict[str, Any] = {"name": "w", "size": 4, "dtype": np.float32}
 
 
 def test_tf_reads_a_trainhooks_checkpoint_directory(tmp_path: Path) -> None:
     saver = Saver(max_to_keep=2)
-    prefixes = [saver.save(_session(s), str(tmp_path / "model.ckpt"), s) for s in (10, 20, 30)]
+    prefixes = [
+        saver.save(array_session(0.0, s, **W), str(tmp_path / "model.ckpt"), s)
+        for s in (10, 20, 30)
+    ]
     ckpt = tf.train.get_checkpoint_state(str(tmp_path))
     assert ckpt.model_checkpoint_path == prefixes[-1]
     assert list(ckpt.all_model_checkpoint_paths) == prefixes[1:]
@@ -38,7 +40,7 @@ def test_tf_reads_a_trainhooks_checkpoint_directory(tmp_path: Path) -> None:
 def test_tf_reads_relative_paths(tmp_path: Path) -> None:
     saver = Saver(save_relative_paths=True)
     for step in (1, 2):
-        saver.save(_session(step), str(tmp_path / "model.ckpt"), global_step=step)
+        saver.save(array_session(0.0, step, **W), str(tmp_path / "model.ckpt"), global_step=step)
     expected = [os.path.join(str(tmp_path), f"model.ckpt-{s}") for s in (1, 2)]
     ckpt = tf.train.get_checkpoint_state(str(tmp_path))
     assert list(ckpt.all_model_checkpoint_paths) == expected
@@ -48,7 +50,7 @@ def test_tf_reads_relative_paths(tmp_path: Path) -> None:
 def test_tf_reads_a_cwd_relative_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     os.mkdir("train")
-    Saver().save(_session(5), os.path.join("train", "snapshot"), global_step=5)
+    Saver().save(array_session(0.0, 5, **W), os.path.join("train", "snapshot"), global_step=5)
     assert tf.train.latest_checkpoint("train") == os.path.join("train", "snapshot-5")
 
 
