@@ -51,6 +51,9 @@ class MemoryStorage:
         self._objects: dict[str, _Object] = {}
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}
+        # Prefixes made with mkdir/makedirs: an empty "directory" exists until removed,
+        # as a folder marker does on an object store.
+        self._dirs: set[str] = set()
 
     def __repr__(self) -> str:
         return f"MemoryStorage({len(self._objects)} objects)"
@@ -64,26 +67,37 @@ class MemoryStorage:
     def _children(self, path: str) -> set[str]:
         prefix = self._key(path) + "/"
         with self._lock:
-            keys = [k for k in self._objects if k.startswith(prefix)]
+            keys = [k for k in (*self._objects, *self._dirs) if k.startswith(prefix)]
         return {k[len(prefix) :].split("/", 1)[0] for k in keys}
 
     def exists(self, path: str) -> bool:
         key = self._key(path)
         with self._lock:
-            if key in self._objects:
+            if key in self._objects or key in self._dirs:
                 return True
         return bool(self._children(path))
 
     def is_dir(self, path: str) -> bool:
-        if "/" not in self._key(path).split("://", 1)[-1]:
+        key = self._key(path)
+        if "/" not in key.split("://", 1)[-1]:
             return True  # a bucket always exists
+        with self._lock:
+            if key in self._dirs:
+                return True
         return bool(self._children(path))
 
     def mkdir(self, path: str) -> None:
-        pass  # prefixes exist implicitly
+        if self.exists(path):
+            raise FileExistsError(errno.EEXIST, "exists", path)
+        with self._lock:
+            self._dirs.add(self._key(path))
 
     def makedirs(self, path: str) -> None:
-        pass
+        key = self._key(path)
+        with self._lock:
+            if key in self._objects:
+                raise FileExistsError(errno.EEXIST, "an object, not a prefix", path)
+            self._dirs.add(key)
 
     def list_dir(self, path: str) -> list[str]:
         children = self._children(path)
@@ -188,6 +202,7 @@ class MemoryStorage:
         with self._lock:
             for k in [k for k in self._objects if k == key or k.startswith(key + "/")]:
                 del self._objects[k]
+            self._dirs = {d for d in self._dirs if d != key and not d.startswith(key + "/")}
 
     def fsync_dir(self, path: str) -> None:
         pass  # every put is durable (for as long as the process lives)
