@@ -127,6 +127,9 @@ def _try_lock_in_child(directory: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# Once a test of the same process has imported JAX, JAX warns at every fork; the child
+# here only tries the lock and never touches JAX.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_forked_child_does_not_inherit_the_hold(tmp_path: Path) -> None:
     lock = acquire_writer_lock(tmp_path)
     pid = os.fork()
