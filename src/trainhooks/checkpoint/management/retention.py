@@ -3,7 +3,7 @@
 ``max_to_keep`` keeps the newest checkpoints; ``keep_checkpoint_every_n_hours``
 additionally keeps, for good, one checkpoint per that many hours of training. The
 bookkeeping is a list of ``(prefix, time saved)`` pairs, oldest first, which a restart
-recovers from the state file (reference §6).
+recovers from the state file (``docs/semantics.md``, "Saver: names and retention").
 
 A commit records its checkpoint (:meth:`Retention.record`), writes the state file from
 :attr:`Retention.last_checkpoints`, and only then deletes what fell out
