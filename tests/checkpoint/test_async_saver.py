@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.helpers.paths import SRC
 
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.management.state_file import get_checkpoint_state, latest_checkpoint
@@ -20,8 +21,6 @@ from trainhooks.checkpoint.saver import CommittedSave, Saver
 from trainhooks.checkpoint.saving.background import BackgroundWriter
 from trainhooks.checkpoint.saving.snapshot import SnapshotPool
 from trainhooks.session.session import Session
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class GatedClock:
@@ -364,7 +363,7 @@ def _run_script(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
         saver = Saver(async_save=True)
         """
     ) + textwrap.dedent(body)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
     return subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)],
         capture_output=True,

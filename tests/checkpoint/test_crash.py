@@ -9,13 +9,13 @@ step, every listed checkpoint must verify, and the next start must find no lefto
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers.paths import PROGRAMS
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "_programs"))
+sys.path.insert(0, str(PROGRAMS))  # tests/_programs/*.py are imported by name
 
 import crash_driver
 

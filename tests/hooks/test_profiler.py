@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers.paths import SRC
 
 import trainhooks as th
 from trainhooks.hooks.profiler import ProfilerHook
 from trainhooks.session.hooked import HookedSession
 from trainhooks.session.session import Session
-
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def timelines(output_dir: Path) -> list[str]:

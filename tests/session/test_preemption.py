@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.helpers.paths import PROGRAMS
 
 import trainhooks as th
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.session.preemption import PreemptedError, PreemptionWatcher
 from trainhooks.session.session import Session
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "_programs"))
+sys.path.insert(0, str(PROGRAMS))  # tests/_programs/*.py are imported by name
 
 import train_loop
 
