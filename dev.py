@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The project's two commands, each self-contained on a fresh machine.
 
-    python3 dev.py demo    # train, checkpoint, crash with SIGKILL, resume (examples/demo.py)
-    python3 dev.py test    # lint (ruff), type-check (mypy), layering (import-linter), tests (pytest)
+    python3 dev.py demo         # train, checkpoint, crash with SIGKILL, resume (examples/demo.py)
+    python3 dev.py test         # lint (ruff), type-check (mypy), layering (import-linter), tests (pytest)
+    python3 dev.py test --fast  # the same, but pytest -m "not slow": a quick check while working
 
+``test`` runs every test; it is what CI runs. ``test --fast`` leaves out the tests
+marked ``slow`` (SIGKILL crash loops, the demo, the longer tests that run a second
+Python process, anything over ~3 s; ``[tool.pytest.ini_options]`` in ``pyproject.toml``).
 Both create and fill ``.venv`` on first use (and refresh it when ``pyproject.toml``
 changes), so the only requirements are Python 3.10+ and pip. Extra arguments after
-``test`` go to pytest; extra arguments after ``demo`` go to the demo.
+``test`` (or ``test --fast``) go to pytest; extra arguments after ``demo`` go to the demo.
 Other commands: ``bench`` (benchmarks/run_all.py), ``docs`` (build the documentation site
 into ``site/`` with ``mkdocs build --strict``; installs the ``docs`` extra on first use),
 ``shell`` (print the venv's python).
@@ -81,6 +85,8 @@ def main(argv: list[str]) -> int:
         env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about its successor
         build = [str(PYTHON), "-m", "mkdocs", "build", "--strict", "--site-dir", "site", *rest]
         return subprocess.run(build, cwd=ROOT, env=env).returncode
+    if rest[:1] == ["--fast"]:  # test --fast: every check, every test not marked slow
+        rest = ["-m", "not slow", *rest[1:]]
     steps = [
         [str(PYTHON), "-m", "ruff", "check", "src", "tests", "benchmarks", "examples", "tools"],
         [str(PYTHON), "-m", "ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "tools"],

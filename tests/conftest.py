@@ -9,3 +9,16 @@ from tests.helpers.clock import FakeClock
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# A test marked slow (crash loops, the demo, second processes) may take this long; every
+# other test has the `timeout` of [tool.pytest.ini_options] in pyproject.toml.
+SLOW_TEST_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))

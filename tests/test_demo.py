@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers.paths import ROOT
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+DEMO = ROOT / "examples" / "demo.py"
+# The whole demo: trains in a child process, SIGKILLs it, resumes and trains to the end.
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the demo kills its child with SIGKILL")

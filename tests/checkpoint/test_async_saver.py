@@ -374,6 +374,7 @@ def _run_script(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a second process exits mid-save
 def test_interpreter_exit_finishes_the_save_in_flight(tmp_path: Path) -> None:
     proc = _run_script(
         tmp_path,
@@ -390,6 +391,7 @@ def test_interpreter_exit_finishes_the_save_in_flight(tmp_path: Path) -> None:
         ckpt.verify()
 
 
+@pytest.mark.slow  # a second process dies mid-save
 def test_abrupt_exit_never_leaves_a_listed_partial_checkpoint(tmp_path: Path) -> None:
     proc = _run_script(
         tmp_path,

@@ -93,6 +93,7 @@ def _damaged(path: Path, change: Callable[[bytes], bytes | None]) -> Callable[[]
     return undo
 
 
+@pytest.mark.slow  # 200 damaged checkpoints restored
 def test_single_bit_flips_at_random_offsets_are_always_detected(
     run: tuple[Path, list[Path]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -114,6 +115,7 @@ def test_single_bit_flips_at_random_offsets_are_always_detected(
             undo()
 
 
+@pytest.mark.slow  # 100 damaged checkpoints restored
 def test_truncation_at_random_lengths_is_always_detected(
     run: tuple[Path, list[Path]], caplog: pytest.LogCaptureFixture
 ) -> None:

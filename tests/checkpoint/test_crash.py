@@ -19,6 +19,9 @@ sys.path.insert(0, str(PROGRAMS))  # tests/_programs/*.py are imported by name
 
 import crash_driver
 
+# 50 SIGKILLs of a real training process, each restart verified.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(("mode", "seed"), [("mts", 1), ("async", 2)])
 def test_sigkill_at_random_moments_never_damages_a_listed_checkpoint(

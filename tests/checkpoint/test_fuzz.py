@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -155,6 +156,7 @@ def test_data_file_headers_are_checked_or_raise_data_loss(
     assert header == VALID_FILES[DATA_NAME][: len(header)]
 
 
+@pytest.mark.slow  # hypothesis: hundreds of checkpoints written and opened
 @_FUZZ
 @given(mutated_docs(), st.binary(max_size=64), st.integers(0, 400))
 def test_checkpoints_from_fuzzed_files_open_verified_or_raise(

@@ -384,6 +384,7 @@ def test_a_fifo_in_place_of_a_file_does_not_hang_the_reader(ckpt: Path, which: s
     assert outcome is None or isinstance(outcome, (errors.Error, ValueError))
 
 
+@pytest.mark.slow  # torch saves and restores under an audit hook
 def test_restoring_a_torch_state_never_unpickles(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     model = torch.nn.Linear(3, 2)

@@ -129,6 +129,7 @@ def test_dtypes_numpy_lacks_come_back_as_ml_dtypes_arrays(tmp_path: Path) -> Non
     assert value.tobytes() == bf16.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.slow  # a second process imports torch
 def test_without_ml_dtypes_they_come_back_through_torch(tmp_path: Path) -> None:
     bf16 = _save_bf16(tmp_path / "m")
     child = (

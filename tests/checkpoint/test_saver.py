@@ -574,6 +574,7 @@ def _save_in_another_process(directory: Path) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.slow  # a second process saves, twice
 def test_saver_holds_the_writer_lock_from_its_first_save_until_close(tmp_path: Path) -> None:
     saver = Saver()
     reader = Saver()
@@ -590,6 +591,7 @@ def test_saver_holds_the_writer_lock_from_its_first_save_until_close(tmp_path: P
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-9")
 
 
+@pytest.mark.slow  # a second process saves
 def test_a_saver_dropped_without_close_releases_the_lock(tmp_path: Path) -> None:
     Saver().save(array_session(), str(tmp_path / "m"), global_step=1)
     gc.collect()

@@ -235,6 +235,7 @@ def test_the_snapshot_is_the_state_when_save_returned(tmp_path: Path) -> None:
     np.testing.assert_array_equal(th.load_variable(str(tmp_path), "w"), 3.0)
 
 
+@pytest.mark.slow  # a second process trains and exits mid-save
 def test_interpreter_exit_finishes_the_save_in_flight(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """

@@ -321,6 +321,7 @@ def test_restart_falls_back_when_the_latest_checkpoint_is_corrupt(
     assert "model.ckpt-2" in caplog.text
 
 
+@pytest.mark.slow  # a second process trains in the same directory
 def test_an_error_exit_releases_the_directory_for_another_process(tmp_path: Path) -> None:
     """After a training loop dies with an exception (no hooks' end), the scaffold's saver
     and the session release the writer lock, so a restarted process can save there."""

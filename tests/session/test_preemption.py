@@ -212,6 +212,7 @@ def _start(directory: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # a real process gets SIGTERM
 def test_sigterm_to_a_real_process_saves_the_last_completed_step(tmp_path: Path) -> None:
     with _start(tmp_path, "--step-secs", "0.01") as proc:
         assert proc.stdout is not None
@@ -238,6 +239,7 @@ def test_sigterm_to_a_real_process_saves_the_last_completed_step(tmp_path: Path)
     assert state["meta"] == expected["meta"]
 
 
+@pytest.mark.slow  # a real process, killed after its grace period
 def test_a_hung_step_ends_the_process_after_the_grace_period(tmp_path: Path) -> None:
     with _start(tmp_path, "--hang-at", "3", "--grace", "0.5") as proc:
         assert proc.stdout is not None

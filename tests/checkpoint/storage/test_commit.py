@@ -156,6 +156,7 @@ def run_crashes(jobs: list[tuple[Path, int]], exchange: bool) -> list[int]:
     return list(json.loads(out.stdout))
 
 
+@pytest.mark.slow  # a crash loop: 48 forked saves, each killed at a step
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="crashes are simulated in forked children")
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
 def test_a_crash_at_any_step_leaves_a_complete_checkpoint_after_cleanup(

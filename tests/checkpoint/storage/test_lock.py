@@ -156,6 +156,7 @@ def test_readers_never_take_the_lock(tmp_path: Path) -> None:
         assert th.load_checkpoint(str(tmp_path)).get_tensor("w").tolist() == [0.0, 1.0, 2.0]
 
 
+@pytest.mark.slow  # a second process trains
 def test_monitored_training_session_refuses_a_directory_another_process_writes(
     tmp_path: Path,
 ) -> None:
@@ -194,6 +195,7 @@ def test_non_chief_and_readonly_sessions_do_not_lock(tmp_path: Path) -> None:
             sess.run(lambda: None)
 
 
+@pytest.mark.slow  # two processes save into one directory
 def test_saver_in_a_second_process_gets_a_clear_error(tmp_path: Path) -> None:
     with holder(tmp_path) as proc:
         run = subprocess.run([sys.executable, "-c", _SAVE, str(tmp_path)], capture_output=True)
