@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.management.state_file import get_checkpoint_state
 from trainhooks.session.session import Session
@@ -71,3 +72,17 @@ def listed_steps(checkpoint_dir: Path | str) -> list[int]:
 def leftovers(directory: Path) -> list[str]:
     """The temporary and set-aside directories of interrupted saves, sorted."""
     return sorted(n for n in os.listdir(directory) if ".tmp-" in n or ".old-" in n)
+
+
+def flip_byte_of(prefix: str, tensor: str, where: float | None = None, *, mask: int = 0x01) -> None:
+    """Flip the bits ``mask`` of one byte of ``tensor``'s bytes in its data file: the byte
+    at fraction ``where`` of them (0: the first, 1: the last), or else the middle one."""
+    with open_checkpoint(prefix) as ckpt:
+        entry = ckpt.entry(tensor)
+    path = Path(prefix) / entry.file
+    raw = bytearray(path.read_bytes())
+    if where is None:
+        raw[(entry.start + entry.end) // 2] ^= mask
+    else:
+        raw[entry.start + int((entry.end - entry.start - 1) * where)] ^= mask
+    path.write_bytes(bytes(raw))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import flip_byte_of
 
 from trainhooks import errors
 from trainhooks.checkpoint.format.datafile import CHUNK_BYTES
@@ -53,15 +54,6 @@ def run_of(prefix: str, tensor: str) -> tuple[str, FileEntry, Chunk, list[str]]:
     return entry.file, file, chunk, list(file.names[chunk.first : chunk.first + chunk.tensor_count])
 
 
-def flip_byte_of(prefix: str, tensor: str, where: float = 0.5) -> None:
-    with open_checkpoint(prefix) as ckpt:
-        entry = ckpt.entry(tensor)
-    path = Path(prefix) / entry.file
-    raw = bytearray(path.read_bytes())
-    raw[entry.start + int((entry.end - entry.start - 1) * where)] ^= 0x10
-    path.write_bytes(bytes(raw))
-
-
 def test_small_tensors_share_runs_of_about_a_mebibyte(saved: str) -> None:
     with open_checkpoint(saved) as ckpt:
         (file,) = ckpt.manifest.files.values()
@@ -81,7 +73,7 @@ def test_a_flipped_byte_in_a_run_names_the_file_and_the_runs_tensors(
 ) -> None:
     file_name, _, chunk, names = run_of(saved, tensor)
     assert tensor in names and len(names) > 1
-    flip_byte_of(saved, tensor, where)
+    flip_byte_of(saved, tensor, where, mask=0x10)
 
     with open_checkpoint(saved) as ckpt, pytest.raises(errors.DataLossError) as info:
         ckpt.verify()
@@ -101,7 +93,7 @@ def test_a_flipped_byte_in_a_run_names_the_file_and_the_runs_tensors(
 
 
 def test_the_run_of_five_mid_sized_tensors_is_named_in_full(saved: str) -> None:
-    flip_byte_of(saved, "mid/07")
+    flip_byte_of(saved, "mid/07", 0.5, mask=0x10)
     with pytest.raises(errors.DataLossError) as info:
         Saver().restore(Session(make_state()), saved)
     message = str(info.value)
@@ -114,7 +106,7 @@ def test_the_run_of_five_mid_sized_tensors_is_named_in_full(saved: str) -> None:
 def test_a_tensor_of_a_mebibyte_or_more_has_its_own_checksum(saved: str, tensor: str) -> None:
     _, _, chunk, names = run_of(saved, tensor)
     assert names == [tensor] and chunk.tensor_count == 1
-    flip_byte_of(saved, tensor)
+    flip_byte_of(saved, tensor, 0.5, mask=0x10)
 
     with open_checkpoint(saved) as ckpt:
         with pytest.raises(errors.DataLossError) as info:

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.helpers.checkpoints import flip_byte_of
 
 from trainhooks import errors
-from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.state.tree import StateMismatchError
 from trainhooks.session.session import Session
@@ -68,16 +68,6 @@ def scramble(state: dict[str, Any]) -> None:
     if "torch" in state:
         state["torch"].fill_(7)
     state["epoch"] = 5
-
-
-def flip_byte_of(prefix: str, tensor: str) -> None:
-    """Flip one byte in the middle of ``tensor``'s bytes in its data file."""
-    with open_checkpoint(prefix) as ckpt:
-        entry = ckpt.entry(tensor)
-    path = Path(prefix) / entry.file
-    raw = bytearray(path.read_bytes())
-    raw[(entry.start + entry.end) // 2] ^= 0x01
-    path.write_bytes(bytes(raw))
 
 
 @pytest.fixture
