@@ -16,10 +16,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from tests.helpers.checkpoints import Flat, td
 
 import trainhooks as th
 from trainhooks.checkpoint.format.opening import open_checkpoint
-from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.saving.write import write_checkpoint, write_data_files
 from trainhooks.checkpoint.storage import (
     LocalStorage,
@@ -76,16 +76,10 @@ def path_backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     return BACKENDS[request.param](tmp_path)
 
 
-class Flat(NamedTuple):
-    tensors: dict[str, TensorData]
-    tree: Any
-
-
 def _flat(seed: int, count: int = 3) -> tuple[Flat, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     arrays = {f"w{i}": rng.standard_normal(1000 + i).astype(np.float32) for i in range(count)}
-    tensors = {k: TensorData("F32", v.shape, memoryview(v).cast("B")) for k, v in arrays.items()}
-    return Flat(tensors, {k: k for k in arrays}), arrays
+    return Flat({k: td(v) for k, v in arrays.items()}, {k: k for k in arrays}), arrays
 
 
 def _assert_holds(prefix: str, storage: Storage, arrays: dict[str, np.ndarray]) -> None:
