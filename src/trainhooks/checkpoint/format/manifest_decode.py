@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from bisect import bisect_right
 from collections.abc import Callable
-from itertools import accumulate
+from itertools import accumulate, chain
 from operator import mul
 from typing import Any, TypeGuard
 
@@ -32,6 +31,7 @@ from trainhooks.checkpoint.format.manifest import (
     TensorIndex,
     checksum,
 )
+from trainhooks.checkpoint.format.names import first_duplicate
 from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE
 from trainhooks.checkpoint.gc_pause import paused_gc
 from trainhooks.errors import DataLossError
@@ -55,9 +55,7 @@ def _unseal(raw: bytes) -> bytes | None:
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {dup!r}")
+        raise ValueError(f"duplicate key {first_duplicate(k for k, _ in pairs)!r}")
     return result
 
 
@@ -152,9 +150,7 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
         files[name] = f = _decode_file(name, entry, fail)
         unique = set(f.names)
         if len(unique) != len(f.names) or not unique.isdisjoint(index):
-            seen = set(index)
-            dup = next(n for n in f.names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-            raise fail(f"duplicate tensor name {dup!r}")
+            raise fail(f"duplicate tensor name {first_duplicate(chain(index, f.names))!r}")
         index.update(zip(f.names, range(len(index), len(index) + len(f.names))))
     tensors = TensorIndex(files, index)
     step_entry = tensors.get(GLOBAL_STEP_NAME)
@@ -164,7 +160,83 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
 
 
 def _decode_file(fname: str, entry: object, fail: Callable[[str], Exception]) -> FileEntry:
-    """Validate one file's columns; a few passes in C over them, Python per distinct shape."""
+    """Validate one file's columns; a few passes in C over them, Python per distinct shape.
+
+    Any check that fails hands over to :func:`_decode_file_reference`, whose plain loops
+    raise the error naming the first bad entry.
+    """
+    size, data_start, names, dtypes, shapes, chunks = _file_columns(fname, entry, fail)
+    # fast path: C passes over 100k tensors and a check per distinct shape, not a loop each
+    if (
+        set(map(type, names)) - {str}
+        or len(set(names)) != len(names)
+        or (shapes and set(map(type, shapes)) != {list})
+        # each dimension's type: (1.0,) and (True,) equal (1,) and would pass as it
+        or set(map(type, chain.from_iterable(shapes))) - {int}
+    ):
+        return _decode_file_reference(fname, entry, fail)
+    # One tuple per distinct shape: 100k live tuples would cost memory and a GC pass.
+    distinct: dict[tuple[int, ...], tuple[int, ...]] = {}
+    tuples = list(map(tuple, shapes))
+    tuples = list(map(distinct.setdefault, tuples, tuples))
+    numel: dict[tuple[int, ...], int] = {}
+    for shape in distinct:
+        # Python integers: a hostile shape cannot overflow to a small size
+        if len(shape) > _MAX_NDIM or not all(0 <= d <= _MAX_DIM for d in shape):
+            return _decode_file_reference(fname, entry, fail)
+        numel[shape] = math.prod(shape)
+    try:  # a KeyError or TypeError here is an unknown dtype
+        itemsizes = list(map(DTYPE_ITEMSIZE.__getitem__, dtypes))
+    except (KeyError, TypeError):
+        return _decode_file_reference(fname, entry, fail)
+    offsets = list(
+        accumulate(map(mul, itemsizes, map(numel.__getitem__, tuples)), initial=data_start)
+    )
+    if offsets[-1] != size:
+        return _decode_file_reference(fname, entry, fail)
+    return _file_entry(size, data_start, names, dtypes, tuples, chunks, offsets)
+
+
+def _decode_file_reference(
+    fname: str, entry: object, fail: Callable[[str], Exception]
+) -> FileEntry:
+    """:func:`_decode_file` one tensor at a time: the plain statement of its checks (a
+    property test, ``tests/checkpoint/test_fast_paths_manifest.py``, compares the two)."""
+    size, data_start, names, dtypes, shapes, chunks = _file_columns(fname, entry, fail)
+    for name in names:
+        if type(name) is not str:
+            raise fail(f"file {fname!r}: tensor name {name!r} is not a string")
+    duplicate = first_duplicate(names)
+    if duplicate is not None:
+        raise fail(f"duplicate tensor name {duplicate!r}")
+    for name, dtype in zip(names, dtypes):
+        if type(dtype) is not str or dtype not in DTYPE_ITEMSIZE:
+            raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+    for name, shape in zip(names, shapes):
+        if not (
+            type(shape) is list
+            and len(shape) <= _MAX_NDIM
+            and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+        ):
+            raise _bad_shape(name, shape, fail)
+    offsets = [data_start]
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        nbytes = DTYPE_ITEMSIZE[dtype] * math.prod(shape)
+        if offsets[-1] + nbytes > size:
+            raise fail(
+                f"tensor {name!r}: its {nbytes} bytes at {offsets[-1]} lie outside file "
+                f"{fname!r} ({size} bytes)"
+            )
+        offsets.append(offsets[-1] + nbytes)
+    if offsets[-1] != size:
+        raise fail(f"file {fname!r}: its tensors end at byte {offsets[-1]}, the file at {size}")
+    return _file_entry(size, data_start, names, dtypes, [tuple(s) for s in shapes], chunks, offsets)
+
+
+def _file_columns(
+    fname: str, entry: object, fail: Callable[[str], Exception]
+) -> tuple[int, int, list[Any], list[Any], list[Any], list[tuple[int, str]]]:
+    """A file entry's size, data start, columns (unchecked) and checksum runs (checked)."""
     if not is_plain_basename(fname) or fname == MANIFEST_NAME:
         raise fail(f"data file name {fname!r} is not a plain file name inside the checkpoint")
     if not isinstance(entry, dict):
@@ -183,55 +255,25 @@ def _decode_file(fname: str, entry: object, fail: Callable[[str], Exception]) ->
             f"{len(shapes)} shapes"
         )
     chunks = _chunk_plan(fname, sums, len(names), fail)
-    for name in names if set(map(type, names)) - {str} else ():
-        if type(name) is not str:
-            raise fail(f"file {fname!r}: tensor name {name!r} is not a string")
-    if len(set(names)) != len(names):
-        seen: set[str] = set()
-        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-        raise fail(f"duplicate tensor name {dup!r}")
-    itemsizes = DTYPE_ITEMSIZE
-    for name, dtype in zip(names, dtypes):
-        if type(dtype) is not str or dtype not in itemsizes:
-            raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-    if shapes and set(map(type, shapes)) != {list}:
-        shape = next(s for s in shapes if type(s) is not list)
-        raise _bad_shape(names[shapes.index(shape)], shape, fail)
-    tuples = list(map(tuple, shapes))
-    try:
-        distinct = set(tuples)
-    except TypeError:  # an unhashable dimension: not an int
-        distinct = set()
-        for name, shape in zip(names, tuples):
-            try:
-                hash(shape)
-            except TypeError:
-                raise _bad_shape(name, list(shape), fail) from None
-    numel: dict[tuple[Any, ...], int] = {}
-    for shape in distinct:
-        # Python integers: a hostile shape cannot overflow to a small size
-        if len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
-            raise _bad_shape(names[tuples.index(shape)], list(shape), fail)
-        numel[shape] = math.prod(shape)
-    # One tuple per distinct shape: 100k live tuples would cost memory and a GC pass.
-    tuples = list(map({t: t for t in distinct}.__getitem__, tuples))
-    sizes = list(map(mul, map(itemsizes.__getitem__, dtypes), map(numel.__getitem__, tuples)))
-    offsets = list(accumulate(sizes, initial=data_start))
-    if offsets[-1] > size:
-        i = bisect_right(offsets, size) - 1  # the first tensor ending past the file
-        raise fail(
-            f"tensor {names[i]!r}: its {sizes[i]} bytes at {offsets[i]} lie outside file "
-            f"{fname!r} ({size} bytes)"
-        )
-    if offsets[-1] != size:
-        raise fail(f"file {fname!r}: its tensors end at byte {offsets[-1]}, the file at {size}")
+    return size, data_start, names, dtypes, shapes, chunks
+
+
+def _file_entry(
+    size: int,
+    data_start: int,
+    names: list[str],
+    dtypes: list[str],
+    shapes: list[tuple[int, ...]],
+    chunks: list[tuple[int, str]],
+    offsets: list[int],
+) -> FileEntry:
     first = 0
     runs = []
     for count, digest in chunks:
         runs.append(Chunk(first, count, offsets[first], offsets[first + count], digest))
         first += count
     return FileEntry(
-        size, data_start, tuple(names), tuple(dtypes), tuple(tuples), tuple(runs), offsets
+        size, data_start, tuple(names), tuple(dtypes), tuple(shapes), tuple(runs), offsets
     )
 
 

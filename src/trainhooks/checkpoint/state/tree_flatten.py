@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from trainhooks.checkpoint.format.columns import GATHER_DTYPES, Source
+from trainhooks.checkpoint.format.names import first_duplicate
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.state.adapters import ArrayAdapter, array_adapter_for
 from trainhooks.checkpoint.state.adapters import python as pyvalues
@@ -97,11 +98,11 @@ class Flattener:
         self._state = state
         root = self.node(dict(state), ROOT, "")
         if self.find is None and len(set(self.names)) != len(self.names):
-            seen: set[str] = set()
-            name = next(n for n in self.names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-            first, second = self._paths_of(name)
+            dup = first_duplicate(self.names)
+            assert dup is not None  # the names are not all distinct
+            first, second = self._paths_of(dup)
             raise ValueError(
-                f"{second} and {first} would both be saved as tensor {name!r} (names join "
+                f"{second} and {first} would both be saved as tensor {dup!r} (names join "
                 "keys with '/'): rename one of the keys."
             )
         return root
