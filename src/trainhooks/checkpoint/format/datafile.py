@@ -243,7 +243,7 @@ def _write_data_file(
                 digest = checksum(view)
                 f.write([view])
                 del view
-            else:
+            else:  # fast path: a run of small tensors is gathered, hashed and written at once
                 if buffer is None:
                     buffer = np.empty(_BATCH_BYTES, np.uint8)
                 if used + nbytes > _BATCH_BYTES:
@@ -261,6 +261,39 @@ def _write_data_file(
             position += nbytes
         if pending:
             f.write(pending)
+        f.fsync()
+    finally:
+        f.close()
+    return FileEntry(position, data_start, names, dtypes, shapes, tuple(chunks))
+
+
+def _write_data_file_reference(
+    storage: Storage, path: str, columns: TensorColumns, order: Sequence[int], sizes: Sequence[int]
+) -> FileEntry:
+    """:func:`_write_data_file` one tensor at a time: each written from its own bytes, each
+    checksum run hashed from its tensors' bytes joined. The plain statement of the file
+    format (a property test, ``tests/checkpoint/test_fast_paths_datafile.py``, compares
+    the two byte for byte); a call and a hash per tensor make it slow for 100k tensors."""
+    names = tuple(columns.names[i] for i in order)
+    dtypes = tuple(columns.codes[i] for i in order)
+    shapes = tuple(columns.shapes[i] for i in order)
+    file_sizes = [sizes[i] for i in order]
+    header, position = header_pieces(names, dtypes, shapes, file_sizes)
+    data_start = position
+    chunks: list[Chunk] = []
+    first = 0
+    f = storage.create(path)
+    try:
+        f.write(header)
+        for count in plan_chunks(file_sizes, CHUNK_BYTES):
+            run = [columns.bytes_of(order[i]) for i in range(first, first + count)]
+            for view in run:
+                f.write([view])
+            nbytes = sum(file_sizes[first : first + count])
+            digest = checksum(b"".join(run))
+            chunks.append(Chunk(first, count, position, position + nbytes, digest))
+            first += count
+            position += nbytes
         f.fsync()
     finally:
         f.close()
