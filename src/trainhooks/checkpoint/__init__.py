@@ -6,7 +6,8 @@ The map of the rooms; an arrow points from a room to the rooms it uses, never ba
          |        |
          v        |
     saving/       |      one save as a job: snapshot, background writer, write, restore
-      |   \\       |
+      |  \  \     |
+      |   \  distributed/   the process group of a save (one process: a group of one)
       v    v      v
     state/   management/   state <-> named tensors + JSON tree, adapters | state file,
       |          |         checkpoint names, retention
@@ -14,7 +15,8 @@ The map of the rooms; an arrow points from a room to the rooms it uses, never ba
     format/                manifest, data files, dtypes, checksums, mapped reads
       |
       v
-    storage/               where bytes live, publishing a checkpoint, the writer lock
+    storage/               where bytes live (local disk, memory), publishing a
+                           checkpoint (rename or manifest last), the writer lease
 
 ``gc_pause.py`` is a helper every room may use. The layering is checked by
 import-linter (``[tool.importlinter]`` in ``pyproject.toml``) in the test command.

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 from trainhooks.checkpoint.management.state_file import (
     get_checkpoint_state,
     update_checkpoint_state,
 )
 from trainhooks.checkpoint.storage import storage_for
+from trainhooks.checkpoint.storage.commit import remove_quietly
 from trainhooks.hooks.listeners.durable import clean_leftovers, place_checkpoint
 from trainhooks.hooks.listeners.hook_bound import HookBoundListener
 from trainhooks.session.session import Session
@@ -63,11 +63,12 @@ class BackupListener(HookBoundListener):
         )
         for stale in previous:
             if stale not in names:
-                shutil.rmtree(os.path.join(self.backup_dir, stale), ignore_errors=True)
+                remove_quietly(storage_for(self.backup_dir), os.path.join(self.backup_dir, stale))
         return None
 
     def _has_backup(self, name: str) -> bool:
-        return os.path.isdir(os.path.join(self.backup_dir, name))
+        path = os.path.join(self.backup_dir, name)
+        return storage_for(path).is_dir(path)
 
     @staticmethod
     def _listed(directory: str) -> list[str]:

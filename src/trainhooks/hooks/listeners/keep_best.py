@@ -6,12 +6,12 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable
 from typing import NamedTuple
 
 from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.checkpoint.storage import storage_for
+from trainhooks.checkpoint.storage.commit import remove_quietly
 from trainhooks.hooks.listeners.durable import (
     clean_leftovers,
     place_checkpoint,
@@ -23,6 +23,9 @@ from trainhooks.session.session import Session
 __all__ = ["BestCheckpoint", "KeepBestListener"]
 
 logger = logging.getLogger(__name__)
+
+#: The ranking file lists a few checkpoints and their metrics; anything larger is not one.
+_MAX_METRICS_BYTES = 16 * 2**20
 
 
 class BestCheckpoint(NamedTuple):
@@ -141,16 +144,16 @@ class KeepBestListener(HookBoundListener):
         )
         for dropped in self._kept:
             if dropped.checkpoint_path not in {e.checkpoint_path for e in kept}:
-                shutil.rmtree(dropped.checkpoint_path, ignore_errors=True)
+                remove_quietly(storage_for(dropped.checkpoint_path), dropped.checkpoint_path)
         self._kept = kept
         return None
 
     def _load(self) -> list[BestCheckpoint]:
         path = os.path.join(self.best_dir, self.METRICS_FILE)
-        if not os.path.exists(path):
+        storage = storage_for(path)
+        if not storage.exists(path):
             return []
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(storage.read_bytes(path, max_bytes=_MAX_METRICS_BYTES))
         if record.get("mode") != self.mode:
             raise ValueError(
                 f"{path} ranks checkpoints with mode={record.get('mode')!r}, but this "
