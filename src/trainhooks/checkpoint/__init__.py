@@ -1,4 +1,4 @@
-"""Checkpoints: the Saver, the on-disk format, the state file, readers and state adapters.
+r"""Checkpoints: the Saver, the on-disk format, the state file, readers and state adapters.
 
 The map of the rooms; an arrow points from a room to the rooms it uses, never back::
 
