@@ -236,7 +236,7 @@ def test_background_error_surfaces_on_the_training_thread(tmp_path: Path) -> Non
     with pytest.raises(OSError, match="disk quota exceeded"):
         saver.wait()
     saver.wait()  # raised once, not again
-    assert latest_checkpoint(str(tmp_path)) is None  # never listed
+    assert get_checkpoint_state(str(tmp_path)) is None  # never listed in the state file
 
     # Raised by poll_committed (the hook's step boundary) ...
     saver.save(sess, str(tmp_path / "m"), global_step=2)
@@ -261,7 +261,7 @@ def test_invalid_tensor_name_fails_in_the_background(tmp_path: Path) -> None:
     saver.save(Session({"__metadata__": np.ones(2)}), str(tmp_path / "m"), global_step=1)
     with pytest.raises(ValueError, match="__metadata__"):
         saver.wait()
-    assert latest_checkpoint(str(tmp_path)) is None
+    assert get_checkpoint_state(str(tmp_path)) is None
     assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
 
 

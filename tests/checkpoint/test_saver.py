@@ -95,24 +95,24 @@ def test_max_to_keep_non_sharded(tmp_path: Path) -> None:
     assert checkpoint_exists(s2) and checkpoint_exists(s1)
     _assert_state(tmp_path, s1, [s2, s1])
 
-    # The second behaves the same way.
+    # Unlike TensorFlow's Saver, whose second and third savers here write state files
+    # listing s3 (deleted) and forgetting s1 (on disk), every saver first agrees with
+    # the state file: it forgets what no longer exists and adopts what another listed.
     save2.save(sess, s2)
-    assert save2.last_checkpoints == [s3, s2]
-    assert checkpoint_exists(s1)  # created by the first saver
-    assert not checkpoint_exists(s3)  # deleted by the first saver
-    assert checkpoint_exists(s2)
-    _assert_state(tmp_path, s2, [s3, s2])
+    assert save2.last_checkpoints == [s1, s2]
+    assert checkpoint_exists(s1) and checkpoint_exists(s2)
+    assert not checkpoint_exists(s3)  # deleted by the first saver, and not listed
+    _assert_state(tmp_path, s2, [s1, s2])
     save2.save(sess, s1)
     assert save2.last_checkpoints == [s2, s1]
-    assert not checkpoint_exists(s3)
     assert checkpoint_exists(s2)
     _assert_state(tmp_path, s1, [s2, s1])
 
-    # The third knows nothing of s1 (on disk), so the state file does not list it.
+    # The third adopts s1 and s2 from the state file instead of forgetting s1.
     save3.save(sess, s2)
-    assert save3.last_checkpoints == [s2]
+    assert save3.last_checkpoints == [s1, s2]
     assert checkpoint_exists(s1) and checkpoint_exists(s2)
-    _assert_state(tmp_path, s2, [s2])
+    _assert_state(tmp_path, s2, [s1, s2])
     save3.save(sess, s1)
     assert save3.last_checkpoints == [s2, s1]
     assert checkpoint_exists(s2)

@@ -14,7 +14,14 @@ from collections.abc import Iterable
 from trainhooks.checkpoint.storage import storage_for
 from trainhooks.checkpoint.storage.commit import MANIFEST_NAME, delete_checkpoint, is_checkpoint
 
-__all__ = ["V1", "V2", "checkpoint_exists", "get_checkpoint_mtimes", "remove_checkpoint"]
+__all__ = [
+    "V1",
+    "V2",
+    "checkpoint_exists",
+    "find_checkpoints",
+    "get_checkpoint_mtimes",
+    "remove_checkpoint",
+]
 
 #: ``SaverDef`` format versions, for :func:`remove_checkpoint`.
 V1 = 1
@@ -40,6 +47,32 @@ def _existing_checkpoint_file(prefix: str) -> str | None:
     if storage.version(prefix) is not None:
         return prefix
     return None
+
+
+_NUMBERED = re.compile(r".+-(?P<step>\d+)")
+
+
+def find_checkpoints(directory: StrPath) -> list[str]:
+    """The committed trainhooks checkpoints in ``directory`` named ``<name>-<step>``, oldest
+    step first, found by listing it (for when its state file is lost or unreadable).
+
+    Example:
+        >>> find_checkpoints("/nonexistent")
+        []
+    """
+    directory = os.fspath(directory)
+    storage = storage_for(directory)
+    try:
+        names = storage.list_dir(directory or os.curdir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        match = _NUMBERED.fullmatch(name)
+        path = os.path.join(directory, name)
+        if match is not None and is_checkpoint(path, storage=storage):
+            found.append((int(match["step"]), name, path))
+    return [path for _, _, path in sorted(found)]
 
 
 def checkpoint_exists(checkpoint_prefix: StrPath) -> bool:

@@ -17,7 +17,12 @@ import os
 from collections.abc import Sequence
 
 from trainhooks._clock import Clock, wall_clock
-from trainhooks.checkpoint.management.state_file import get_checkpoint_mtimes, remove_checkpoint
+from trainhooks.checkpoint.management.state_file import (
+    checkpoint_exists,
+    get_checkpoint_mtimes,
+    inside_by_name,
+    remove_checkpoint,
+)
 
 __all__ = ["Retention"]
 
@@ -83,6 +88,33 @@ class Retention:
                 with_times.append((os.fspath(path), mtimes[0]))
         self.set_last_checkpoints_with_time(with_times)
 
+    def reconcile(self, listed: Sequence[str], directory: str) -> None:
+        """Agree with what the state file of ``directory`` lists, before recording a save.
+
+        Several savers may save into one directory (a hook's own and the session's
+        default one, or a run restarted without ``recover_last_checkpoints``): each
+        adopts the checkpoints another listed there, timed by their files, and forgets
+        the ones that no longer exist, so that the state file never lists a deleted
+        checkpoint and retention never forgets a committed one. Only committed
+        checkpoints inside ``directory`` are adopted; a state file naming the same
+        checkpoint under another directory (a moved run) names the one inside.
+        """
+        if not self.max_to_keep:
+            return
+        tracked = {p for p, _ in self._last}
+        kept = [(p, t) for p, t in self._last if checkpoint_exists(p)]
+        adopted = []
+        for path in listed:
+            inside = inside_by_name(path, directory)
+            if inside is None or inside in tracked or not checkpoint_exists(inside):
+                continue
+            mtimes = get_checkpoint_mtimes([inside])
+            if mtimes:
+                adopted.append((inside, mtimes[0]))
+                tracked.add(inside)
+        if adopted or len(kept) != len(self._last):
+            self._last = sorted(kept + adopted, key=lambda entry: entry[1])
+
     def record(self, prefix: str) -> None:
         """Track a newly committed checkpoint; the oldest beyond ``max_to_keep`` is dropped."""
         if not self.max_to_keep:
@@ -90,7 +122,8 @@ class Retention:
         # A re-saved path moves to the end (it is the newest again).
         self._last = [e for e in self._last if e[0] != prefix]
         self._last.append((prefix, self._clock()))
-        if len(self._last) > self.max_to_keep:
+        # More than one beyond max_to_keep only after a recovery that found more.
+        while len(self._last) > self.max_to_keep:
             self._to_delete.append(self._last.pop(0))
 
     def delete_dropped(self) -> None:
@@ -99,14 +132,13 @@ class Retention:
         Call after the state file no longer lists it. Failures are logged, never raised:
         the save that dropped it has already committed.
         """
-        if not self._to_delete:
-            return
-        prefix, saved_at = self._to_delete.pop(0)
-        if saved_at > self._next_keep_time:
-            # Kept for good; the next deadline steps on from this one, not from saved_at.
-            self._next_keep_time += self.keep_checkpoint_every_n_hours * 3600
-            return
-        try:
-            remove_checkpoint(prefix)
-        except Exception as e:  # retention must never fail a save that has committed
-            logger.warning("Ignoring: %s", e)
+        while self._to_delete:
+            prefix, saved_at = self._to_delete.pop(0)
+            if saved_at > self._next_keep_time:
+                # Kept for good; the next deadline steps on from this one, not from saved_at.
+                self._next_keep_time += self.keep_checkpoint_every_n_hours * 3600
+                continue
+            try:
+                remove_checkpoint(prefix)
+            except Exception as e:  # retention must never fail a save that has committed
+                logger.warning("Ignoring: %s", e)

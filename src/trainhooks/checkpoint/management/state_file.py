@@ -29,6 +29,7 @@ from trainhooks.checkpoint.management._text_format import (
 )
 from trainhooks.checkpoint.management.checkpoint_files import (
     checkpoint_exists,
+    find_checkpoints,
     get_checkpoint_mtimes,
     remove_checkpoint,
 )
@@ -39,9 +40,11 @@ __all__ = [
     "CheckpointState",
     "CheckpointStateParseError",
     "checkpoint_exists",
+    "find_checkpoints",
     "generate_checkpoint_state_proto",
     "get_checkpoint_mtimes",
     "get_checkpoint_state",
+    "inside_by_name",
     "latest_checkpoint",
     "remove_checkpoint",
     "update_checkpoint_state",
@@ -306,9 +309,31 @@ def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = Non
         >>> latest_checkpoint("/tmp/run")  # doctest: +SKIP
         '/tmp/run/model.ckpt-10'
     """
+    checkpoint_dir = os.fspath(checkpoint_dir)
     ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
-    if ckpt and ckpt.model_checkpoint_path:
-        if checkpoint_exists(ckpt.model_checkpoint_path):
-            return ckpt.model_checkpoint_path
+    if ckpt is None:
+        # No usable state file: the newest committed checkpoint, as a restore would find.
+        found = find_checkpoints(checkpoint_dir)
+        return found[-1] if found else None
+    if ckpt.model_checkpoint_path:
+        path = inside_by_name(ckpt.model_checkpoint_path, checkpoint_dir)
+        if path is not None and checkpoint_exists(path):
+            return path
         logger.error("Couldn't match files for checkpoint %s", ckpt.model_checkpoint_path)
     return None
+
+
+def inside_by_name(path: str, directory: str) -> str | None:
+    """``path`` if it lies in ``directory``; else the checkpoint of the same name inside it,
+    if there is one (the state file of a moved or copied run names the old place).
+
+    Example:
+        >>> inside_by_name("/old/run/model.ckpt-5", "/nonexistent/run") is None
+        True
+    """
+    if os.path.realpath(os.path.dirname(path) or os.curdir) == os.path.realpath(
+        directory or os.curdir
+    ):
+        return path
+    inside = os.path.join(directory, os.path.basename(path))
+    return inside if checkpoint_exists(inside) else None

@@ -15,7 +15,10 @@ from typing import NamedTuple
 from trainhooks.checkpoint.format.datafile import DEFAULT_MAX_FILE_BYTES
 from trainhooks.checkpoint.management.naming import checked_latest_filename, checkpoint_name
 from trainhooks.checkpoint.management.retention import Retention
-from trainhooks.checkpoint.management.state_file import update_checkpoint_state
+from trainhooks.checkpoint.management.state_file import (
+    get_checkpoint_state,
+    update_checkpoint_state,
+)
 from trainhooks.checkpoint.saving.directories import DirectoryClaims
 from trainhooks.checkpoint.saving.snapshot import SnapshotPool
 from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
@@ -152,6 +155,12 @@ def write_and_record(
         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_FILE_BYTES,
     )
     if job.write_state:
+        try:
+            state = get_checkpoint_state(job.save_dir or os.curdir, job.latest_filename)
+        except ValueError:  # a state file naming no checkpoint: replaced below
+            state = None
+        if state is not None:
+            retention.reconcile(state.all_model_checkpoint_paths, job.save_dir)
         retention.record(job.prefix)
         update_checkpoint_state(
             job.save_dir,

@@ -46,6 +46,7 @@ from trainhooks.checkpoint.storage.commit import (
     abort_staging,
     begin_staging,
     commit_staging,
+    holds_only_checkpoint_files,
 )
 from trainhooks.errors import NotFoundError
 
@@ -109,7 +110,11 @@ def write_checkpoint(
     parent = os.path.dirname(prefix) or os.curdir
     if not storage.is_dir(parent):
         raise NotFoundError(f"Parent directory of {prefix} doesn't exist, can't save.")
-    if storage.exists(prefix) and storage.version(os.path.join(prefix, MANIFEST_NAME)) is None:
+    if (
+        storage.exists(prefix)
+        and storage.version(os.path.join(prefix, MANIFEST_NAME)) is None
+        and not holds_only_checkpoint_files(storage, prefix)
+    ):
         raise FileExistsError(
             f"{prefix} exists and is not a trainhooks checkpoint directory; "
             "remove it or save under another path"

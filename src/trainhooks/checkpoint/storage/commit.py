@@ -48,6 +48,7 @@ from trainhooks.checkpoint.storage.resolve import storage_for
 __all__ = [
     "MANIFEST_NAME",
     "delete_checkpoint",
+    "holds_only_checkpoint_files",
     "is_checkpoint",
     "publish",
     "remove_leftovers",
@@ -89,6 +90,18 @@ def is_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None = N
     return (
         storage.is_dir(prefix) and storage.version(os.path.join(prefix, MANIFEST_NAME)) is not None
     )
+
+
+def holds_only_checkpoint_files(storage: Storage, prefix: str) -> bool:
+    """True if ``prefix`` is a directory of nothing but a checkpoint's files.
+
+    A checkpoint damaged after its commit (its manifest lost, say) is one; a re-save of
+    its step may replace it. A directory holding anything else is never replaced.
+    """
+    if not storage.is_dir(prefix):
+        return False
+    entries = storage.list_dir(prefix)
+    return bool(entries) and all(_CHECKPOINT_ENTRY.fullmatch(name) for name in entries)
 
 
 class Staging(NamedTuple):
