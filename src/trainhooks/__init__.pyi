@@ -54,6 +54,12 @@ from .checkpoint.rng import (
 from .checkpoint.saver import (
     Saver as Saver,
 )
+from .checkpoint.weights import (
+    load_state_dict as load_state_dict,
+)
+from .checkpoint.weights import (
+    load_values as load_values,
+)
 from .hooks.basic import (
     FeedFnHook as FeedFnHook,
 )

@@ -20,7 +20,13 @@ from trainhooks.checkpoint.format.opening import MappedCheckpoint, open_checkpoi
 from trainhooks.checkpoint.storage import storage_for
 from trainhooks.checkpoint.storage.commit import is_checkpoint
 
-__all__ = ["CheckpointReader", "list_variables", "load_checkpoint", "load_variable"]
+__all__ = [
+    "CheckpointReader",
+    "checkpoint_prefix",
+    "list_variables",
+    "load_checkpoint",
+    "load_variable",
+]
 
 # Dtypes NumPy lacks: torch's name for each, used when ml_dtypes is not installed.
 _TORCH_DTYPES = {
@@ -124,8 +130,17 @@ class CheckpointReader:
         self.close()
 
 
-def _checkpoint_path(ckpt_dir_or_file: str | os.PathLike[str]) -> str:
-    """A checkpoint prefix as given, or a directory's latest checkpoint (TF's rule)."""
+def checkpoint_prefix(ckpt_dir_or_file: str | os.PathLike[str]) -> str:
+    """The checkpoint a reader opens: a prefix as given, or a directory's latest one (TF's rule).
+
+    Raises:
+      ValueError: a directory without a state file naming an existing checkpoint, and
+        without committed checkpoints.
+
+    Example:
+        >>> checkpoint_prefix("ckpt")  # doctest: +SKIP
+        'ckpt/model.ckpt-200'
+    """
     path = os.fspath(ckpt_dir_or_file)
     storage = storage_for(path)
     if is_checkpoint(path, storage=storage) or not storage.is_dir(path):
@@ -165,7 +180,7 @@ def load_checkpoint(ckpt_dir_or_file: str | os.PathLike[str]) -> CheckpointReade
         >>> sorted(reader.get_variable_to_shape_map())  # doctest: +SKIP
         ['global_step', 'model/bias', 'model/weight']
     """
-    return CheckpointReader(open_checkpoint(_checkpoint_path(ckpt_dir_or_file)))
+    return CheckpointReader(open_checkpoint(checkpoint_prefix(ckpt_dir_or_file)))
 
 
 def list_variables(ckpt_dir_or_file: str | os.PathLike[str]) -> list[tuple[str, list[int]]]:
