@@ -20,6 +20,7 @@ checkpoint (``session/preemption.py``).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,6 +74,8 @@ def MonitoredTrainingSession(
     preemption_signals: Sequence[int] | None = (signal.SIGTERM,),
     preemption_grace_period_secs: float | None = DEFAULT_GRACE_PERIOD_SECS,
     on_checkpoint_error: str = "raise",
+    exit_on_preemption: bool = False,
+    strict_restore: bool | None = None,
 ) -> monitored.MonitoredSession:
     """A ``MonitoredSession`` with TF's default hooks for training.
 
@@ -112,6 +115,14 @@ def MonitoredTrainingSession(
       on_checkpoint_error: ``"raise"`` (TF's behaviour: a failed save stops training)
         or ``"log"``: log the error and keep training; the previous checkpoints stay
         listed and intact. Passed to ``CheckpointSaverHook(on_save_error=...)``.
+      exit_on_preemption: after a termination signal stopped training and the session
+        closed cleanly (final checkpoint saved), exit the process with status
+        ``128 + signum`` so that a scheduler requeues the job. Without it the ``with``
+        block ends normally; ``sess.preempted`` tells a preempted run from a finished one.
+      strict_restore: False restores the entries of the state that the checkpoint has
+        and keeps the others as initialized, reporting each: add an entry to the state
+        of a running experiment this way. Default: the scaffold's (True: a checkpoint
+        must match the state entry for entry).
 
     Returns:
       a :class:`MonitoredSession`.
@@ -142,6 +153,37 @@ def MonitoredTrainingSession(
         >>> th.latest_checkpoint(checkpoint_dir) == os.path.join(checkpoint_dir, "model.ckpt-10")
         True
     """
+    from trainhooks import _checks
+
+    _checks.boolean("is_chief", is_chief)
+    checkpoint_dir = _checks.directory_path("checkpoint_dir", checkpoint_dir)
+    _checks.instance_of("scaffold", scaffold, Scaffold, example="Scaffold(state=state)")
+    hooks = _checks.hook_list("hooks", hooks)
+    chief_only_hooks = _checks.hook_list("chief_only_hooks", chief_only_hooks)
+    if save_checkpoint_secs is not USE_DEFAULT:
+        _checks.positive_number(
+            "save_checkpoint_secs", save_checkpoint_secs, allow_zero=True, unit="seconds"
+        )
+    if save_summaries_steps is not USE_DEFAULT:
+        _checks.positive_int("save_summaries_steps", save_summaries_steps, allow_zero=True)
+    if save_summaries_secs is not USE_DEFAULT:
+        _checks.positive_number(
+            "save_summaries_secs", save_summaries_secs, allow_zero=True, unit="seconds"
+        )
+    _checks.non_negative_number(
+        "stop_grace_period_secs", stop_grace_period_secs, allow_none=False, example=120
+    )
+    _checks.positive_int("log_step_count_steps", log_step_count_steps, allow_zero=True)
+    _checks.non_negative_number("max_wait_secs", max_wait_secs, allow_none=False, example=7200)
+    if save_checkpoint_steps is not USE_DEFAULT:
+        _checks.positive_int("save_checkpoint_steps", save_checkpoint_steps, allow_zero=True)
+    summary_dir = _checks.directory_path("summary_dir", summary_dir)
+    _checks.mapping("state", state, example="{'model': model, 'optimizer': optimizer}")
+    _checks.boolean("async_checkpoint", async_checkpoint)
+    _checks.boolean("advance_global_step", advance_global_step)
+    _checks.non_negative_number(
+        "preemption_grace_period_secs", preemption_grace_period_secs, unit="seconds", example=30
+    )
     if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
         save_summaries_steps, save_summaries_secs = 100, None
     elif save_summaries_secs is USE_DEFAULT:
@@ -161,11 +203,17 @@ def MonitoredTrainingSession(
             f"on_checkpoint_error must be 'raise' or 'log', got {on_checkpoint_error!r}."
         )
     preemption = (
-        PreemptionWatcher(preemption_signals, preemption_grace_period_secs)
+        PreemptionWatcher(
+            preemption_signals,
+            preemption_grace_period_secs,
+            exit_after_close=exit_on_preemption,
+        )
         if preemption_signals
         else None
     )
     scaffold = resolve_scaffold(scaffold, state)
+    if strict_restore is not None and strict_restore != scaffold.strict_restore:
+        scaffold = Scaffold(copy_from_scaffold=scaffold, strict_restore=strict_restore)
     if not is_chief:
         worker_creator = WorkerSessionCreator(
             scaffold=scaffold,
@@ -226,6 +274,7 @@ def MonitoredTrainingSession(
             )
         )
     all_hooks.extend(hooks or [])
+    _share_the_default_saver(all_hooks, scaffold, checkpoint_dir)
     if not (saves_checkpoints and checkpoint_dir):
         return monitored.MonitoredSession(
             session_creator=session_creator,
@@ -252,6 +301,30 @@ def MonitoredTrainingSession(
     # must still release the saver's buffers and directory lock, without masking the error.
     session._on_close.append(lambda: _close_saver_quietly(scaffold))
     return session
+
+
+def _share_the_default_saver(
+    hooks: Sequence[SessionRunHook], scaffold: Scaffold, checkpoint_dir: str | None
+) -> None:
+    """Checkpoint hooks without a saver save with the scaffold's, the one the session
+    restores with (TF's ``_get_saver_or_default``); a hook saving where the session does
+    not restore from is a run that cannot resume, and gets a warning naming both."""
+    for hook in hooks:
+        if not isinstance(hook, CheckpointSaverHook):
+            continue
+        hook._use_default_saver(scaffold)
+        saves_into = hook._checkpoint_dir
+        if checkpoint_dir is None or os.path.realpath(saves_into) != os.path.realpath(
+            checkpoint_dir
+        ):
+            logger.warning(
+                "A CheckpointSaverHook saves into %s, but the session restores from %s: a "
+                "restarted run will start over instead of resuming from those checkpoints. "
+                "Pass checkpoint_dir=%r to MonitoredTrainingSession to resume.",
+                saves_into,
+                checkpoint_dir if checkpoint_dir is not None else "nowhere (checkpoint_dir=None)",
+                saves_into,
+            )
 
 
 def _close_saver_quietly(scaffold: Scaffold) -> None:

@@ -27,13 +27,18 @@ from typing import Any, Literal
 
 from trainhooks._clock import Clock, wall_clock
 from trainhooks.checkpoint.management.retention import Retention
+from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.checkpoint.saving.background import BackgroundWriter
 from trainhooks.checkpoint.saving.directories import (
     DirectoryClaims,
     track_background_writer,
     wait_for_saves_into,
 )
-from trainhooks.checkpoint.saving.restore import restore_checkpoint, restore_latest_checkpoint
+from trainhooks.checkpoint.saving.restore import (
+    RestoreReport,
+    restore_checkpoint,
+    restore_latest_checkpoint,
+)
 from trainhooks.checkpoint.saving.save_job import (
     CommittedSave,
     SaveJob,
@@ -113,6 +118,23 @@ class Saver:
         storage: Storage | None = None,
         clock: Clock = wall_clock,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.integer("max_to_keep", max_to_keep, example=5)
+        _checks.non_negative_number(
+            "keep_checkpoint_every_n_hours",
+            keep_checkpoint_every_n_hours,
+            allow_none=False,
+            unit="hours",
+            example=10000.0,
+        )
+        _checks.boolean("pad_step_number", pad_step_number)
+        _checks.boolean("save_relative_paths", save_relative_paths)
+        filename = _checks.path("filename", filename)
+        _checks.boolean("allow_empty", allow_empty)
+        _checks.integer("max_shard_bytes", max_shard_bytes, example=2**30)
+        _checks.boolean("async_save", async_save)
+        _checks.function("clock", clock, example="time.time")
         self._var_list = VarList(var_list)
         if self._var_list.is_empty and not allow_empty:
             raise ValueError("No variables to save")
@@ -254,6 +276,9 @@ class Saver:
             >>> saver.save(sess, "/tmp/run/model.ckpt", global_step=200)  # doctest: +SKIP
             '/tmp/run/model.ckpt-200'
         """
+        from trainhooks import _checks
+
+        save_path = _checks.path("save_path", save_path)
         if not self._async_save:
             pending = self._snapshot(
                 session, save_path, global_step, latest_filename, write_state, pool=None
@@ -348,7 +373,7 @@ class Saver:
 
     def restore(
         self, session: StateHolder, save_path: str | os.PathLike[str], *, strict: bool = True
-    ) -> None:
+    ) -> RestoreReport | None:
         """Restore the checkpoint at ``save_path`` into the session.
 
         The whole checkpoint is verified before anything is written into the user's
@@ -360,29 +385,49 @@ class Saver:
           session: the session (or any :class:`StateHolder`) to restore into.
           save_path: a checkpoint prefix, as returned by :meth:`save` or ``latest_checkpoint``.
           strict: refuse a checkpoint whose entries differ from the state's (missing or
-            unexpected names); False restores what matches.
+            unexpected names); False restores what matches, skips the rest, and logs
+            both per top-level entry (INFO restored, WARNING skipped and why).
+
+        Returns:
+          None, as TensorFlow's; with ``strict=False``, a ``RestoreReport`` of the state's
+          top-level entries restored in full, in part and not at all, the checkpoint's
+          entries left unused, and every place skipped and why.
 
         Raises:
           ValueError: there is no checkpoint at ``save_path``, or it is a TensorFlow one.
           DataLossError: the checkpoint failed verification; nothing was changed.
           StateMismatchError: the checkpoint does not fit the state; nothing was changed.
+            With ``strict=False`` only for an object (a module, an optimizer, anything
+            with ``state_dict()``) that the checkpoint holds but none of whose saved
+            state fits it, e.g. an EMA model's keys restored into a plain model.
 
         Example:
             >>> saver.restore(sess, th.latest_checkpoint("/tmp/run"))  # doctest: +SKIP
+            >>> report = saver.restore(sess, prefix, strict=False)  # doctest: +SKIP
+            >>> report.not_restored, report.unused  # doctest: +SKIP
+            (['ema'], ['old_head'])
         """
+        from trainhooks import _checks
+
+        if save_path is not None:
+            save_path = _checks.path("save_path", save_path, allow_none=False)
         if self._var_list.is_empty:
-            return
+            return None if strict else RestoreReport([], [], [], [], [])
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         prefix = os.fspath(save_path)
         wait_for_saves_into(os.path.dirname(prefix))  # one may be writing this very checkpoint
-        restore_checkpoint(session, prefix, self._var_list, strict=strict)
+        report = restore_checkpoint(session, prefix, self._var_list, strict=strict)
+        return None if strict else report
 
     def restore_latest(
         self,
         session: StateHolder,
         checkpoint_dir: str | os.PathLike[str],
         latest_filename: str | None = None,
+        *,
+        repair_state_file: bool = False,
+        strict: bool = True,
     ) -> str | None:
         """Restore the newest checkpoint listed in ``checkpoint_dir`` that verifies.
 
@@ -396,9 +441,13 @@ class Saver:
           session: the session (or any :class:`StateHolder`) to restore into.
           checkpoint_dir: the directory holding the state file.
           latest_filename: the state file's name (default ``"checkpoint"``).
+          repair_state_file: when the state file was missing or unreadable and the
+            checkpoint was found by listing the directory, write a new state file (the
+            process that saves into the directory should; readers should not).
+          strict: as for :meth:`restore`: False restores the entries that match.
 
         Returns:
-          The prefix restored, or None when there is no state file.
+          The prefix restored, or None when the directory holds no checkpoint.
 
         Raises:
           ValueError: the state file lists only checkpoints that do not exist.
@@ -408,15 +457,33 @@ class Saver:
             >>> saver.restore_latest(sess, "/tmp/run")  # doctest: +SKIP
             '/tmp/run/model.ckpt-200'
         """
+        from trainhooks import _checks
+
+        checkpoint_dir = _checks.path("checkpoint_dir", checkpoint_dir, allow_none=False)
         wait_for_saves_into(os.fspath(checkpoint_dir))
         restored = restore_latest_checkpoint(
-            lambda prefix: self.restore(session, prefix), checkpoint_dir, latest_filename
+            lambda prefix: self.restore(session, prefix, strict=strict),
+            checkpoint_dir,
+            latest_filename,
         )
         if restored is None:
             return None
-        prefix, listed = restored
-        self.recover_last_checkpoints(listed)
-        return prefix
+        self.recover_last_checkpoints(restored.listed)
+        if repair_state_file and not restored.from_state_file:
+            update_checkpoint_state(
+                checkpoint_dir,
+                restored.prefix,
+                self.last_checkpoints or [restored.prefix],
+                latest_filename,
+                save_relative_paths=self._save_relative_paths,
+            )
+            logger.warning(
+                "Wrote a new checkpoint state file in %s listing %d checkpoints, the newest %s.",
+                checkpoint_dir,
+                len(self.last_checkpoints or [restored.prefix]),
+                restored.prefix,
+            )
+        return restored.prefix
 
     def __repr__(self) -> str:
         return (

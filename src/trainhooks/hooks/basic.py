@@ -58,6 +58,10 @@ class StopAtStepHook(SessionRunHook):
     """
 
     def __init__(self, num_steps: int | None = None, last_step: int | None = None) -> None:
+        from trainhooks import _checks
+
+        _checks.positive_int("num_steps", num_steps, allow_zero=True, example=1000)
+        _checks.non_negative_int("last_step", last_step, example=1000)
         if num_steps is None and last_step is None:
             raise ValueError("One of num_steps or last_step must be specified.")
         if num_steps is not None and last_step is not None:
@@ -71,10 +75,23 @@ class StopAtStepHook(SessionRunHook):
         return self._last_step
 
     def after_create_session(self, session: Session, coord: Coordinator | None) -> None:
-        """With ``num_steps``, fix ``last_step`` from the session's step (once, not after a recovery)."""
+        """With ``num_steps``, fix ``last_step`` from the session's step (once, not after a
+        recovery); a session that starts at or past ``last_step`` stops before any step.
+
+        A finished job that is launched again (a scheduler's requeue after success)
+        restores its last step and so runs nothing. TensorFlow's hook only looks after a
+        run, so TensorFlow trains one more step there.
+        """
         if self._last_step is None:
             assert self._num_steps is not None
             self._last_step = session.global_step + self._num_steps
+        if coord is not None and session.global_step >= self._last_step:
+            logger.info(
+                "Global step %d has already reached last_step %d: stopping before any step.",
+                session.global_step,
+                self._last_step,
+            )
+            coord.request_stop()
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         """Request a stop once the real global step reaches ``last_step``."""
@@ -122,6 +139,18 @@ class StepCounterHook(SessionRunHook):
         *,
         clock: Clock = wall_clock,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.positive_int("every_n_steps", every_n_steps, allow_zero=True)
+        _checks.positive_number("every_n_secs", every_n_secs, allow_zero=True, unit="seconds")
+        output_dir = _checks.directory_path("output_dir", output_dir, example="'logs'")
+        _checks.has_methods(
+            "summary_writer",
+            summary_writer,
+            ("add_scalar", "flush"),
+            what="a writer with add_scalar() and flush()",
+            example="tensorboardX.SummaryWriter('logs')",
+        )
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
         self._timer = SecondOrStepTimer(
@@ -201,6 +230,11 @@ class GlobalStepWaiterHook(SessionRunHook):
         clock: Clock = wall_clock,
         sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.integer("wait_until_step", wait_until_step, allow_none=False, example=1000)
+        _checks.function("clock", clock, example="time.time")
+        _checks.function("sleep", sleep, example="time.sleep")
         self._wait_until_step = wait_until_step
         self._clock = clock
         self._sleep = sleep
@@ -258,6 +292,9 @@ class FinalOpsHook(SessionRunHook):
     def __init__(
         self, final_ops: Any, final_ops_feed_dict: Mapping[str, Any] | None = None
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.mapping("final_ops_feed_dict", final_ops_feed_dict, example="{'batch': batch}")
         self._final_ops = final_ops
         self._final_ops_feed_dict = final_ops_feed_dict
         self._final_ops_values: Any = None
@@ -298,6 +335,9 @@ class FeedFnHook(SessionRunHook):
     """
 
     def __init__(self, feed_fn: Callable[[], Mapping[str, Any]]) -> None:
+        from trainhooks import _checks
+
+        _checks.function("feed_fn", feed_fn, example="lambda: {'batch': next(batches)}")
         self.feed_fn = feed_fn
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:

@@ -199,6 +199,21 @@ class CheckpointSaverHook(SessionRunHook):
         on_save_error: Literal["raise", "log"] = "raise",
         clock: Clock = wall_clock,
     ) -> None:
+        from trainhooks import _checks
+        from trainhooks.session.creators import Scaffold as _Scaffold
+
+        checkpoint_dir = _checks.directory_path("checkpoint_dir", checkpoint_dir, allow_none=False)
+        _checks.positive_number("save_secs", save_secs, allow_zero=True, unit="seconds")
+        _checks.positive_int("save_steps", save_steps, allow_zero=True)
+        _checks.has_methods(
+            "saver", saver, ("save", "restore"), what="a Saver", example="Saver(max_to_keep=5)"
+        )
+        _checks.string(
+            "checkpoint_basename", checkpoint_basename, allow_empty=False, example="'model.ckpt'"
+        )
+        _checks.instance_of("scaffold", scaffold, _Scaffold, example="Scaffold(state=state)")
+        listeners = _checks.listener_list("listeners", listeners)
+        _checks.boolean("async_save", async_save)
         logger.info("Create CheckpointSaverHook.")
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
@@ -385,6 +400,22 @@ class CheckpointSaverHook(SessionRunHook):
         saver = self._saver if self._saver is not None else getattr(self._scaffold, "saver", None)
         if saver is not None:
             saver.close()  # every save of the hook was waited for and delivered already
+
+    def _use_default_saver(self, scaffold: Scaffold) -> bool:
+        """Save with ``scaffold``'s saver if this hook was given no saver and no scaffold.
+
+        TensorFlow's rule (``training_util._get_saver_or_default``): every hook without
+        a saver of its own uses the one default saver, whose bookkeeping the session
+        recovers when it restores. Returns True if the hook now uses it. A hook whose
+        background setting differs from the scaffold's keeps a saver of its own.
+        """
+        if self._saver is not None or self._scaffold is not None:
+            return False
+        scaffold_async = scaffold.saver.async_save if scaffold.saver else scaffold._async_save
+        if scaffold_async != self._async_save:
+            return False
+        self._scaffold = scaffold
+        return True
 
     def _get_saver(self) -> Saver:
         if self._saver is not None:

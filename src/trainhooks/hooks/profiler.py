@@ -144,6 +144,15 @@ class ProfilerHook(SessionRunHook):
         *,
         clock: Clock = wall_clock,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.positive_int("save_steps", save_steps, allow_zero=True)
+        _checks.positive_number("save_secs", save_secs, allow_zero=True, unit="seconds")
+        output_dir = _checks.directory_path(
+            "output_dir", output_dir, allow_none=False, example="'traces'"
+        )
+        _checks.boolean("show_dataflow", show_dataflow)
+        _checks.boolean("show_memory", show_memory)
         self._output_dir = os.fspath(output_dir)
         self._show_dataflow = show_dataflow
         self._show_memory = show_memory

@@ -63,6 +63,16 @@ class NanTensorHook(SessionRunHook):
     """
 
     def __init__(self, loss_tensor: Any, fail_on_nan_loss: bool = True) -> None:
+        from trainhooks import _checks
+
+        if not (isinstance(loss_tensor, str) or callable(loss_tensor)):
+            _checks.function(
+                "loss_tensor",
+                loss_tensor,
+                what="a fetch name (str) or a function",
+                example="'loss'",
+            )
+        _checks.boolean("fail_on_nan_loss", fail_on_nan_loss)
         self._loss_tensor = loss_tensor
         self._fail_on_nan_loss = fail_on_nan_loss
 
@@ -117,6 +127,14 @@ class LoggingTensorHook(SessionRunHook):
         *,
         clock: Clock = wall_clock,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.integer("every_n_iter", every_n_iter, example=100)
+        _checks.positive_number("every_n_secs", every_n_secs, allow_zero=True, unit="seconds")
+        _checks.boolean("at_end", at_end)
+        _checks.function(
+            "formatter", formatter, allow_none=True, example="lambda values: str(values)"
+        )
         only_log_at_end = at_end and every_n_iter is None and every_n_secs is None
         if not only_log_at_end and (every_n_iter is None) == (every_n_secs is None):
             raise ValueError(

@@ -38,6 +38,11 @@ class SecondOrStepTimer:
         *,
         clock: Clock = wall_clock,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.positive_number("every_secs", every_secs, allow_zero=True, unit="seconds")
+        _checks.positive_int("every_steps", every_steps, allow_zero=True)
+        _checks.function("clock", clock, example="time.time")
         if every_secs is None and every_steps is None:
             raise ValueError("Either every_secs or every_steps should be provided.")
         if every_secs is not None and every_steps is not None:

@@ -47,6 +47,10 @@ class Scaffold:
         dict ``{tag: name or callable}``, or a callable returning ``{tag: scalar}``.
       copy_from_scaffold: a scaffold whose fields are used where this call passes None.
       state: the training state, a mapping of names to values (see ``Session``).
+      strict_restore: True (default): a checkpoint must match the state entry for
+        entry. False: restore what matches and keep the rest as initialized, with a
+        report of each entry restored or skipped: the one-argument change for adding
+        an entry (an EMA copy, a new metric) to the state of a running experiment.
 
     Raises:
       TypeError: if ``copy_from_scaffold`` is not a ``Scaffold``.
@@ -74,7 +78,17 @@ class Scaffold:
         copy_from_scaffold: Scaffold | None = None,
         *,
         state: Mapping[str, Any] | None = None,
+        strict_restore: bool | None = None,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.function(
+            "init_fn", init_fn, allow_none=True, example="lambda scaffold, session: None"
+        )
+        _checks.has_methods(
+            "saver", saver, ("save", "restore"), what="a Saver", example="Saver(max_to_keep=5)"
+        )
+        _checks.mapping("state", state, example="{'model': model}")
         if copy_from_scaffold is not None:
             if not isinstance(copy_from_scaffold, Scaffold):
                 raise TypeError("copy_from_scaffold is not a Scaffold instance.")
@@ -84,6 +98,8 @@ class Scaffold:
             summary_op = summary_op if summary_op is not None else copy_from_scaffold._summary_op
             state = state if state is not None else copy_from_scaffold._state
             async_save = copy_from_scaffold._async_save
+            if strict_restore is None:
+                strict_restore = copy_from_scaffold.strict_restore
         else:
             async_save = False
         if init_fn is not None and not callable(init_fn):
@@ -95,7 +111,13 @@ class Scaffold:
         self._summary_op = summary_op
         self._state = state
         self._async_save = async_save
+        self._strict_restore = True if strict_restore is None else bool(strict_restore)
         self._finalized = False
+
+    @property
+    def strict_restore(self) -> bool:
+        """Whether a restore must match the state entry for entry (see ``strict_restore=``)."""
+        return self._strict_restore
 
     @property
     def state(self) -> Mapping[str, Any] | None:
@@ -233,11 +255,17 @@ class _BaseSessionCreator:
             advance_global_step=self._advance_global_step,
         )
 
-    def _restore_latest(self, sess: Session) -> bool:
+    def _restore_latest(self, sess: Session, *, repair_state_file: bool = False) -> bool:
         saver = self._scaffold.saver
         if saver is None or not self._checkpoint_dir:
             return False
-        return saver.restore_latest(sess, self._checkpoint_dir) is not None
+        restored = saver.restore_latest(
+            sess,
+            self._checkpoint_dir,
+            repair_state_file=repair_state_file,
+            strict=self._scaffold.strict_restore,
+        )
+        return restored is not None
 
     def _initialize(self, sess: Session) -> None:
         init_fn = self._scaffold.init_fn
@@ -283,6 +311,15 @@ class ChiefSessionCreator(_BaseSessionCreator):
         state: Mapping[str, Any] | None = None,
         advance_global_step: bool = True,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.instance_of("scaffold", scaffold, Scaffold, example="Scaffold(state=state)")
+        checkpoint_dir = _checks.directory_path("checkpoint_dir", checkpoint_dir)
+        checkpoint_filename_with_path = _checks.path(
+            "checkpoint_filename_with_path", checkpoint_filename_with_path
+        )
+        _checks.mapping("state", state, example="{'model': model}")
+        _checks.boolean("advance_global_step", advance_global_step)
         if checkpoint_dir and checkpoint_filename_with_path:
             raise ValueError(
                 "Can not provide both checkpoint_dir and checkpoint_filename_with_path."
@@ -303,10 +340,13 @@ class ChiefSessionCreator(_BaseSessionCreator):
         sess = self._new_session()
         saver = self._scaffold.saver
         if self._checkpoint_filename_with_path and saver is not None:
-            saver.restore(sess, self._checkpoint_filename_with_path)
+            saver.restore(
+                sess, self._checkpoint_filename_with_path, strict=self._scaffold.strict_restore
+            )
             restored = True
         else:
-            restored = self._restore_latest(sess)
+            # The chief writes into the directory: it repairs a lost state file.
+            restored = self._restore_latest(sess, repair_state_file=True)
         if not restored:
             self._initialize(sess)
         return sess
@@ -344,6 +384,13 @@ class WorkerSessionCreator(_BaseSessionCreator):
         checkpoint_dir: str | None = None,
         advance_global_step: bool = True,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.instance_of("scaffold", scaffold, Scaffold, example="Scaffold(state=state)")
+        _checks.non_negative_number("max_wait_secs", max_wait_secs, unit="seconds", example=1800)
+        _checks.mapping("state", state, example="{'model': model}")
+        checkpoint_dir = _checks.directory_path("checkpoint_dir", checkpoint_dir)
+        _checks.boolean("advance_global_step", advance_global_step)
         super().__init__(scaffold, state, checkpoint_dir, advance_global_step)
         self._master = master
         self._config = config

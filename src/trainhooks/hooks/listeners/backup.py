@@ -40,6 +40,12 @@ class BackupListener(HookBoundListener):
     """
 
     def __init__(self, backup_dir: str | os.PathLike[str], *, keep_all: bool = False) -> None:
+        from trainhooks import _checks
+
+        backup_dir = _checks.directory_path(
+            "backup_dir", backup_dir, allow_none=False, example="'/mnt/backup'"
+        )
+        _checks.boolean("keep_all", keep_all)
         self.backup_dir = os.path.abspath(os.fspath(backup_dir))
         self.keep_all = keep_all
 

@@ -53,6 +53,14 @@ class EvaluationListener(HookBoundListener):
         every_n_steps: int | None = None,
         stop_if: Callable[[Any], Any] | None = None,
     ) -> None:
+        from trainhooks import _checks
+
+        _checks.function(
+            "eval_fn", eval_fn, example="lambda prefix, step: {'loss': evaluate(prefix)}"
+        )
+        _checks.function(
+            "stop_if", stop_if, allow_none=True, example="lambda result: result['loss'] < 0.01"
+        )
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool)
             or not isinstance(every_n_steps, int)

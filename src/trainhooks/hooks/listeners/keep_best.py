@@ -73,8 +73,14 @@ class KeepBestListener(HookBoundListener):
         mode: str = "min",
         subdir: str = "best",
     ) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive int, got {keep!r}.")
+        from trainhooks import _checks
+
+        _checks.function(
+            "metric_fn", metric_fn, example="lambda prefix, step: validation_loss(prefix)"
+        )
+        _checks.positive_int("keep", keep, allow_none=False, example=3)
+        _checks.string("mode", mode, example="'min'")
+        _checks.string("subdir", subdir, allow_empty=False, example="'best'")
         if mode not in ("min", "max"):
             raise ValueError(f'mode must be "min" or "max", got {mode!r}.')
         if not subdir or os.path.isabs(subdir) or os.pardir in subdir.split(os.sep):
