@@ -185,6 +185,20 @@ def test_inspect_json_holds_everything_inspect_shows(tmp_path: Path) -> None:
     assert "  model/weight\tBF16\t[2, 3]" in text.stdout.splitlines()
 
 
+def test_inspect_with_an_unreadable_state_file_shows_the_newest_and_exits_1(
+    ckpt_dir: Path,
+) -> None:
+    (ckpt_dir / "checkpoint").write_bytes(b"\xff\xfe not a state file")
+    result = run_cli("inspect", ckpt_dir)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{ckpt_dir / 'model.ckpt-2'} (global_step=2)")
+    assert "warning" not in result.stdout
+    assert_only_own_lines_on_stderr(result, "inspect")
+    assert f"trainhooks inspect: warning: {ckpt_dir / 'checkpoint'}: Checkpoint ignored" in (
+        result.stderr.splitlines()
+    )
+
+
 def test_a_file_of_a_trainhooks_checkpoint_is_named_as_one(ckpt_dir: Path) -> None:
     prefix = ckpt_dir / "model.ckpt-2"
     data = next(prefix.glob("data-*.safetensors"))

@@ -368,6 +368,19 @@ def test_a_directory_means_its_latest_checkpoint(tmp_path: Path) -> None:
     assert th.load_state_dict(os.fspath(tmp_path / "model.ckpt-1"))["w"].tolist() == [1.0, 1.0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tensors_saved_on_a_gpu_come_back_on_the_device_asked_for(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2).to("cuda", torch.bfloat16)
+    prefix = save(tmp_path, {"model": model})
+
+    on_cpu = th.load_state_dict(prefix)
+    on_gpu = th.load_state_dict(prefix, device="cuda")
+
+    for key, tensor in model.state_dict().items():
+        assert on_cpu[key].device.type == "cpu" and on_gpu[key].device.type == "cuda"
+        assert raw(on_cpu[key]) == raw(tensor.cpu()) == raw(on_gpu[key].cpu()), key
+
+
 def test_errors_say_what_to_pass_instead(tmp_path: Path) -> None:
     prefix = save(tmp_path, {"model": torch.nn.Linear(2, 1), "w": torch.ones(2), "epoch": 1})
 
