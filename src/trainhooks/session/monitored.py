@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -92,6 +93,9 @@ def _fn_args(fn: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+logger = logging.getLogger(__name__)
+
+
 class _MonitoredSession:
     """The shared body of ``MonitoredSession`` and ``SingularMonitoredSession``."""
 
@@ -109,6 +113,7 @@ class _MonitoredSession:
         # such as the checkpoint directory's writer lock.
         self._on_close: list[Callable[[], None]] = []
         self._sess: Any = None
+        self._last_global_step = 0
         if preemption is not None:
             # Before creation: a signal during the restore or the first save still
             # stops training cleanly at the first step boundary.
@@ -135,6 +140,32 @@ class _MonitoredSession:
     def preemption(self) -> PreemptionWatcher | None:
         """The :class:`PreemptionWatcher` stopping this session on a signal, if any."""
         return self._preemption
+
+    @property
+    def preempted(self) -> bool:
+        """True if a termination signal stopped this session (not the hooks or the data).
+
+        After the ``with`` block, it tells a preempted run from a finished one::
+
+            with th.MonitoredTrainingSession(...) as sess:
+                while not sess.should_stop():
+                    sess.run(train_step)
+            if sess.preempted:
+                sys.exit(128 + sess.preemption.signal_received)  # or exit_on_preemption=True
+        """
+        return self._preemption is not None and self._preemption.signal_received is not None
+
+    @property
+    def global_step(self) -> int:
+        """The global step (read-only): the step of the checkpoint restored at creation,
+        advanced by each ``run()``; after ``close()``, the last step reached.
+
+        ``sess.run("global_step")`` is one more training step, not a way to read it.
+        """
+        tf_sess = self._coordinated_creator.tf_sess
+        if tf_sess is not None:
+            self._last_global_step = int(tf_sess.global_step)
+        return self._last_global_step
 
     def run(
         self,
@@ -231,8 +262,11 @@ class _MonitoredSession:
 
         Raises:
           RuntimeError: ``'Session is already closed.'`` on a second close.
+          SystemExit: ``128 + signum`` after a clean close of a session stopped by a
+            signal, when its watcher was made with ``exit_after_close=True``.
         """
         self._close_internal()
+        self._exit_if_preempted()
 
     def __enter__(self) -> _MonitoredSession:
         return self
@@ -246,10 +280,26 @@ class _MonitoredSession:
         if exception_type is not None and issubclass(exception_type, errors.CLEAN_STOP_ERRORS):
             exception_type = None
         self._close_internal(exception_type)
+        if exception_type is None:
+            self._exit_if_preempted()
         # Returning True swallows the exception: only for a clean stop.
         return exception_type is None
 
+    def _exit_if_preempted(self) -> None:
+        watcher = self._preemption
+        if watcher is not None and watcher.exit_after_close and self.preempted:
+            signum = watcher.signal_received
+            assert signum is not None
+            logger.info(
+                "Closed cleanly after signal %d; exiting with status %d so that the job is "
+                "requeued.",
+                signum,
+                128 + signum,
+            )
+            raise SystemExit(128 + signum)
+
     def _close_internal(self, exception_type: type[BaseException] | None = None) -> None:
+        self.global_step  # noqa: B018  # remember the last step before the session goes
         try:
             if exception_type is None:
                 raw = self._coordinated_creator.tf_sess

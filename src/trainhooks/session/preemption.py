@@ -80,6 +80,11 @@ class PreemptionWatcher:
         process is ended; None waits forever.
       on_grace_expired: called on the watchdog thread when the grace period runs out;
         by default it logs and exits the process with status ``128 + signum``.
+      exit_after_close: once a session stopped by a signal has closed cleanly (final
+        checkpoint saved, hooks' ``end`` run), exit the process with status
+        ``128 + signum`` (``SystemExit``), as a process killed by that signal would
+        report it, so that a scheduler requeues the job. False: the session's ``with``
+        block ends normally and ``sess.preempted`` tells the program.
 
     Raises:
       ValueError: a signal is not a valid signal number, or the grace period is negative.
@@ -100,7 +105,9 @@ class PreemptionWatcher:
         grace_period_secs: float | None = DEFAULT_GRACE_PERIOD_SECS,
         *,
         on_grace_expired: OnGraceExpired | None = None,
+        exit_after_close: bool = False,
     ) -> None:
+        self.exit_after_close = bool(exit_after_close)
         self._signals: list[int] = []
         valid = signal.valid_signals()
         for s in signals:

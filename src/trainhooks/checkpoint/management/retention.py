@@ -28,6 +28,9 @@ __all__ = ["Retention"]
 
 logger = logging.getLogger(__name__)
 
+#: TensorFlow's default ``keep_checkpoint_every_n_hours``: in effect, never.
+DEFAULT_KEEP_HOURS = 10000.0
+
 
 class Retention:
     """The ``max_to_keep`` / ``keep_checkpoint_every_n_hours`` bookkeeping of one Saver.
@@ -49,7 +52,7 @@ class Retention:
     def __init__(
         self,
         max_to_keep: int | None = 5,
-        keep_checkpoint_every_n_hours: float = 10000.0,
+        keep_checkpoint_every_n_hours: float = DEFAULT_KEEP_HOURS,
         *,
         clock: Clock = wall_clock,
     ) -> None:
@@ -64,6 +67,7 @@ class Retention:
         self._last: list[tuple[str, float]] = []
         self._to_delete: list[tuple[str, float]] = []
         self._next_keep_time = clock() + self.keep_checkpoint_every_n_hours * 3600
+        self._keep_clock_resumed = False
 
     @property
     def last_checkpoints(self) -> list[str]:
@@ -75,6 +79,30 @@ class Retention:
         if isinstance(pairs, (str, bytes)):
             raise TypeError("last_checkpoints_with_time must be a list of (path, time) pairs.")
         self._last = [(os.fspath(p), float(t)) for p, t in pairs]
+
+    @property
+    def last_preserved(self) -> float:
+        """Where the ``keep_checkpoint_every_n_hours`` clock started: the previous keep
+        deadline (the state file's ``last_preserved_timestamp``)."""
+        return self._next_keep_time - self.keep_checkpoint_every_n_hours * 3600
+
+    def resume_keep_clock(self, last_preserved: float | None) -> None:
+        """Continue the ``keep_checkpoint_every_n_hours`` clock of an earlier run.
+
+        The next checkpoint kept for good follows from ``last_preserved`` (the state
+        file's ``last_preserved_timestamp``), not from this process's start, so a job
+        restarted more often than every N hours still keeps one checkpoint per N hours.
+        Only moves the deadline earlier: a clock already resumed is not reset.
+        """
+        if last_preserved and not self._keep_clock_resumed:
+            resumed = float(last_preserved) + self.keep_checkpoint_every_n_hours * 3600
+            self._next_keep_time = min(self._next_keep_time, resumed)
+        self._keep_clock_resumed = True
+
+    @property
+    def keeps_periodically(self) -> bool:
+        """True when ``keep_checkpoint_every_n_hours`` was set below TF's default of 10000."""
+        return self.keep_checkpoint_every_n_hours < DEFAULT_KEEP_HOURS
 
     def recover(self, checkpoint_paths: Sequence[str]) -> None:
         """Rebuild the bookkeeping from checkpoints on disk, timed by their file times.
@@ -124,7 +152,12 @@ class Retention:
         self._last.append((prefix, self._clock()))
         # More than one beyond max_to_keep only after a recovery that found more.
         while len(self._last) > self.max_to_keep:
-            self._to_delete.append(self._last.pop(0))
+            dropped = self._last.pop(0)
+            if dropped[1] > self._next_keep_time:
+                # Kept for good; the next deadline steps on from this one, not from saved_at.
+                self._next_keep_time += self.keep_checkpoint_every_n_hours * 3600
+            else:
+                self._to_delete.append(dropped)
 
     def delete_dropped(self) -> None:
         """Delete the oldest dropped checkpoint, unless ``keep_checkpoint_every_n_hours`` keeps it.
@@ -133,11 +166,7 @@ class Retention:
         the save that dropped it has already committed.
         """
         while self._to_delete:
-            prefix, saved_at = self._to_delete.pop(0)
-            if saved_at > self._next_keep_time:
-                # Kept for good; the next deadline steps on from this one, not from saved_at.
-                self._next_keep_time += self.keep_checkpoint_every_n_hours * 3600
-                continue
+            prefix, _ = self._to_delete.pop(0)
             try:
                 remove_checkpoint(prefix)
             except Exception as e:  # retention must never fail a save that has committed

@@ -310,7 +310,10 @@ def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = Non
         '/tmp/run/model.ckpt-10'
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
-    ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
+    try:
+        ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
+    except ValueError:  # a state file that names no checkpoint (an empty file)
+        ckpt = None
     if ckpt is None:
         # No usable state file: the newest committed checkpoint, as a restore would find.
         found = find_checkpoints(checkpoint_dir)

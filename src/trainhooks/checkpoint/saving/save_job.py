@@ -161,12 +161,17 @@ def write_and_record(
             state = None
         if state is not None:
             retention.reconcile(state.all_model_checkpoint_paths, job.save_dir)
+            retention.resume_keep_clock(state.last_preserved_timestamp)
         retention.record(job.prefix)
         update_checkpoint_state(
             job.save_dir,
             job.prefix,
             retention.last_checkpoints,
             job.latest_filename,
+            # Written only when it matters, so that default state files stay TF's bytes.
+            last_preserved_timestamp=(
+                retention.last_preserved if retention.keeps_periodically else None
+            ),
             save_relative_paths=save_relative_paths,
         )
         retention.delete_dropped()
