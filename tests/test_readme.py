@@ -42,3 +42,6 @@ def test_the_listener_example_reports_each_save(tmp_path: Path, capsys) -> None:
     )
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.splitlines() == [f"checkpoint at step {s}" for s in (0, 2, 4)]
+    # The example passes the hook's directory to the session: run again, it resumes at 4.
+    exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.splitlines() == [f"checkpoint at step {s}" for s in (4, 6, 8)]
