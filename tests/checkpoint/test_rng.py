@@ -72,9 +72,7 @@ def test_rng_state_in_a_checkpointed_state_resumes_the_same_numbers() -> None:
 def test_generator_names_must_match_before_anything_changes() -> None:
     saved = capture_rng_state({"a": np.random.default_rng(0)})
     expected = random.getstate()
-    with pytest.raises(
-        ValueError, match=r"NumPy generators \['a'\], but generators= names \['b'\]"
-    ):
+    with pytest.raises(ValueError, match=r"has generators \['a'\], but generators= names \['b'\]"):
         restore_rng_state(saved, {"b": np.random.default_rng(0)})
     assert random.getstate() == expected
 
@@ -98,3 +96,73 @@ def test_cuda_generators_are_restored() -> None:
     first = torch.rand(4, device="cuda").tolist()
     restore_rng_state(saved)
     assert torch.rand(4, device="cuda").tolist() == first
+
+
+# --- torch.Generator: a DataLoader's shuffling ---------------------------------------------
+
+
+def _epochs(loader: Any, count: int) -> list[list[list[int]]]:
+    return [[batch.tolist() for batch in loader] for _ in range(count)]
+
+
+def _loader(generator: torch.Generator) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(range(40), batch_size=8, shuffle=True, generator=generator)
+
+
+def test_a_dataloader_resumes_its_shuffled_order_from_a_checkpoint(tmp_path: Any) -> None:
+    uninterrupted = _epochs(_loader(torch.Generator().manual_seed(7)), 4)
+    assert len({str(epoch) for epoch in uninterrupted}) == 4  # a new order each epoch
+
+    # the interrupted run: two epochs, a checkpoint, then the process ends
+    data_rng = np.random.default_rng(3)
+    generator = torch.Generator().manual_seed(7)
+    loader = _loader(generator)
+    first = _epochs(loader, 2)
+    state = {"rng": RNGState({"loader": generator, "data": data_rng})}
+    saver = th.Saver()
+    prefix = saver.save(th.Session(state, global_step=2), str(tmp_path / "model.ckpt"), 2)
+    saver.close()
+    numpy_next = data_rng.random(3).tolist()
+
+    # a new process: generators seeded otherwise, the global RNGs moved on
+    resumed_generator = torch.Generator().manual_seed(12345)
+    resumed_data_rng = np.random.default_rng(99)
+    resumed = _loader(resumed_generator)
+    torch.rand(5)
+    fresh = {"rng": RNGState({"loader": resumed_generator, "data": resumed_data_rng})}
+    assert prefix is not None
+    th.Saver().restore(th.Session(fresh), prefix)
+    assert first + _epochs(resumed, 2) == uninterrupted
+    assert resumed_data_rng.random(3).tolist() == numpy_next
+
+
+def test_torch_generators_are_captured_and_restored_with_the_numpy_ones() -> None:
+    cpu = torch.Generator().manual_seed(1)
+    gens = {"torch": cpu, "numpy": np.random.default_rng(2)}
+    saved = capture_rng_state(gens)
+    assert isinstance(saved["generators"]["torch"], torch.Tensor)
+    first = torch.rand(3, generator=cpu).tolist(), gens["numpy"].random()
+    torch.rand(10, generator=cpu)
+    restore_rng_state(saved, gens)
+    assert (torch.rand(3, generator=cpu).tolist(), gens["numpy"].random()) == first
+
+
+def test_a_numpy_and_a_torch_generator_of_one_name_do_not_restore_into_each_other() -> None:
+    saved = capture_rng_state({"g": torch.Generator().manual_seed(0)})
+    expected = random.getstate()
+    with pytest.raises(
+        ValueError, match=r"generators\['g'\] is a NumPy generator, but the saved RNG state"
+    ):
+        restore_rng_state(saved, {"g": np.random.default_rng(0)})
+    saved = capture_rng_state({"g": np.random.default_rng(0)})
+    with pytest.raises(ValueError, match=r"is a torch.Generator, but the saved RNG state holds"):
+        restore_rng_state(saved, {"g": torch.Generator()})
+    assert random.getstate() == expected
+
+
+def test_rng_state_takes_torch_generators_and_names_them_in_its_error() -> None:
+    RNGState({"loader": torch.Generator()})
+    with pytest.raises(TypeError, match=r"BitGenerator or RandomState, or a torch.Generator"):
+        RNGState({"x": random.Random(0)})  # type: ignore[dict-item]

@@ -1,10 +1,19 @@
 """Random number generator states, so a resumed run draws the numbers an uninterrupted one would.
 
-Covers Python's ``random``, NumPy's global RNG (``np.random.*``), NumPy ``Generator``s you
-name, and PyTorch's CPU and CUDA generators. Put an :class:`RNGState` in the training state
-and every checkpoint saves them and every restore sets them:
+Covers Python's ``random``, NumPy's global RNG (``np.random.*``), PyTorch's global CPU and
+CUDA generators, and the NumPy ``Generator``s and ``torch.Generator``s you name (a
+``DataLoader(generator=g)``'s shuffling, a data pipeline's own generator). Put an
+:class:`RNGState` in the training state and every checkpoint saves them and every
+restore sets them:
 
     state = {"model": model, "optimizer": opt, "rng": th.RNGState({"data": data_rng})}
+
+    loader_gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(dataset, shuffle=True, generator=loader_gen)
+    state["rng"] = th.RNGState({"data": data_rng, "loader": loader_gen})
+
+A generator itself is not a state value (a checkpoint would not know how to restore
+it); the training state refuses one with a hint to wrap it here.
 
 The captured state is a plain dict of Python values, NumPy arrays and torch tensors, so
 it is stored like any other state dict (no pickle).
@@ -16,41 +25,61 @@ import logging
 import random
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = ["RNGState", "capture_rng_state", "restore_rng_state"]
 
 logger = logging.getLogger(__name__)
 
-Generators = Mapping[str, "np.random.Generator | np.random.RandomState | np.random.BitGenerator"]
+Generators = Mapping[
+    str,
+    "np.random.Generator | np.random.RandomState | np.random.BitGenerator | torch.Generator",
+]
+
+
+def _is_torch_generator(gen: object) -> bool:
+    torch = sys.modules.get("torch")  # not imported: cannot be a torch.Generator
+    return torch is not None and isinstance(gen, torch.Generator)
 
 
 def _bit_generator(gen: Any, name: str) -> Any:
+    """What holds ``gen``'s state: its bit generator, or itself (RandomState, torch)."""
     if isinstance(gen, np.random.Generator):
         return gen.bit_generator
     if isinstance(gen, (np.random.BitGenerator, np.random.RandomState)):
         return gen
+    if _is_torch_generator(gen):
+        return gen
     raise TypeError(
         f"generators[{name!r}] is a {type(gen).__qualname__}: pass a numpy.random.Generator, "
-        "BitGenerator or RandomState."
+        "BitGenerator or RandomState, or a torch.Generator."
     )
 
 
 def _get_state(gen: Any) -> Any:
-    return gen.get_state(legacy=False) if isinstance(gen, np.random.RandomState) else gen.state
+    if isinstance(gen, np.random.RandomState):
+        return gen.get_state(legacy=False)
+    if isinstance(gen, np.random.BitGenerator):
+        return gen.state
+    return gen.get_state()  # torch.Generator: a uint8 CPU tensor, a copy
 
 
 def capture_rng_state(generators: Generators | None = None) -> dict[str, Any]:
     """The current states of the random number generators, as a state dict.
 
     Args:
-      generators: NumPy generators to include besides the global ones, by name.
+      generators: NumPy generators and ``torch.Generator``s to include besides the
+        global ones, by name.
 
     Returns:
       ``{"python": ..., "numpy": ..., "generators": {...}}`` plus ``"torch"`` (and ``"cuda"``
-      when CUDA is available) if torch has been imported.
+      when CUDA is available) if torch has been imported. A NumPy generator's entry in
+      ``"generators"`` is its bit generator's state dict, a torch one's its state tensor.
 
     Example:
         >>> import random
@@ -89,7 +118,7 @@ def restore_rng_state(state: Mapping[str, Any], generators: Generators | None = 
 
     Args:
       state: a captured state (possibly restored from a checkpoint).
-      generators: the same NumPy generators, by name, that were captured.
+      generators: the same NumPy and torch generators, by name, that were captured.
 
     Raises:
       ValueError: the named generators do not match the captured ones.
@@ -98,10 +127,19 @@ def restore_rng_state(state: Mapping[str, Any], generators: Generators | None = 
     saved = dict(state.get("generators") or {})
     if set(saved) != set(generators):
         raise ValueError(
-            f"The saved RNG state has NumPy generators {sorted(saved)}, but generators= "
+            f"The saved RNG state has generators {sorted(saved)}, but generators= "
             f"names {sorted(generators)}: pass the same generators that were captured."
         )
     bit_generators = {name: _bit_generator(gen, name) for name, gen in generators.items()}
+    for name, gen in bit_generators.items():
+        torch_gen, torch_state = _is_torch_generator(gen), not isinstance(saved[name], Mapping)
+        if torch_gen != torch_state:
+            have = "a torch.Generator" if torch_gen else "a NumPy generator"
+            got = "a torch.Generator's" if torch_state else "a NumPy generator's"
+            raise ValueError(
+                f"generators[{name!r}] is {have}, but the saved RNG state holds {got} "
+                "state under that name: pass the same generators that were captured."
+            )
     if "python" in state:
         python = state["python"]
         internal = tuple(int(x) for x in np.asarray(python["internal"]))
@@ -111,8 +149,12 @@ def restore_rng_state(state: Mapping[str, Any], generators: Generators | None = 
     for name, gen in bit_generators.items():
         if isinstance(gen, np.random.RandomState):
             gen.set_state(_numpy_state(saved[name]))
-        else:
+        elif isinstance(gen, np.random.BitGenerator):
             gen.state = _numpy_state(saved[name])
+        else:
+            import torch
+
+            gen.set_state(torch.as_tensor(saved[name], dtype=torch.uint8).cpu().contiguous())
     if "torch" in state or "cuda" in state:
         _restore_torch(state)
 
@@ -157,7 +199,10 @@ class RNGState:
     random sequences: data shuffling, dropout, augmentation.
 
     Args:
-      generators: NumPy generators to include besides the global RNGs, by name.
+      generators: NumPy generators (``Generator``, ``BitGenerator``, ``RandomState``) and
+        ``torch.Generator``s to include besides the global RNGs, by name: for instance
+        the one a ``DataLoader(generator=...)`` shuffles with, so that a resumed run
+        visits the data in the order an uninterrupted one would.
 
     Example:
         >>> import numpy as np
