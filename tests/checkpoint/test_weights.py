@@ -180,12 +180,6 @@ def test_numpy_and_ml_dtypes_arrays_come_back_as_torch_tensors(tmp_path: Path) -
     assert torch.from_numpy(np.asarray(arrays["c128"])).equal(loaded["c128"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="ml_dtypes 0.6 gives float8_e5m2 the NumPy kind 'f', which "
-    "format/dtypes.numpy_dtype_code does not look up by name",
-)
 def test_a_numpy_float8_e5m2_array_comes_back_as_torch(tmp_path: Path) -> None:
     array = np.arange(4, dtype=np.uint8).view(ml_dtypes.float8_e5m2)
     prefix = save(tmp_path, {"params": {"a": array}})

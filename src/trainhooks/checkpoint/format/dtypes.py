@@ -156,7 +156,9 @@ def numpy_dtype_code(dtype: np.dtype[Any]) -> str:
         'F32'
     """
     dtype = np.dtype(dtype)
-    if dtype.kind == "V" and dtype.names is None and dtype.name in _ML_DTYPES_CODES:
+    # ml_dtypes gives most of its types the kind "V", but float8_e5m2 the kind "f":
+    # look them up by name whatever the kind (NumPy's own floats have other names).
+    if dtype.names is None and dtype.name in _ML_DTYPES_CODES:
         return _ML_DTYPES_CODES[dtype.name]
     code = _NUMPY_CODES.get((dtype.kind, dtype.itemsize))
     if code is None:
