@@ -9,6 +9,7 @@ node ``flatten_state`` writes raises :class:`MalformedTree`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple, TypeAlias
 
@@ -33,13 +34,16 @@ __all__ = [
     "Path",
     "describe",
     "dict_items",
+    "entry_of",
     "kind_of",
     "leaf_spec",
+    "leaf_tied",
     "node_kind",
     "node_pure",
     "pure",
     "render",
     "sequence_items",
+    "unsupported",
 ]
 
 SUPPORTED = (
@@ -87,6 +91,53 @@ def render(path: Path) -> str:
             f"[{key!r}]" if step == KEY else ".state_dict()" if step == STATE_DICT else "._metadata"
         )
     return "state" + "".join(reversed(parts))
+
+
+def entry_of(path: Path) -> tuple[Any, bool] | None:
+    """The top-level state key a :data:`Path` lies under, and whether the path is that
+    entry itself (or, for an object, its whole state dict); None for the state itself."""
+    if path is None:
+        return None
+    steps: list[tuple[Any, str, Any]] = []
+    while path is not None:
+        steps.append(path)
+        path = path[0]
+    entry = steps[-1]
+    whole = len(steps) == 1 or (len(steps) == 2 and steps[0][1] == STATE_DICT)
+    return entry[2], whole
+
+
+_RNG_TYPES = {
+    "numpy.random._generator.Generator": "numpy.random.Generator",
+    "numpy.random.mtrand.RandomState": "numpy.random.RandomState",
+    "torch._C.Generator": "torch.Generator",
+    "torch.Generator": "torch.Generator",
+}
+
+
+def unsupported(value: object, path: Path) -> str:
+    """The message for a value no checkpoint can hold, with a hint where one helps."""
+    cls = type(value)
+    what = f"{render(path)} has unsupported type {cls.__qualname__}"
+    rng = _RNG_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if rng is None and any(
+        f"{c.__module__}.{c.__qualname__}" == "numpy.random.bit_generator.BitGenerator"
+        for c in cls.__mro__
+    ):
+        rng = "numpy.random.BitGenerator"
+    if rng is not None:
+        return (
+            f"{what}: a {rng} is not saved as it is; wrap it in trainhooks.RNGState, e.g. "
+            "state['rng'] = th.RNGState({'data': generator}), so that every checkpoint "
+            "saves its state and every restore sets it"
+        )
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            f"{what}: a dataclass instance is not saved as it is; convert it with "
+            "dataclasses.asdict(...) (and rebuild it after a restore) or give it "
+            "state_dict()/load_state_dict()"
+        )
+    return f"{what}: {SUPPORTED}"
 
 
 def kind_of(value: object) -> str:
@@ -146,20 +197,34 @@ def node_pure(node: Any) -> bool:
 
 
 def leaf_spec(node: list[Any]) -> tuple[str, ArraySpec]:
-    """The framework and :class:`ArraySpec` of a tensor node."""
+    """The framework and :class:`ArraySpec` of a tensor node.
+
+    A tensor node is ``[framework, dtype, shape]``, ``[framework, dtype, shape, device,
+    scalar]``, or that and a JSON object of extras (tree version 3): ``"key"``, a typed
+    JAX key's implementation (the array is its ``key_data``); ``"tied"``, the name of the
+    tensor that holds this array's bytes (see :func:`leaf_tied`).
+    """
     try:
+        extra: dict[str, Any] = {}
         if len(node) == 3:
             framework, dtype, shape = node
             device, scalar = None, False
-        else:
+        elif len(node) == 5:
             framework, dtype, shape, device, scalar = node
-        spec = ArraySpec(dtype, tuple(shape), device, scalar)
+        else:
+            framework, dtype, shape, device, scalar, extra = node
+            if type(extra) is not dict or not set(extra) <= {"key", "tied"}:
+                raise TypeError
+        key_impl = extra.get("key")
+        spec = ArraySpec(dtype, tuple(shape), device, scalar, key_impl)
         if not (
             type(framework) is str
             and type(dtype) is str
             and all(type(n) is int and n >= 0 for n in spec.shape)
             and (device is None or type(device) is str)
             and type(scalar) is bool
+            and (key_impl is None or type(key_impl) is str)
+            and type(extra.get("tied", "")) is str
         ):
             raise TypeError
     except (TypeError, ValueError):
@@ -167,10 +232,22 @@ def leaf_spec(node: list[Any]) -> tuple[str, ArraySpec]:
     return framework, spec
 
 
+def leaf_tied(node: list[Any], name: str) -> str:
+    """The tensor that holds a tensor node's bytes: its own ``name``, or for an array tied
+    to one saved before it (the same memory under two names), that one's name."""
+    if len(node) == 6 and type(node[5]) is dict:
+        tied = node[5].get("tied")
+        if type(tied) is str:
+            return tied
+    return name
+
+
 def describe(node: Any) -> str:
     kind = node_kind(node)
     if kind == "tensor":
         _, spec = leaf_spec(node)
+        if spec.key_impl is not None:
+            return f"a JAX key array ({spec.key_impl}, key data shape {list(spec.shape)})"
         return f"an array ({spec.dtype}, shape {list(spec.shape)})"
     if kind == "object":
         return f"the state of a {node.get('object') or 'stateful object'}"

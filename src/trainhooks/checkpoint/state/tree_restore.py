@@ -41,7 +41,6 @@ from trainhooks.checkpoint.state.tree_nodes import (
     ROOT,
     SEQUENCE,
     STATE_DICT,
-    SUPPORTED,
     UNSUPPORTED,
     VALUE,
     MalformedTree,
@@ -51,11 +50,13 @@ from trainhooks.checkpoint.state.tree_nodes import (
     dict_items,
     kind_of,
     leaf_spec,
+    leaf_tied,
     node_kind,
     node_pure,
     pure,
     render,
     sequence_items,
+    unsupported,
 )
 
 __all__ = ["Restorer"]
@@ -97,12 +98,17 @@ class Restorer:
         self.locate = locate
         self._locate_many = getattr(locate, "many", None)  # mapped_checkpoint.Locator
         self.problems: list[Mismatch] = []
+        self.problem_paths: list[Path] = []  # where each of problems lies, unrendered
+        #: objects in both the state and the checkpoint that nothing saved fits: even a
+        #: non-strict restore refuses them (``tree.restore_state``)
+        self.unmatched: list[Mismatch] = []
         self._data: dict[str, TensorData | None] = {}
         self._copies = HostCopies()
         self._actions: list[Callable[[], None]] = []
 
     def problem(self, path: Path, text: str) -> None:
         self.problems.append(Mismatch(render(path), text))
+        self.problem_paths.append(path)
 
     def plan(self, state: dict[str, Any], root: Any) -> None:
         """Check ``state`` against the tree's ``root`` and record what apply will do."""
@@ -125,10 +131,14 @@ class Restorer:
         if kind is OBJECT:
             self._restore_object(target, node, path, name)
             return None
+        saved_kind = node_kind(node)
         if kind is DICT:
+            if path is not ROOT and saved_kind == "dict" and pure(target) and node_pure(node):
+                # Python data only (counters a run fills in): the saved dict whole, its
+                # keys as saved, like a list of Python values.
+                return self._replace(target, node, path)
             self._restore_dict(target, node, path, name)
             return None
-        saved_kind = node_kind(node)
         replaceable = kind is VALUE or (
             kind is SEQUENCE and saved_kind in ("list", "tuple") and pure(target)
         )
@@ -137,7 +147,7 @@ class Restorer:
         if kind is SEQUENCE:
             return self._restore_sequence(target, node, saved_kind, path, name)
         if kind is UNSUPPORTED:
-            self.problem(path, f"has unsupported type {type(target).__qualname__}: {SUPPORTED}")
+            self.problem(path, unsupported(target, path).removeprefix(render(path) + " "))
         else:
             self.problem(
                 path, f"is a Python {type(target).__name__}, the checkpoint has {describe(node)}"
@@ -180,16 +190,18 @@ class Restorer:
             self.problem(path, f"{e}")
             return None
         count = len(self.problems)
-        if have.dtype != want.dtype:
+        if have.key_impl != want.key_impl:
+            self.problem(path, _key_problem(have, want))
+        elif have.dtype != want.dtype:
             self.problem(path, f"has dtype {have.dtype}, the checkpoint has {want.dtype}")
-        if have.shape != want.shape:
+        if have.key_impl == want.key_impl and have.shape != want.shape:
             self.problem(
                 path, f"has shape {list(have.shape)}, the checkpoint has {list(want.shape)}"
             )
         unwritable = adapter.writable_problem(target)
         if unwritable:
             self.problem(path, unwritable)
-        data = self._fetch(name, want, path)
+        data = self._fetch(leaf_tied(node, name), want, path)
         if data is None or len(self.problems) > count:
             return None
         view = adapter.host_view(target)
@@ -254,7 +266,9 @@ class Restorer:
         found = adapter.problems(target, saved)
         for key, text in found:
             self.problem(state_path if key is None else (state_path, KEY, key), text)
-        if any(key is None for key, _ in found):
+        whole = [text for key, text in found if key is None]
+        if whole or (found and isinstance(saved, dict) and set(saved) <= {k for k, _ in found}):
+            self.unmatched.append(Mismatch(render(path), _unmatched(target, saved, whole)))
             return
         metadata = None
         if "metadata" in node:
@@ -379,6 +393,8 @@ class Restorer:
             if isinstance(target, list) and isinstance(new, list):
                 target[:] = new  # keep the caller's list object
                 return target
+            if isinstance(target, dict) and isinstance(new, dict):
+                return _assign_dict(target, new)
             if isinstance(target, tuple) and isinstance(new, tuple) and len(new) == len(target):
                 return _rebuild_tuple(target, list(new))  # keep a namedtuple's type
             return new
@@ -390,7 +406,7 @@ class Restorer:
         kind = node_kind(node)
         if kind == "tensor":
             framework, spec = leaf_spec(node)
-            data = self._fetch(name, spec, path)
+            data = self._fetch(leaf_tied(node, name), spec, path)
             if not build or data is None:
                 return spec
             return array_adapter_named(framework).build(data, spec)
@@ -411,6 +427,57 @@ class Restorer:
             return pyvalues.decode_value(dict(node))
         except (KeyError, TypeError, ValueError) as e:
             raise MalformedTree(f"a value node {str(node)[:80]} is malformed ({e})") from None
+
+
+def _assign_dict(target: dict[Any, Any], new: dict[Any, Any]) -> dict[Any, Any]:
+    """Make ``target`` hold ``new``'s items, in its order, keeping the caller's dicts (a
+    ``Counter``, a ``defaultdict`` and the dicts inside it) where both have one."""
+    items = {
+        key: _assign_dict(target[key], value)
+        if isinstance(value, dict) and isinstance(target.get(key), dict)
+        else value
+        for key, value in new.items()
+    }
+    target.clear()
+    target.update(items)
+    return target
+
+
+def _key_problem(have: ArraySpec, want: ArraySpec) -> str:
+    if want.key_impl is None:
+        return (
+            f"is a JAX key array ({have.key_impl}), the checkpoint has a {want.dtype} array "
+            f"of shape {list(want.shape)}: restore into the array it was (for an old-style "
+            "jax.random.PRNGKey, a uint32 array), or wrap the saved key data with "
+            "jax.random.wrap_key_data after restoring"
+        )
+    if have.key_impl is None:
+        return (
+            f"is a {have.dtype} array, the checkpoint has a typed JAX key "
+            f"({want.key_impl}): restore into a key array, e.g. jax.random.key(0, "
+            f"impl={want.key_impl!r})"
+        )
+    return f"is a JAX key array of {have.key_impl}, the checkpoint has {want.key_impl} keys"
+
+
+def _sample(keys: Any) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:4])
+    return f"[{shown}{', ...' if len(keys) > 4 else ''}] ({len(keys)} keys)"
+
+
+def _unmatched(target: Any, saved: Any, whole: list[str]) -> str:
+    cls = type(target).__qualname__
+    if whole:
+        return f"({cls}) fits nothing the checkpoint holds for it: {'; '.join(whole)}"
+    try:
+        have = _sample(target.state_dict())
+    except Exception:  # only for the message: never fail on it
+        have = "its state dict"
+    return (
+        f"({cls}) matches none of the checkpoint's keys: it has {have}, the checkpoint "
+        f"{_sample(saved)}"
+    )
 
 
 def _setter(container: Any, key: Any, old: Any, replace: Replacement) -> Callable[[], None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -16,13 +17,16 @@ class ArraySpec(NamedTuple):
 
     ``dtype`` is the logical code (see ``dtypes.py``), ``device`` where a rebuilt array
     should live (None: the framework's default), ``scalar`` True for a NumPy scalar
-    (``np.float32(1.0)``) rather than a 0-d array.
+    (``np.float32(1.0)``) rather than a 0-d array, ``key_impl`` the implementation of a
+    typed JAX key array (``"threefry2x32"``), whose ``dtype`` and ``shape`` are then
+    those of its ``jax.random.key_data``.
     """
 
     dtype: str
     shape: tuple[int, ...]
     device: str | None = None
     scalar: bool = False
+    key_impl: str | None = None
 
 
 class ArrayAdapter(Protocol):
@@ -41,6 +45,15 @@ class ArrayAdapter(Protocol):
 
     def to_tensor_data(self, value: Any, *, copy: bool) -> TensorData:
         """The array's bytes (aliasing its memory where possible unless ``copy``)."""
+        ...
+
+    def identity(self, value: Any) -> Hashable | None:
+        """A key that two values share only when they are the same array (one memory,
+        one layout: tied weights), or None when ``value`` is never stored tied.
+
+        A checkpoint stores a tied array's bytes once, under the first name, and
+        restores every name from them. The key is only compared while ``value`` lives.
+        """
         ...
 
     def writable_problem(self, value: Any) -> str | None:

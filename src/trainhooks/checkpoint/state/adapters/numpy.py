@@ -6,6 +6,7 @@ scalars (``np.float32(0.5)``) are immutable and replaced in their container.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,11 @@ class NumpyAdapter:
                 except (TypeError, ValueError):  # a dtype without a buffer format
                     pass
         return dtypes.numpy_to_tensor_data(np.asarray(value), copy=copy)
+
+    def identity(self, value: Any) -> Hashable | None:
+        # The same array object under two names; views are separate arrays (a NumPy
+        # scalar is immutable, never tied).
+        return id(value) if isinstance(value, np.ndarray) and value.nbytes else None
 
     def host_view(self, target: Any) -> np.ndarray[Any, Any] | None:
         if (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,24 @@ class TorchAdapter:
                 except (TypeError, ValueError, RuntimeError):  # bfloat16, float8: no NumPy type
                     pass
         return dtypes.torch_to_tensor_data(value, copy=copy)
+
+    def identity(self, value: Any) -> Hashable | None:
+        # One memory seen one way: a parameter and the detached tensor a state_dict()
+        # holds for it, or the one parameter of tied weights under both of its names.
+        try:
+            if not value.numel():
+                return None  # empty tensors may share any address
+            return (
+                value.device,
+                value.data_ptr(),
+                value.dtype,
+                tuple(value.shape),
+                value.stride(),
+                value.is_conj(),
+                value.is_neg(),
+            )
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+            return None
 
     def writable_problem(self, value: Any) -> str | None:
         if value.is_inference():

@@ -79,11 +79,12 @@ class OptimizerAdapter:
         try:
             got = [len(g["params"]) for g in groups]
         except (TypeError, KeyError):
-            return [("param_groups", "the checkpoint's parameter groups have no 'params' lists")]
+            return [(None, "the checkpoint's parameter groups have no 'params' lists")]
         if have != got:
+            # Not a key to leave out: an optimizer loads its state whole or not at all.
             return [
                 (
-                    "param_groups",
+                    None,
                     f"the optimizer has parameter groups of sizes {have}, the checkpoint {got}: "
                     "build the optimizer over the same parameters as the saved run",
                 )
