@@ -607,3 +607,104 @@ def test_checkpoint_directories_are_written_through_the_storage(tmp_path: Path) 
     with pytest.raises(OSError, match=r"No space left on device: saving checkpoint .*m-2"):
         saver.save(array_session(), str(tmp_path / "m"), global_step=2)
     _assert_state(tmp_path, str(first), [str(first)])
+
+
+# ---- restore(strict=False): what was restored, what was skipped -------------------------
+
+
+def _model(seed: int, hidden: int = 4) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Linear(hidden, 2))
+
+
+def test_non_strict_restore_reports_and_logs_each_entry(tmp_path: Path, caplog: Any) -> None:
+    import torch
+
+    model = _model(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    saved = {"model": model, "opt": optimizer, "w": np.ones(2), "old_head": np.ones(3)}
+    prefix = Saver().save(Session(saved, global_step=4), str(tmp_path / "m"), global_step=4)
+    assert prefix is not None
+
+    bigger = torch.nn.Sequential(*_model(1), torch.nn.Linear(2, 2))  # one layer more
+    fresh_opt = torch.optim.SGD(bigger[:2].parameters(), lr=0.5, momentum=0.9)
+    state = {"model": bigger, "opt": fresh_opt, "w": np.zeros(2), "ema": _model(2)}
+    session = Session(state)
+    with caplog.at_level(logging.INFO, logger="trainhooks.checkpoint.state.tree"):
+        report = Saver().restore(session, prefix, strict=False)
+    assert report is not None and session.global_step == 4
+    assert report.restored == ["opt", "w"]
+    assert report.partial == ["model"]
+    assert report.not_restored == ["ema"]
+    assert report.unused == ["old_head"]
+    assert sorted(p.path for p in report.skipped) == [
+        "state['ema']",
+        "state['model'].state_dict()['2.bias']",
+        "state['model'].state_dict()['2.weight']",
+        "state['old_head']",
+    ]
+    assert torch.equal(bigger[0].weight, model[0].weight)
+    assert fresh_opt.param_groups[0]["lr"] == 0.1 and state["w"].tolist() == [1.0, 1.0]
+    text = caplog.text
+    assert "Restored (strict=False): state['opt'] in full" in text
+    assert "Restored (strict=False): state['model'] in part" in text
+    assert "Not restored (strict=False): state['model'].state_dict()['2.weight'] missing" in text
+    assert "Not restored (strict=False): state['ema'] is missing from the checkpoint" in text
+    assert "Not restored (strict=False): checkpoint entry 'old_head', not in the state" in text
+    assert "2 entries restored in full, 1 in part, 1 not restored" in text
+    assert Saver().restore(Session({"model": _model(3)}), prefix, strict=False) is not None
+    assert Saver().restore(Session(saved), prefix) is None  # strict: TensorFlow's None
+
+
+def test_non_strict_restore_of_an_ema_model_into_a_plain_one_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from trainhooks.checkpoint.state.tree import StateMismatchError
+
+    model = _model(0)
+    ema = torch.optim.swa_utils.AveragedModel(model)  # keys 'module.0.weight', 'n_averaged'
+    prefix = Saver().save(Session({"model": ema, "step": 5}), str(tmp_path / "m"), 1)
+    assert prefix is not None
+    plain = _model(1)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    session = Session({"model": plain, "step": 0})
+    with pytest.raises(StateMismatchError) as info:
+        Saver().restore(session, prefix, strict=False)
+    text = str(info.value)
+    assert "even with strict=False" in text
+    assert "state['model'] (Sequential) matches none of the checkpoint's keys" in text
+    assert "'module.0.weight'" in text and "'0.weight'" in text
+    assert info.value.problems[0].path == "state['model']" and not info.value.strict
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+    assert session.state["step"] == 0 and session.global_step == 0  # nothing was restored
+
+
+def test_non_strict_restore_refuses_an_optimizer_over_other_parameters(tmp_path: Path) -> None:
+    import torch
+
+    from trainhooks.checkpoint.state.tree import StateMismatchError
+
+    model = _model(0)
+    state = {"model": model, "opt": torch.optim.Adam(model.parameters())}
+    prefix = Saver().save(Session(state), str(tmp_path / "m"), global_step=1)
+    assert prefix is not None
+    target = _model(1)
+    other = torch.optim.Adam(target[0].parameters(), lr=0.5)
+    with pytest.raises(
+        StateMismatchError, match=r"parameter groups of sizes \[2\], the checkpoint \[4\]"
+    ):
+        Saver().restore(Session({"model": target, "opt": other}), prefix, strict=False)
+    assert not torch.equal(target[0].weight, model[0].weight)  # nothing written
+    assert other.param_groups[0]["lr"] == 0.5
+
+
+def test_non_strict_restore_skips_an_object_the_checkpoint_lacks(tmp_path: Path) -> None:
+    model = _model(0)
+    prefix = Saver().save(Session({"model": model}), str(tmp_path / "m"), global_step=1)
+    assert prefix is not None
+    target, head = _model(1), _model(2)
+    report = Saver().restore(Session({"model": target, "head": head}), prefix, strict=False)
+    assert report is not None and report.not_restored == ["head"]
+    assert report.restored == ["model"]

@@ -14,36 +14,50 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from trainhooks import errors
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.gc_pause import paused_gc
-from trainhooks.checkpoint.management.state_file import checkpoint_exists, get_checkpoint_state
+from trainhooks.checkpoint.management.state_file import (
+    checkpoint_exists,
+    find_checkpoints,
+    get_checkpoint_state,
+    inside_by_name,
+)
 from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.state import tree
-from trainhooks.checkpoint.storage.commit import is_checkpoint
+from trainhooks.checkpoint.storage.commit import checkpoint_containing, is_checkpoint
 
-__all__ = ["restore_checkpoint", "restore_latest_checkpoint"]
+__all__ = ["RestoreReport", "restore_checkpoint", "restore_latest_checkpoint"]
+
+RestoreReport = tree.RestoreReport
 
 logger = logging.getLogger(__name__)
 
 
 def restore_checkpoint(
     session: StateHolder, prefix: str, var_list: VarList, *, strict: bool = True
-) -> None:
+) -> RestoreReport:
     """Verify the checkpoint at ``prefix``, then restore it into ``session``.
 
     Args:
       session: the session (or any ``StateHolder``) to restore into.
       prefix: a checkpoint prefix, as ``Saver.save`` returns it.
       var_list: which part of the state to restore.
-      strict: refuse a checkpoint whose entries differ from the state's.
+      strict: refuse a checkpoint whose entries differ from the state's; False restores
+        what matches, skips the rest and logs both, per top-level entry.
+
+    Returns:
+      What was restored and what skipped, per top-level entry of the state.
 
     Raises:
       ValueError: there is no checkpoint at ``prefix``, or it is a TensorFlow one.
       DataLossError: the checkpoint failed verification; nothing was changed.
-      StateMismatchError: the checkpoint does not fit the state; nothing was changed.
+      StateMismatchError: the checkpoint does not fit the state (with ``strict=False``:
+        an object in both matches nothing the checkpoint holds for it); nothing was
+        changed.
 
     Example:
         >>> restore_checkpoint(sess, "/tmp/run/model.ckpt-200", VarList(None))  # doctest: +SKIP
@@ -51,6 +65,12 @@ def restore_checkpoint(
     if not checkpoint_exists(prefix):
         raise ValueError("The passed save_path is not a valid checkpoint: " + prefix)
     if not is_checkpoint(prefix):
+        inside = checkpoint_containing(prefix)
+        if inside is not None:
+            raise ValueError(
+                f"The passed save_path {prefix} is a file of the trainhooks checkpoint "
+                f"{inside}: pass {inside}."
+            )
         raise ValueError(
             f"The passed save_path is a TensorFlow checkpoint, not a trainhooks one: "
             f"{prefix}. trainhooks restores only checkpoint directories it wrote; pass "
@@ -60,10 +80,10 @@ def restore_checkpoint(
     # The collector stays off until the manifest and the plan (~300k containers for 100k
     # tensors, none of them garbage) are freed again: otherwise it walks them all once.
     with paused_gc():
-        _restore(session, prefix, var_list, strict)
+        return _restore(session, prefix, var_list, strict)
 
 
-def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool) -> None:
+def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool) -> RestoreReport:
     try:
         reader = open_checkpoint(prefix)
     except errors.NotFoundError:  # deleted since the check above
@@ -85,7 +105,7 @@ def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool)
                 raise KeyError(name) from None
 
         state = var_list.state_of(session)
-        tree.restore_state(
+        report = tree.restore_state_report(
             state,
             saved_tree,
             get_tensor,
@@ -95,19 +115,33 @@ def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool)
         )
         var_list.write_back(session, state)
         session.global_step = reader.global_step
+    return report
+
+
+class RestoredLatest(NamedTuple):
+    """What :func:`restore_latest_checkpoint` restored, and what the directory holds."""
+
+    prefix: str
+    #: the checkpoints to track from now on, oldest first
+    listed: list[str]
+    #: False when the state file was missing or unreadable and the directory was listed
+    from_state_file: bool
 
 
 def restore_latest_checkpoint(
-    restore: Callable[[str], None],
+    restore: Callable[[str], object],
     checkpoint_dir: str | os.PathLike[str],
     latest_filename: str | None = None,
-) -> tuple[str, list[str]] | None:
+) -> RestoredLatest | None:
     """Restore the newest checkpoint listed in ``checkpoint_dir`` that verifies.
 
     Candidates are the state file's latest checkpoint, then the others it lists, newest
-    first. One that is missing, fails verification, or lies outside ``checkpoint_dir``
-    (the state file names an absolute or ``..`` path, or a symlink leads out) is
-    skipped; a WARNING names every skipped one and why.
+    first. One that is missing or fails verification is skipped; a WARNING names every
+    skipped one and why. A path outside ``checkpoint_dir`` (the state file of a moved or
+    copied run names the old place) is read as the checkpoint of the same name inside
+    it; nothing outside the directory is ever read. Without a usable state file (lost,
+    unreadable) the committed checkpoints found in the directory are the candidates,
+    newest step first, with a WARNING.
 
     Args:
       restore: restores one prefix (``Saver.restore`` bound to the session).
@@ -115,26 +149,43 @@ def restore_latest_checkpoint(
       latest_filename: the state file's name (default ``"checkpoint"``).
 
     Returns:
-      ``(prefix restored, every prefix the state file lists)``, or None when there is
-      no state file.
+      What was restored, or None when the directory holds no checkpoint.
 
     Raises:
       ValueError: the state file lists only checkpoints that do not exist.
-      DataLossError: none of the listed checkpoints verifies.
+      DataLossError: none of the candidates verifies.
 
     Example:
         >>> restore_latest_checkpoint(lambda p: saver.restore(sess, p), "/tmp/run")  # doctest: +SKIP
-        ('/tmp/run/model.ckpt-200', ['/tmp/run/model.ckpt-100', '/tmp/run/model.ckpt-200'])
+        RestoredLatest(prefix='/tmp/run/model.ckpt-200', listed=[...], from_state_file=True)
     """
-    ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    try:
+        ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
+    except ValueError as e:  # a state file that names no checkpoint (an empty file)
+        logger.warning("%s; ignoring it.", e)
+        ckpt = None
     if ckpt is None:
-        return None
-    newest = ckpt.model_checkpoint_path
-    candidates = [newest, *(p for p in reversed(ckpt.all_model_checkpoint_paths) if p != newest)]
+        found = find_checkpoints(checkpoint_dir)
+        if not found:
+            return None
+        logger.warning(
+            "%s has no usable checkpoint state file; restoring the newest of the %d "
+            "checkpoints found there that verifies.",
+            checkpoint_dir,
+            len(found),
+        )
+        newest, listed, from_state_file = found[-1], found, False
+        candidates = list(reversed(found))
+    else:
+        newest, from_state_file = ckpt.model_checkpoint_path, True
+        listed = list(ckpt.all_model_checkpoint_paths)
+        candidates = [newest, *(p for p in reversed(listed) if p != newest)]
     skipped: list[str] = []
     missing_only = True
     root = os.path.realpath(checkpoint_dir)
-    for prefix in candidates:
+    for named in candidates:
+        prefix = inside_by_name(named, checkpoint_dir) or named
         if not _inside(root, prefix):
             # A state file is data, not authority: it must not make us read elsewhere.
             skipped.append(
@@ -142,6 +193,13 @@ def restore_latest_checkpoint(
                 "in its own directory; pass the path to Saver.restore to restore it)"
             )
             continue
+        if prefix != named:
+            logger.info(
+                "Reading %s as %s, the checkpoint of that name in %s.",
+                named,
+                prefix,
+                checkpoint_dir,
+            )
         try:
             restore(prefix)
         except errors.DataLossError as e:
@@ -159,7 +217,8 @@ def restore_latest_checkpoint(
                 prefix,
                 "; ".join(skipped),
             )
-        return prefix, list(ckpt.all_model_checkpoint_paths)
+        inside = [inside_by_name(p, checkpoint_dir) for p in listed]
+        return RestoredLatest(prefix, [p for p in inside if p is not None], from_state_file)
     if missing_only:
         raise ValueError(
             "The passed save_path is not a valid checkpoint: "
