@@ -2,6 +2,8 @@ r"""Checkpoints: the Saver, the on-disk format, the state file, readers and stat
 
 The map of the rooms; an arrow points from a room to the rooms it uses, never back::
 
+    weights.py ------+             plain state_dicts and values, without a session
+                     v
     saver.py  reader.py  rng.py      the entry points (re-exported by ``trainhooks``)
          |        |
          v        |

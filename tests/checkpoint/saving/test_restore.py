@@ -8,6 +8,7 @@ state also does not fit it, and must leave the state exactly as it was.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,21 @@ def test_restore_latest_skips_a_corrupt_newest_checkpoint_that_would_not_fit(
     assert session.global_step == 10
     assert state["w"].tobytes() == make_state()["w"].tobytes()
     assert "failed verification" in caplog.text and newest in caplog.text
+
+
+def test_a_file_of_a_checkpoint_is_named_as_such_not_as_a_tensorflow_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from trainhooks.checkpoint.format.opening import open_checkpoint
+    from trainhooks.checkpoint.saver import Saver
+    from trainhooks.errors import NotFoundError
+    from trainhooks.session.session import Session
+
+    prefix = Saver().save(Session({"w": np.ones(2)}), str(tmp_path / "m"), global_step=1)
+    assert prefix is not None
+    manifest = os.path.join(prefix, "manifest.json")
+    with pytest.raises(ValueError, match="is a file of the trainhooks checkpoint") as info:
+        Saver().restore(Session({"w": np.ones(2)}), manifest)
+    assert "TensorFlow" not in str(info.value) and f"pass {prefix}" in str(info.value)
+    with pytest.raises(NotFoundError, match=f"pass {prefix}"):
+        open_checkpoint(manifest)

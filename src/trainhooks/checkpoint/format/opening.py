@@ -35,6 +35,7 @@ from trainhooks.checkpoint.format.manifest_decode import decode_manifest
 from trainhooks.checkpoint.format.mapped_checkpoint import MappedCheckpoint
 from trainhooks.checkpoint.gc_pause import paused_gc
 from trainhooks.checkpoint.storage import DirectoryReader, ReadableFile, Storage, storage_for
+from trainhooks.checkpoint.storage.commit import checkpoint_containing
 from trainhooks.errors import DataLossError, NotFoundError
 
 __all__ = [
@@ -81,6 +82,11 @@ def open_checkpoint(
         except FileNotFoundError:
             raise NotFoundError(f"Checkpoint {prefix} does not exist.") from None
         except NotADirectoryError:
+            inside = checkpoint_containing(prefix)
+            if inside is not None:
+                raise NotFoundError(
+                    f"{prefix} is a file of the trainhooks checkpoint {inside}: pass {inside}."
+                ) from None
             raise NotFoundError(
                 f"{prefix} is not a trainhooks checkpoint directory (a TensorFlow "
                 "checkpoint? convert it, or pass the prefix of a trainhooks save)"

@@ -92,6 +92,20 @@ def is_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None = N
     )
 
 
+def checkpoint_containing(path: str) -> str | None:
+    """The committed checkpoint that ``path`` is a file of (its manifest or a data file),
+    or None: for messages that should say "pass the directory", not "TensorFlow".
+
+    Example:
+        >>> checkpoint_containing("/nonexistent/model.ckpt-5/manifest.json") is None
+        True
+    """
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and _CHECKPOINT_ENTRY.fullmatch(os.path.basename(path)) and is_checkpoint(parent):
+        return parent
+    return None
+
+
 def holds_only_checkpoint_files(storage: Storage, prefix: str) -> bool:
     """True if ``prefix`` is a directory of nothing but a checkpoint's files.
 
