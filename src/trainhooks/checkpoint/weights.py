@@ -23,10 +23,12 @@ from trainhooks.checkpoint.format.opening import MappedCheckpoint, open_checkpoi
 from trainhooks.checkpoint.reader import checkpoint_prefix
 from trainhooks.checkpoint.state.adapters import ArraySpec
 from trainhooks.checkpoint.state.adapters import python as pyvalues
+from trainhooks.checkpoint.state.tree import READABLE_TREE_VERSIONS
 from trainhooks.checkpoint.state.tree_nodes import (
     MalformedTree,
     dict_items,
     leaf_spec,
+    leaf_tied,
     node_kind,
     node_pure,
     sequence_items,
@@ -35,7 +37,6 @@ from trainhooks.errors import NotFoundError
 
 __all__ = [
     "DEFAULT_STRIP_PREFIX",
-    "READABLE_TREE_VERSIONS",
     "load_state_dict",
     "load_values",
     "state_values",
@@ -44,10 +45,6 @@ __all__ = [
 #: What ``DistributedDataParallel`` (``module.``) and ``torch.compile`` (``_orig_mod.``)
 #: put in front of every key of a wrapped module's state dict.
 DEFAULT_STRIP_PREFIX = ("module.", "_orig_mod.")
-
-#: The state tree versions read here, as ``tree.restore_state`` reads them: version 3
-#: adds a sixth item to a tensor node (a tied array, a typed JAX key; ``tree.py``).
-READABLE_TREE_VERSIONS = (2, 3)
 
 #: Reads the tensor at a tensor node: ``(node, its name, its spec) -> tensor``.
 ReadTensor = Callable[[Any, str, ArraySpec], Any]
@@ -336,14 +333,6 @@ def _entry_node(tree: object, entry: str | None, prefix: str) -> tuple[Any, str]
 # --- tensors -----------------------------------------------------------------------------
 
 
-def _stored_name(node: list[Any], name: str) -> str:
-    """The tensor that holds a tensor node's bytes: its own name, or for an array tied to
-    one saved before it (the same memory under two names, tree version 3), that one's."""
-    if len(node) == 6 and type(node[5]) is dict and type(node[5].get("tied")) is str:
-        return str(node[5]["tied"])
-    return name
-
-
 def _torch_reader(ckpt: MappedCheckpoint, device: Any) -> ReadTensor:
     """Reads a tensor of ``ckpt`` as a new torch tensor on ``device``, checksummed first.
 
@@ -356,7 +345,7 @@ def _torch_reader(ckpt: MappedCheckpoint, device: Any) -> ReadTensor:
     read_already: dict[str, Any] = {}
 
     def read(node: Any, name: str, spec: ArraySpec) -> Any:
-        source = _stored_name(node, name)
+        source = leaf_tied(node, name)
         if source in read_already:
             return read_already[source]
         if source not in stored:
