@@ -101,11 +101,14 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path: Path, async_save: 
     assert fresh.lm_head.weight is fresh.embed.weight
 
 
-def test_one_tensor_under_two_names_is_restored_into_both_from_one_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_one_tensor_under_two_names_is_restored_into_both_from_one_copy(
+    tmp_path: Path, async_save: bool
+) -> None:
     weight = torch.randn(8, 4)
     table = np.arange(12.0).reshape(3, 4)
     state = {"w": weight, "shadow": {"w": weight}, "table": table, "again": [table]}
-    prefix = _save(state, tmp_path)
+    prefix = _save(state, tmp_path, async_save=async_save)
     assert sorted(_stored(prefix)) == ["global_step", "table", "w"]
 
     # restored into separate objects: every name gets the one stored copy
@@ -164,7 +167,8 @@ def test_a_tied_entry_missing_from_the_data_is_reported(tmp_path: Path) -> None:
 # --- typed JAX keys ----------------------------------------------------------------------
 
 
-def test_typed_jax_keys_round_trip_as_keys_of_their_impl(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_typed_jax_keys_round_trip_as_keys_of_their_impl(tmp_path: Path, async_save: bool) -> None:
     jax = pytest.importorskip("jax")
     key = jax.random.key(0)
     state = {
@@ -174,7 +178,7 @@ def test_typed_jax_keys_round_trip_as_keys_of_their_impl(tmp_path: Path) -> None
         "old": jax.random.PRNGKey(2),  # an old-style uint32 key
         "in_list": [jax.random.key(3)],
     }
-    prefix = _save(state, tmp_path)
+    prefix = _save(state, tmp_path, async_save=async_save)
     stored = _stored(prefix)
     assert stored["key"] == [2] and stored["split"] == [3, 2] and stored["rbg"] == [4]
 
