@@ -316,3 +316,23 @@ def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> Non
     os.remove(prefix / MANIFEST_NAME)
     with pytest.raises(DataLossError, match=r"manifest manifest\.json is missing"):
         load_checkpoint(prefix)
+
+
+def test_a_tied_weight_is_read_by_either_name(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from trainhooks.checkpoint.reader import list_variables, load_variable
+    from trainhooks.checkpoint.saver import Saver
+    from trainhooks.session.session import Session
+
+    embed = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = embed.weight  # tied: one parameter under two names
+    model = torch.nn.ModuleDict({"embed": embed, "head": head})
+    prefix = Saver().save(Session({"model": model}), str(tmp_path / "m"), global_step=1)
+    assert prefix is not None
+    names = dict(list_variables(prefix))
+    assert names["model/embed.weight"] == names["model/head.weight"] == [5, 3]
+    first = load_variable(prefix, "model/embed.weight")
+    second = load_variable(prefix, "model/head.weight")
+    np.testing.assert_array_equal(first, embed.weight.detach().numpy())
+    np.testing.assert_array_equal(second, first)

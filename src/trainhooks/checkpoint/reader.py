@@ -17,6 +17,7 @@ import numpy as np
 from trainhooks.checkpoint.format.dtypes import numpy_dtype
 from trainhooks.checkpoint.format.manifest import MANIFEST_NAME
 from trainhooks.checkpoint.format.opening import MappedCheckpoint, open_checkpoint
+from trainhooks.checkpoint.state.tree_nodes import tied_aliases
 from trainhooks.checkpoint.storage import storage_for
 from trainhooks.checkpoint.storage.commit import is_checkpoint
 
@@ -63,6 +64,13 @@ class CheckpointReader:
 
     def __init__(self, checkpoint: MappedCheckpoint) -> None:
         self._ckpt = checkpoint
+        # Tied arrays (one memory, two names) are stored once: their second names.
+        stored = checkpoint.manifest.tensors
+        self._aliases = {
+            name: source
+            for name, source in tied_aliases(checkpoint.tree).items()
+            if source in stored and name not in stored
+        }
 
     @property
     def prefix(self) -> str:
@@ -81,7 +89,7 @@ class CheckpointReader:
 
     def has_tensor(self, name: str) -> bool:
         """True if the checkpoint holds a tensor called ``name``."""
-        return name in self._ckpt.manifest.tensors
+        return name in self._ckpt.manifest.tensors or name in self._aliases
 
     def get_tensor(self, name: str) -> Any:
         """A new (writable) array holding tensor ``name``, checksummed before it is returned.
@@ -91,7 +99,7 @@ class CheckpointReader:
           DataLossError: its bytes fail the checksum.
           TypeError: its dtype needs ``ml_dtypes`` or torch and neither is installed.
         """
-        data = self._ckpt.tensor_data(name)
+        data = self._ckpt.tensor_data(self._aliases.get(name, name))
         try:
             dtype = numpy_dtype(data.dtype)  # BF16 and F8 through ml_dtypes, if installed
         except TypeError:
@@ -108,11 +116,17 @@ class CheckpointReader:
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
         """Every tensor name mapped to its shape (a list of ints; ``[]`` for scalars)."""
-        return {name: list(e.shape) for name, e in self._ckpt.manifest.tensors.items()}
+        tensors = self._ckpt.manifest.tensors
+        shapes = {name: list(e.shape) for name, e in tensors.items()}
+        shapes.update({name: list(tensors[s].shape) for name, s in self._aliases.items()})
+        return shapes
 
     def get_variable_to_dtype_map(self) -> dict[str, str]:
         """Every tensor name mapped to its dtype code (``"F32"``, ``"BF16"``, ``"I64"``, ...)."""
-        return {name: e.dtype for name, e in self._ckpt.manifest.tensors.items()}
+        tensors = self._ckpt.manifest.tensors
+        dtypes = {name: e.dtype for name, e in tensors.items()}
+        dtypes.update({name: tensors[s].dtype for name, s in self._aliases.items()})
+        return dtypes
 
     def close(self) -> None:
         """Unmap the checkpoint's files (arrays already returned stay valid)."""

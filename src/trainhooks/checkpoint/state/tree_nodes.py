@@ -43,6 +43,7 @@ __all__ = [
     "pure",
     "render",
     "sequence_items",
+    "tied_aliases",
     "unsupported",
 ]
 
@@ -277,3 +278,39 @@ def sequence_items(node: Mapping[str, Any], kind: str) -> list[Any]:
     if type(items) is not list:
         raise MalformedTree(f"a {kind} node's items are not a list")
     return items
+
+
+def tied_aliases(tree: object) -> dict[str, str]:
+    """Every tied array's name mapped to the name its bytes are stored under.
+
+    A checkpoint stores the same memory under two names once (tree version 3); readers
+    that look tensors up by name (``load_variable``) resolve the second name through
+    this. A tree of another shape has none.
+
+    Example:
+        >>> tied_aliases({"version": 2, "root": {"dict": [], "values": []}})
+        {}
+    """
+    aliases: dict[str, str] = {}
+    if isinstance(tree, dict) and tree.get("version") == 3:
+        try:
+            _collect_aliases(tree.get("root"), "", aliases)
+        except (MalformedTree, KeyError, TypeError):
+            return {}  # a reader reports a malformed tree when it restores, not here
+    return aliases
+
+
+def _collect_aliases(node: Any, name: str, aliases: dict[str, str]) -> None:
+    kind = node_kind(node)
+    if kind == "tensor":
+        stored = leaf_tied(node, name)
+        if stored != name:
+            aliases[name] = stored
+    elif kind == "dict":
+        for key, child in dict_items(node):
+            _collect_aliases(child, f"{name}/{key}" if name else str(key), aliases)
+    elif kind in ("list", "tuple"):
+        for i, child in enumerate(sequence_items(node, kind)):
+            _collect_aliases(child, f"{name}/{i}" if name else str(i), aliases)
+    elif kind == "object":
+        _collect_aliases(node["state"], name, aliases)
