@@ -54,6 +54,9 @@ from .checkpoint.rng import (
 from .checkpoint.saver import (
     Saver as Saver,
 )
+from .checkpoint.state.tree import (
+    RestoreReport as RestoreReport,
+)
 from .checkpoint.weights import (
     load_state_dict as load_state_dict,
 )
