@@ -52,15 +52,17 @@ def test_preempted_tells_a_signal_from_a_finished_run(tmp_path: Path) -> None:
 
 
 def test_exit_on_preemption_raises_system_exit_after_the_clean_close(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as info:
-        with th.MonitoredTrainingSession(
+    with (
+        pytest.raises(SystemExit) as info,
+        th.MonitoredTrainingSession(
             checkpoint_dir=str(tmp_path),
             state={"w": np.zeros(3)},
             exit_on_preemption=True,
-        ) as sess:
+        ) as sess,
+    ):
+        sess.run(lambda: None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not sess.should_stop():
             sess.run(lambda: None)
-            os.kill(os.getpid(), signal.SIGTERM)
-            while not sess.should_stop():
-                sess.run(lambda: None)
     assert info.value.code == 128 + signal.SIGTERM
     assert th.latest_checkpoint(str(tmp_path)).endswith("model.ckpt-1")

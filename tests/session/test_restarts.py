@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.helpers.paths import PROGRAMS, SRC
 
 import trainhooks as th
-from tests.helpers.paths import PROGRAMS, SRC
 
 pytestmark = pytest.mark.slow  # several Python processes per test
 

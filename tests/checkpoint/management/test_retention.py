@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from tests.helpers.clock import FakeClock
+
 from trainhooks.checkpoint.management.state_file import get_checkpoint_state
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.session.session import Session
