@@ -60,7 +60,13 @@ class WritableFile(Protocol):
 
 @runtime_checkable
 class ReadableFile(Protocol):
-    """A file opened for reading: its size, a read-only view of it, and ranged reads."""
+    """A file opened for reading: its size, a read-only view of it, and ranged reads.
+
+    A file may also offer ``populate(start, length)``, a hint that the view's bytes in
+    that range are about to be read: a local file's mapping faults them in with one call
+    (large reads where the page cache lacks them). Readers look it up with ``getattr``
+    and do without it; ``LocalReadFile`` and ``MemoryStorage``'s files have it.
+    """
 
     size: int
 

@@ -278,6 +278,9 @@ class _MemoryReadFile:
     def view(self) -> memoryview:
         return memoryview(self._data)
 
+    def populate(self, start: int, length: int) -> None:
+        """Nothing to do: the bytes are in memory."""
+
     def readinto(self, position: int, buffer: memoryview) -> int:
         piece = self._data[position : position + len(buffer)]
         buffer[: len(piece)] = piece
