@@ -23,6 +23,34 @@ __all__ = ["TorchAdapter"]
 logger = logging.getLogger(__name__)
 
 
+def _device_copy(target: Any, data: TensorData) -> bool:
+    """Copy ``data`` (checked bytes in host memory: the checkpoint's mapping) straight into
+    the accelerator tensor ``target``; False (nothing done) where it cannot.
+
+    The host bytes are wrapped as a CPU tensor without a copy and ``copy_`` moves them to
+    the device: no second host copy, no host tensor allocated per restore.
+    """
+    import warnings
+
+    import torch
+
+    if data.dtype not in DTYPE_ITEMSIZE or target.is_conj() or target.is_neg():
+        return False
+    buffer = data.buffer
+    if buffer.nbytes != target.numel() * target.element_size():
+        return False
+    if not buffer.nbytes:
+        return True
+    with warnings.catch_warnings():
+        # The mapping is read-only; the wrapper is only ever read from (copy_'s source).
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.frombuffer(buffer, dtype=torch.uint8)
+    source = host.view(target.dtype).reshape(target.shape)
+    with torch.no_grad():
+        target.copy_(source)  # pageable host memory: returns once the copy is done
+    return True
+
+
 class TorchAdapter:
     """:class:`~trainhooks.checkpoint.state.adapters.base.ArrayAdapter` for ``torch.Tensor``."""
 
@@ -93,6 +121,8 @@ class TorchAdapter:
         return None
 
     def restore(self, target: Any, data: TensorData, spec: ArraySpec) -> Any:
+        if target.device.type != "cpu" and _device_copy(target, data):
+            return target
         dtypes.copy_into_torch(target, data)
         return target
 
