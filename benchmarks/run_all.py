@@ -15,6 +15,15 @@ background saving:
 * its total at most 1.2x ``trainhooks_sync``;
 * a one-thread CPU training loop keeps at least 90% of its steps/s during the save.
 
+Then ``bench_restore.py`` compares save and restore side by side, each state in one
+subprocess running every method in rotating order: the 512 MiB float32 state in 32
+tensors (floor, safetensors + ``copy_``, ``torch.load`` + ``copy_``, DCP, trainhooks)
+and 100,000 tensors of 1 KiB (DCP left out: minutes per save), cold (each method's
+files dropped from the page cache) and warm, min and median of ``--restore-repeat``
+rounds, every restore ending in the state's existing arrays. Its goals: for the large
+state, restores within 1.2x of the floor and every column at or below every peer; for
+the small one, save within 1.5x and restores within 2x of the floor.
+
 The machine's load average before and after goes into the JSON, and the throughput
 line says how many cores other processes used during the saves: on a shared machine,
 compare only quiet runs.
@@ -39,6 +48,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_restore  # noqa: E402
 from bench_async import METHODS, median  # noqa: E402
 
 
@@ -79,6 +89,18 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"method": method, "error": out.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run_restore(state: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``bench_restore.py`` on one state, in a subprocess of its own."""
+    cmd = [sys.executable, str(HERE / "bench_restore.py"), "--state", state, "--json"]
+    cmd += ["--repeat", str(args.restore_repeat)]
+    if args.dir:
+        cmd += ["--dir", args.dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"state": state, "error": out.stderr.strip().splitlines()[-1:]}
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -133,7 +155,16 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
     p.add_argument("--out", default=str(HERE / "results"), help="where the JSON goes")
+    p.add_argument("--restore-repeat", type=int, default=5, help="rounds of bench_restore.py")
+    p.add_argument(
+        "--restore-states",
+        default="large,small",
+        help="bench_restore.py's states ('' to skip it)",
+    )
+    p.add_argument("--skip-async", action="store_true", help="only the save/restore comparison")
     args = p.parse_args()
+    if args.skip_async:
+        args.methods = ""
     directory = args.dir or tempfile.gettempdir()
     info = machine(directory)
     load_before = os.getloadavg()
@@ -144,7 +175,7 @@ def main() -> int:
     print(f"{'method':<18} {'stall s':>8} {'total s':>8} {'x floor':>8} {'1st stall':>9}")
     results: dict[str, Any] = {}
     summary: dict[str, dict[str, float]] = {}
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):
         result = run_method(method, args)
         results[method] = result
         if "error" in result:
@@ -165,17 +196,34 @@ def main() -> int:
         first = f"{s['first_stall_s']:9.3f}" if "first_stall_s" in s else f"{'':>9}"
         print(f"{method:<18} {s['stall_s']:8.3f} {s['total_s']:8.3f} {x_floor} {first}", flush=True)
     checked = goals(summary)
+    restores: dict[str, Any] = {}
+    for state in filter(None, args.restore_states.split(",")):
+        result = run_restore(state, args)
+        restores[state] = result
+        if "error" in result:
+            print(f"restore comparison, {state} state, failed: {result['error']}", flush=True)
+            continue
+        print()
+        print("\n".join(bench_restore.table(result)), flush=True)
+        checked += bench_restore.goals(result)
+    print()
     for name, measured, limit, met in checked:
         print(f"goal {name:<32} {measured:6.2f} (limit {limit}) {'met' if met else 'NOT MET'}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, time.strftime("%Y%m%d-%H%M%S") + ".json")
     record = {
         "machine": info,
-        "config": {"gib": args.gib, "tensors": args.tensors, "repeat": args.repeat},
+        "config": {
+            "gib": args.gib,
+            "tensors": args.tensors,
+            "repeat": args.repeat,
+            "restore_repeat": args.restore_repeat,
+        },
         "loadavg": {"before": load_before, "after": os.getloadavg()},
         "summary": summary,
         "goals": [{"goal": g, "measured": m, "limit": lim, "met": ok} for g, m, lim, ok in checked],
         "raw": results,
+        "restore": restores,
     }
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
