@@ -236,3 +236,27 @@ def test_cuda_tensors_restore_in_place_from_the_mapping(tmp_path: Path) -> None:
     with pytest.raises(errors.DataLossError):
         Saver().restore(Session(state), prefix)
     assert bool((state["w"] == 7.0).all())
+
+
+def test_a_module_and_optimizer_with_large_tensors_restore_exactly(tmp_path: Path) -> None:
+    """Their state dicts' large tensors are built on threads (futures, then resolved)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1200, 1200), torch.nn.Linear(1200, 3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1200)).sum().backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+    prefix = Saver().save(Session(state), str(tmp_path / "model.ckpt"), global_step=1)
+    assert prefix is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt.state.clear()
+    Saver().restore(Session(state), prefix)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg"], moments[k]), k
+        v["exp_avg"].add_(1.0)  # the optimizer's own, writable memory

@@ -13,8 +13,10 @@ message needs one: during the walk a path is a chain of tuples (:data:`Path`).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,9 @@ from trainhooks.checkpoint.state.tree_nodes import (
 )
 
 __all__ = ["Restorer"]
+
+#: Threads building the large arrays of an object's state dict (``_construct_parallel``).
+_BUILD_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _child_name(name: str, key: object) -> str:
@@ -275,7 +280,7 @@ class Restorer:
             metadata = self._construct(node["metadata"], (path, METADATA, None), name, build=True)
 
         def load() -> None:
-            state_dict = self._construct(node["state"], state_path, name, build=True)
+            state_dict = self._construct_parallel(node["state"], state_path, name)
             if found and isinstance(state_dict, dict):
                 for key, _ in found:
                     state_dict.pop(key, None)
@@ -401,25 +406,52 @@ class Restorer:
 
         return replacement
 
-    def _construct(self, node: Any, path: Path, name: str, *, build: bool) -> Any:
-        """The saved value of ``node``: arrays built (``build``) or as :class:`ArraySpec`."""
+    def _construct_parallel(self, node: Any, path: Path, name: str) -> Any:
+        """:meth:`_construct` with ``build=True``, the large arrays built on a few threads
+        (their copies out of the checkpoint release the GIL): a module's and an
+        optimizer's state dicts are mostly a few large tensors."""
+        with ThreadPoolExecutor(_BUILD_THREADS, thread_name_prefix="trainhooks-build") as pool:
+            built = self._construct(node, path, name, build=True, pool=pool)
+            return _resolved(built)
+
+    def _construct(
+        self,
+        node: Any,
+        path: Path,
+        name: str,
+        *,
+        build: bool,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> Any:
+        """The saved value of ``node``: arrays built (``build``) or as :class:`ArraySpec`.
+
+        With ``pool``, large arrays are built there and stand as futures in the result
+        (:func:`_resolved` replaces them).
+        """
         kind = node_kind(node)
         if kind == "tensor":
             framework, spec = leaf_spec(node)
             data = self._fetch(leaf_tied(node, name), spec, path)
             if not build or data is None:
                 return spec
-            return array_adapter_named(framework).build(data, spec)
+            adapter = array_adapter_named(framework)
+            if pool is not None and data.buffer.nbytes >= PARALLEL_COPY_BYTES:
+                return pool.submit(adapter.build, data, spec)
+            return adapter.build(data, spec)
         if kind == "object":
-            return self._construct(node["state"], (path, STATE_DICT, None), name, build=build)
+            return self._construct(
+                node["state"], (path, STATE_DICT, None), name, build=build, pool=pool
+            )
         if kind == "dict":
             return {
-                key: self._construct(child, (path, KEY, key), _child_name(name, key), build=build)
+                key: self._construct(
+                    child, (path, KEY, key), _child_name(name, key), build=build, pool=pool
+                )
                 for key, child in dict_items(node)
             }
         if kind in ("list", "tuple"):
             items = [
-                self._construct(child, (path, KEY, i), _child_name(name, i), build=build)
+                self._construct(child, (path, KEY, i), _child_name(name, i), build=build, pool=pool)
                 for i, child in enumerate(sequence_items(node, kind))
             ]
             return items if kind == "list" else tuple(items)
@@ -427,6 +459,23 @@ class Restorer:
             return pyvalues.decode_value(dict(node))
         except (KeyError, TypeError, ValueError) as e:
             raise MalformedTree(f"a value node {str(node)[:80]} is malformed ({e})") from None
+
+
+def _resolved(value: Any) -> Any:
+    """``value`` with every future in its dicts, lists and tuples replaced by its result."""
+    if isinstance(value, Future):
+        return value.result()
+    if type(value) is dict:
+        for key, item in value.items():
+            if isinstance(item, (Future, dict, list, tuple)):
+                value[key] = _resolved(item)
+        return value
+    if type(value) is list:
+        value[:] = [_resolved(item) for item in value]
+        return value
+    if type(value) is tuple:
+        return tuple(_resolved(item) for item in value)
+    return value
 
 
 def _assign_dict(target: dict[Any, Any], new: dict[Any, Any]) -> dict[Any, Any]:
