@@ -260,3 +260,25 @@ def test_a_module_and_optimizer_with_large_tensors_restore_exactly(tmp_path: Pat
     for k, v in opt.state_dict()["state"].items():
         assert torch.equal(v["exp_avg"], moments[k]), k
         v["exp_avg"].add_(1.0)  # the optimizer's own, writable memory
+
+
+@pytest.mark.parametrize("sizes", ["equal", "varied", "with empty"])
+@pytest.mark.parametrize("order", ["as saved", "reversed"])
+def test_a_batched_run_of_small_arrays_restores_exactly(
+    tmp_path: Path, sizes: str, order: str
+) -> None:
+    rng = np.random.default_rng(6)
+    lengths = {
+        "equal": [64] * 500,
+        "varied": list(rng.integers(1, 300, 500)),
+        "with empty": [0, *rng.integers(0, 5, 498), 0],
+    }[sizes]
+    state = {f"t{i:04d}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(lengths)}
+    saved = _snapshot(state)
+    prefix = Saver().save(Session(state), str(tmp_path / "model.ckpt"), global_step=1)
+    assert prefix is not None
+    target = {k: np.full_like(v, 9.0) for k, v in state.items()}
+    if order == "reversed":
+        target = dict(reversed(list(target.items())))
+    Saver().restore(Session(target), prefix)
+    assert _snapshot({k: target[k] for k in state}) == saved

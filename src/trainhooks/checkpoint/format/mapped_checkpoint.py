@@ -192,19 +192,30 @@ class MappedCheckpoint:
             return None
         fname, entry = self._single
         index = self._single_index
-        try:
-            positions = np.fromiter(map(index.__getitem__, names), np.int64, len(names))
-        except KeyError:
-            return None
         offsets = self._single_offsets
         if offsets is None:
             offsets = self._single_offsets = np.array(entry.offsets, np.int64)
-        order = positions.tolist()
         array = self._single_array
         if array is None:
             array = self._single_array = self._arrays[fname] = np.frombuffer(
                 self._views[fname], np.uint8
             )
+        first = index.get(names[0]) if names else None
+        if first is not None and entry.names[first : first + len(names)] == tuple(names):
+            # In file order (a state restored as it was saved): slices, no lookups.
+            last = first + len(names)
+            return (
+                list(entry.dtypes[first:last]),
+                list(entry.shapes[first:last]),
+                array,
+                offsets[first:last],
+                offsets[first + 1 : last + 1],
+            )
+        try:
+            positions = np.fromiter(map(index.__getitem__, names), np.int64, len(names))
+        except KeyError:
+            return None
+        order = positions.tolist()
         return (
             list(map(entry.dtypes.__getitem__, order)),
             list(map(entry.shapes.__getitem__, order)),
