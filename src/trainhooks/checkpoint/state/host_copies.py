@@ -167,7 +167,7 @@ def _copy_run(
                 rows: Any = typed[a : a + n * len(targets)].reshape(len(targets), n)
             else:
                 rows = map(typed.__getitem__, map(slice, first.tolist(), last.tolist()))
-            deque(map(setitem, targets, repeat(Ellipsis), rows), 0)
+            deque(map(setitem, targets, repeat(Ellipsis), rows), 0)  # type: ignore[arg-type]
             return
     _copy_located(list(zip(targets, repeat(source), starts.tolist(), ends.tolist())))
 
