@@ -312,11 +312,13 @@ def _share_the_default_saver(
     for hook in hooks:
         if not isinstance(hook, CheckpointSaverHook):
             continue
-        hook._use_default_saver(scaffold)
         saves_into = hook._checkpoint_dir
-        if checkpoint_dir is None or os.path.realpath(saves_into) != os.path.realpath(
+        if checkpoint_dir is not None and os.path.realpath(saves_into) == os.path.realpath(
             checkpoint_dir
         ):
+            # Only here: a saver's retention spans every directory it saves into.
+            hook._use_default_saver(scaffold)
+        else:
             logger.warning(
                 "A CheckpointSaverHook saves into %s, but the session restores from %s: a "
                 "restarted run will start over instead of resuming from those checkpoints. "

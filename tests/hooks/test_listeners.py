@@ -307,3 +307,40 @@ def test_keep_best_scores_each_step_once(tmp_path: Path) -> None:
     hook.after_create_session(sess, th.Coordinator())  # re-saves step 1, as after a recovery
     assert scored == [0, 1]
     assert [b.global_step for b in best.best] == [1, 0]
+
+
+def test_a_hostile_backup_state_file_never_deletes_outside_the_backup(tmp_path: Path) -> None:
+    primary, backup = tmp_path / "run" / "ckpt", tmp_path / "run" / "backup"
+    precious = tmp_path / "run" / "precious.txt"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("keep me")
+    backup.mkdir()
+    # The backup's state file names ".." and the parent directory: never to be deleted.
+    (backup / "checkpoint").write_text(
+        f'model_checkpoint_path: ".."\nall_model_checkpoint_paths: ".."\n'
+        f'all_model_checkpoint_paths: "{tmp_path / "run"}"\n'
+    )
+    train(primary, [th.BackupListener(backup, keep_all=True)], runs=2)
+    assert precious.read_text() == "keep me"
+    assert (tmp_path / "run" / "ckpt").is_dir()
+    assert "model.ckpt-2" in listed(backup)
+
+
+def test_a_hook_saving_into_another_directory_keeps_its_own_retention(tmp_path: Path) -> None:
+    main, other = tmp_path / "main", tmp_path / "other"
+    hook = th.CheckpointSaverHook(str(other), save_steps=1)
+    with th.MonitoredTrainingSession(
+        checkpoint_dir=str(main),
+        state=new_state(),
+        chief_only_hooks=[hook],
+        hooks=[th.StopAtStepHook(last_step=8)],
+        save_checkpoint_steps=2,
+    ) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: None)
+    for directory in (main, other):
+        names = listed(directory)
+        assert names == checkpoint_names(directory)  # each lists exactly what it holds
+        assert all(n.startswith("model.ckpt-") for n in names)
+    assert listed(main) == [f"model.ckpt-{s}" for s in (0, 2, 4, 6, 8)]
+    assert listed(other) == [f"model.ckpt-{s}" for s in (4, 5, 6, 7, 8)]

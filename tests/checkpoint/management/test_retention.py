@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tests.helpers.clock import FakeClock
 
 from trainhooks.checkpoint.management.state_file import get_checkpoint_state
@@ -75,3 +76,34 @@ def test_a_fresh_process_clock_would_keep_nothing(tmp_path: Path) -> None:
         (tmp_path / "checkpoint").write_text("\n".join(lines) + "\n")
         clock.advance(MINUTE)
     assert _kept(tmp_path) == [29, 30]
+
+
+def test_one_checkpoint_spelled_two_ways_is_tracked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Saved as "model.ckpt-N" from the working directory, listed by the state file as
+    # "./model.ckpt-N": the same checkpoints, so max_to_keep=2 keeps exactly two.
+    monkeypatch.chdir(tmp_path)
+    saver = Saver(max_to_keep=2)
+    session = Session({"w": np.zeros(2)})
+    for step in range(1, 5):
+        saver.save(session, "model.ckpt", global_step=step)
+    assert _kept(tmp_path) == [3, 4]
+    state = get_checkpoint_state(".")
+    assert state is not None
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == [
+        "model.ckpt-3",
+        "model.ckpt-4",
+    ]
+
+
+def test_a_keep_clock_resumed_after_a_long_pause_keeps_one_per_period(tmp_path: Path) -> None:
+    clock = FakeClock()
+    step = _run(tmp_path, clock, saves=5, step=0)
+    clock.advance(50 * 3600)  # the job stood still for two days
+    step = _run(tmp_path, clock, saves=12, step=step)  # two hours of saves
+    kept_for_good = [s for s in _kept(tmp_path) if s < step - 1 and s > 5]
+    # Not every checkpoint of the two hours (12 of them): about one per hour. The
+    # deadline resumes one hour back and steps on from there, as TF's does, so the first
+    # hour may keep one checkpoint more.
+    assert 2 <= len(kept_for_good) <= 3, kept_for_good

@@ -404,3 +404,15 @@ def test_a_failed_state_file_write_names_the_file_and_keeps_errno(tmp_path: Path
     assert info.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
     assert f"checkpoint state file {tmp_path / 'checkpoint'}" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp file left
+
+
+def test_a_state_file_naming_dot_dot_names_no_checkpoint(tmp_path: Path) -> None:
+    from trainhooks.checkpoint.management.state_file import inside_by_name, latest_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "manifest.json").write_text("{}")  # the parent looks like a checkpoint
+    (run / "checkpoint").write_text('model_checkpoint_path: ".."\n')
+    assert inside_by_name(str(run / ".."), str(run)) is None
+    assert inside_by_name("..", str(run)) is None
+    assert latest_checkpoint(str(run)) is None

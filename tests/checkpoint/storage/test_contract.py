@@ -342,3 +342,73 @@ def test_an_unknown_scheme_is_an_error_not_a_local_directory(tmp_path: Any) -> N
     with pytest.raises(ValueError, match="No storage for 's3://'"):
         th.latest_checkpoint("s3://bucket/run")
     assert os.listdir(tmp_path) == []
+
+
+class _FailingDeletes:
+    """A backend whose deletes fail (a transient error on a store)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def delete(self, path: str) -> None:
+        raise OSError(errno.EIO, "Input/output error", path)
+
+
+def test_a_failure_after_the_commit_never_touches_the_committed_checkpoint(
+    backend: Backend,
+) -> None:
+    storage, root = backend
+    storage.makedirs(root)
+    prefix = os.path.join(root, "model.ckpt-4")
+    write_checkpoint(prefix, _flat(1)[0], global_step=4, storage=storage)
+    flat, arrays = _flat(2)
+    # The re-save commits; removing the replaced checkpoint's files then fails.
+    failing: Any = _FailingDeletes(storage)
+    write_checkpoint(prefix, flat, global_step=4, storage=failing)
+    _assert_holds(prefix, storage, arrays)
+    remove_leftovers(root, storage=storage)  # the next start removes what is unlisted
+    _assert_holds(prefix, storage, arrays)
+
+
+def test_two_saves_racing_on_one_prefix_commit_one_whole_checkpoint(backend: Backend) -> None:
+    storage, root = backend
+    if storage.can_rename:
+        pytest.skip("the rename commit replaces a directory whole; no manifest to race on")
+    storage.makedirs(root)
+    prefix = os.path.join(root, "model.ckpt-6")
+    write_checkpoint(prefix, _flat(1)[0], global_step=6, storage=storage)
+    from trainhooks.checkpoint.format.datafile import plan_files
+    from trainhooks.checkpoint.format.flat_check import check_flat
+    from trainhooks.checkpoint.format.manifest import Manifest
+    from trainhooks.checkpoint.saving.write import commit_checkpoint
+
+    staged = []
+    for seed in (2, 3):  # two saves of the same step, begun before either commits
+        flat, arrays = _flat(seed)
+        tensors = check_flat(flat, 6)
+        sizes = tensors.nbytes()
+        groups = plan_files(tensors, sizes, 1 << 30)
+        staging = begin_staging(storage, prefix)
+        files = write_data_files(storage, staging, tensors, sizes, groups, range(len(groups)))
+        staged.append((staging, Manifest(6, 0.0, flat.tree, {}, files, {}), arrays))
+    first, second = staged
+    commit_checkpoint(storage, first[0], first[1])
+    with pytest.raises((PreconditionFailed, FileExistsError)):
+        commit_checkpoint(storage, second[0], second[1])
+    _assert_holds(prefix, storage, first[2])  # whole, with its data
+
+
+def test_create_is_exclusive_while_a_file_is_being_written(backend: Backend) -> None:
+    storage, root = backend
+    storage.makedirs(root)
+    path = os.path.join(root, "data")
+    f = storage.create(path)
+    try:
+        with pytest.raises(FileExistsError):
+            storage.create(path)
+    finally:
+        f.fsync()
+        f.close()

@@ -95,7 +95,11 @@ class Retention:
         Only moves the deadline earlier: a clock already resumed is not reset.
         """
         if last_preserved and not self._keep_clock_resumed:
-            resumed = float(last_preserved) + self.keep_checkpoint_every_n_hours * 3600
+            period = self.keep_checkpoint_every_n_hours * 3600
+            # A job that stood still for days resumes at most one period back, not days
+            # back: otherwise every checkpoint until the clock caught up would be kept.
+            # (TF's deadline steps on from the previous one, so one catch-up keep remains.)
+            resumed = max(float(last_preserved) + period, self._clock() - period)
             self._next_keep_time = min(self._next_keep_time, resumed)
         self._keep_clock_resumed = True
 
@@ -129,26 +133,33 @@ class Retention:
         """
         if not self.max_to_keep:
             return
-        tracked = {p for p, _ in self._last}
+        # One checkpoint may be spelled "model.ckpt-1" here and "./model.ckpt-1" there.
+        tracked = {os.path.normpath(p) for p, _ in self._last}
         kept = [(p, t) for p, t in self._last if checkpoint_exists(p)]
         adopted = []
         for path in listed:
             inside = inside_by_name(path, directory)
-            if inside is None or inside in tracked or not checkpoint_exists(inside):
+            if inside is None or os.path.normpath(inside) in tracked:
+                continue
+            if not checkpoint_exists(inside):
                 continue
             mtimes = get_checkpoint_mtimes([inside])
             if mtimes:
                 adopted.append((inside, mtimes[0]))
-                tracked.add(inside)
+                tracked.add(os.path.normpath(inside))
         if adopted or len(kept) != len(self._last):
-            self._last = sorted(kept + adopted, key=lambda entry: entry[1])
+            # Order by the checkpoints' file times: the times this saver recorded come
+            # from its clock, which need not be the wall clock the files were stamped by.
+            self._last = [
+                entry for _, entry in sorted((_file_time(p, t), (p, t)) for p, t in kept + adopted)
+            ]
 
     def record(self, prefix: str) -> None:
         """Track a newly committed checkpoint; the oldest beyond ``max_to_keep`` is dropped."""
         if not self.max_to_keep:
             return
         # A re-saved path moves to the end (it is the newest again).
-        self._last = [e for e in self._last if e[0] != prefix]
+        self._last = [e for e in self._last if os.path.normpath(e[0]) != os.path.normpath(prefix)]
         self._last.append((prefix, self._clock()))
         # More than one beyond max_to_keep only after a recovery that found more.
         while len(self._last) > self.max_to_keep:
@@ -171,3 +182,8 @@ class Retention:
                 remove_checkpoint(prefix)
             except Exception as e:  # retention must never fail a save that has committed
                 logger.warning("Ignoring: %s", e)
+
+
+def _file_time(prefix: str, otherwise: float) -> float:
+    mtimes = get_checkpoint_mtimes([prefix])
+    return mtimes[0] if mtimes else otherwise

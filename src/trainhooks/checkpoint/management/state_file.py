@@ -296,14 +296,20 @@ def _read_state_file(path: str) -> bytes:
 def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = None) -> str | None:
     """The newest checkpoint's prefix named by the state file, if that checkpoint exists.
 
+    Two differences from TensorFlow, both so that this names what a restoring session
+    restores: a state file naming a checkpoint outside ``checkpoint_dir`` (a moved or
+    copied run) is read as naming the checkpoint of the same name inside it; and without
+    a usable state file (missing, empty, unreadable) the newest committed checkpoint
+    found by listing the directory is returned.
+
     Args:
       checkpoint_dir: the directory holding the state file.
       latest_filename: the state file's name (default ``"checkpoint"``).
 
     Returns:
-      The prefix, to pass to ``Saver.restore``; None when there is no state file or the
-      checkpoint it names is missing (an ERROR is logged: "Couldn't match files for
-      checkpoint ...").
+      The prefix, to pass to ``Saver.restore``; None when the directory holds no
+      checkpoint, or the one the state file names is missing (an ERROR is logged:
+      "Couldn't match files for checkpoint ...").
 
     Example:
         >>> latest_checkpoint("/tmp/run")  # doctest: +SKIP
@@ -334,9 +340,14 @@ def inside_by_name(path: str, directory: str) -> str | None:
         >>> inside_by_name("/old/run/model.ckpt-5", "/nonexistent/run") is None
         True
     """
-    if os.path.realpath(os.path.dirname(path) or os.curdir) == os.path.realpath(
-        directory or os.curdir
+    name = os.path.basename(os.path.normpath(path))
+    if name in ("", os.curdir, os.pardir):
+        return None  # not the name of a checkpoint: "..", "." or a directory
+    if (
+        os.path.realpath(os.path.dirname(path) or os.curdir)
+        == os.path.realpath(directory or os.curdir)
+        and os.path.basename(path) == name
     ):
         return path
-    inside = os.path.join(directory, os.path.basename(path))
+    inside = os.path.join(directory, name)
     return inside if checkpoint_exists(inside) else None

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 _LEFTOVER = re.compile(r"(?P<prefix>.+)\.(?P<kind>tmp|old)-[0-9a-f]{12}")
 _CHECKPOINT_ENTRY = re.compile(
-    r"manifest\.json|data-\d{5,}-of-\d{5,}(?:-r\d{5,})?(?:\.[0-9a-f]{12})?\.safetensors"
+    r"manifest\.json|data-\d{5,}-of-\d{5,}(?:\.[0-9a-f]{12})?\.safetensors"
 )
 _TOKENED = re.compile(r"data-.*\.(?P<token>[0-9a-f]{12})\.safetensors")
 
@@ -122,12 +122,15 @@ class Staging(NamedTuple):
     """Where the files of one save go until it is committed (JSON-able, for other ranks).
 
     ``directory`` is a temporary directory beside ``prefix`` (rename commit), or
-    ``prefix`` itself with ``token`` in every file name (manifest-last commit).
+    ``prefix`` itself with ``token`` in every file name (manifest-last commit), where
+    ``replaces`` is the version of the manifest at the prefix when the save began (None:
+    there was none): the commit is a compare-and-swap against it.
     """
 
     prefix: str
     directory: str
     token: str
+    replaces: str | None = None
 
     def path(self, name: str) -> str:
         """The path a file called ``name`` in the checkpoint is written to now."""
@@ -147,7 +150,8 @@ def begin_staging(storage: Storage, prefix: str) -> Staging:
         storage.mkdir(tmp)
         return Staging(prefix, tmp, "")
     storage.makedirs(prefix)
-    return Staging(prefix, prefix, secrets.token_hex(6))
+    replaces = storage.version(os.path.join(prefix, MANIFEST_NAME))
+    return Staging(prefix, prefix, secrets.token_hex(6), replaces)
 
 
 def commit_staging(storage: Storage, staging: Staging, manifest: Sequence[bytes]) -> None:
@@ -155,37 +159,56 @@ def commit_staging(storage: Storage, staging: Staging, manifest: Sequence[bytes]
 
     Every data file must already be durable. On failure nothing was committed and the
     staged files are removed; a checkpoint that was at the prefix is still there.
+
+    Raises:
+      PreconditionFailed, FileExistsError: (manifest last) another save committed this
+        prefix since this one began; this one is not committed.
     """
+    if not storage.can_rename:
+        _commit_manifest_last(storage, staging, b"".join(manifest))
+        return
     try:
-        if storage.can_rename:
-            f = storage.create(os.path.join(staging.directory, MANIFEST_NAME))
-            try:
-                f.write(manifest)
-                f.fsync()
-            finally:
-                f.close()
-            storage.fsync_dir(staging.directory)
-        else:
-            _put_manifest(storage, staging, b"".join(manifest))
-            return
+        f = storage.create(os.path.join(staging.directory, MANIFEST_NAME))
+        try:
+            f.write(manifest)
+            f.fsync()
+        finally:
+            f.close()
+        storage.fsync_dir(staging.directory)
     except BaseException:
         abort_staging(storage, staging)
         raise
     publish(storage, staging.directory, staging.prefix)
 
 
-def _put_manifest(storage: Storage, staging: Staging, manifest: bytes) -> None:
+def _commit_manifest_last(storage: Storage, staging: Staging, manifest: bytes) -> None:
     path = os.path.join(staging.prefix, MANIFEST_NAME)
-    version = storage.version(path)
-    if version is None:
-        storage.put(path, manifest, if_absent=True)
-    else:
-        storage.put(path, manifest, if_version=version)
-    # The replaced checkpoint's files are no longer listed anywhere.
-    for name in storage.list_dir(staging.prefix):
-        match = _TOKENED.fullmatch(name)
-        if match is not None and match["token"] != staging.token:
+    try:
+        # The files of the checkpoint this one replaces: deleted once it is committed.
+        replaced = _listed_files(storage, staging.prefix) if staging.replaces else set()
+        if staging.replaces is None:
+            storage.put(path, manifest, if_absent=True)
+        else:
+            storage.put(path, manifest, if_version=staging.replaces)
+    except BaseException:
+        abort_staging(storage, staging)
+        raise
+    # Committed: from here on a failure must not touch this save's files. What the
+    # replaced manifest listed is no longer listed anywhere; what cannot be deleted now
+    # is removed as unlisted at the next start.
+    for name in sorted(replaced or ()):
+        if f".{staging.token}." in name:
+            continue  # this save's own file, listed by both
+        try:
             storage.delete(os.path.join(staging.prefix, name))
+        except OSError as e:
+            logger.warning(
+                "Could not remove %s of the replaced checkpoint %s (%s); it will be removed "
+                "on the next start.",
+                name,
+                staging.prefix,
+                e,
+            )
 
 
 def abort_staging(storage: Storage, staging: Staging) -> None:

@@ -54,6 +54,7 @@ class MemoryStorage:
         # Prefixes made with mkdir/makedirs: an empty "directory" exists until removed,
         # as a folder marker does on an object store.
         self._dirs: set[str] = set()
+        self._creating: set[str] = set()  # names of objects being written
 
     def __repr__(self) -> str:
         return f"MemoryStorage({len(self._objects)} objects)"
@@ -87,10 +88,15 @@ class MemoryStorage:
         return bool(self._children(path))
 
     def mkdir(self, path: str) -> None:
-        if self.exists(path):
-            raise FileExistsError(errno.EEXIST, "exists", path)
+        key = self._key(path)
         with self._lock:
-            self._dirs.add(self._key(path))
+            taken = key in self._objects or key in self._dirs
+            if not taken:
+                prefix = key + "/"
+                taken = any(k.startswith(prefix) for k in (*self._objects, *self._dirs))
+            if taken:
+                raise FileExistsError(errno.EEXIST, "exists", path)
+            self._dirs.add(key)
 
     def makedirs(self, path: str) -> None:
         key = self._key(path)
@@ -108,9 +114,12 @@ class MemoryStorage:
     # -- objects -------------------------------------------------------------------
 
     def create(self, path: str) -> _MemoryWriter:
-        if self.exists(path):
-            raise FileExistsError(errno.EEXIST, "object exists", path)
-        return _MemoryWriter(self, self._key(path))
+        key = self._key(path)
+        with self._lock:  # create-exclusive: the name is reserved until the writer closes
+            if key in self._objects or key in self._dirs or key in self._creating:
+                raise FileExistsError(errno.EEXIST, "object exists", path)
+            self._creating.add(key)
+        return _MemoryWriter(self, key)
 
     def _store(self, key: str, data: bytes) -> None:
         with self._lock:
@@ -222,7 +231,8 @@ class MemoryStorage:
 
 
 class _MemoryWriter:
-    """A new object, visible only once closed after ``fsync`` (a completed upload)."""
+    """A new object, visible from its ``fsync`` on (a completed upload); its name is
+    reserved from ``create`` until ``close``."""
 
     def __init__(self, storage: MemoryStorage, key: str) -> None:
         self._storage = storage
@@ -239,8 +249,11 @@ class _MemoryWriter:
         self._synced = True
 
     def close(self) -> None:
-        self._closed = True
-        self._parts = []
+        if not self._closed:
+            self._closed = True
+            self._parts = []
+            with self._storage._lock:
+                self._storage._creating.discard(self._key)
 
 
 class _MemoryDirectory:

@@ -1,9 +1,9 @@
 """Which ``Storage`` a path lives on, from its scheme.
 
-``"ckpt/run"``, ``"/abs/run"`` and ``"file:///abs/run"`` are the local disk;
-``"memory://bucket/run"`` is this process's :class:`MemoryStorage`. Any other
-``scheme://`` is refused with an error that says which schemes exist, so that a path
-such as ``"s3://bucket/run"`` never silently becomes a local directory named ``s3:``.
+``"ckpt/run"`` and ``"/abs/run"`` are the local disk; ``"memory://bucket/run"`` is this
+process's :class:`MemoryStorage`. Any ``scheme://`` else (``file://`` included: pass the
+plain path) is refused with an error that says which paths work, so that a path such as
+``"s3://bucket/run"`` never silently becomes a local directory named ``s3:``.
 """
 
 from __future__ import annotations
@@ -14,21 +14,14 @@ import re
 
 from trainhooks.checkpoint.storage.base import Storage
 
-__all__ = ["is_url", "local_path", "storage_for"]
+__all__ = ["is_url", "storage_for"]
 
 _SCHEME = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
-_SCHEMES = ("file", "memory")
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` starts with ``scheme://``."""
     return _SCHEME.match(os.fspath(path)) is not None
-
-
-def local_path(path: str | os.PathLike[str]) -> str:
-    """``path`` without a ``file://`` scheme; other paths unchanged."""
-    path = os.fspath(path)
-    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def storage_for(path: str | os.PathLike[str]) -> Storage:
@@ -43,16 +36,16 @@ def storage_for(path: str | os.PathLike[str]) -> Storage:
         >>> storage_for("ftp://host/run")
         Traceback (most recent call last):
         ...
-        ValueError: No storage for 'ftp://' in 'ftp://host/run': trainhooks stores checkpoints on the local disk (a plain path or file://) or in memory (memory://).
+        ValueError: No storage for 'ftp://' in 'ftp://host/run': trainhooks stores checkpoints on the local disk (a plain path) or in memory (memory://).
     """
     match = _SCHEME.match(os.fspath(path))
-    if match is None or match["scheme"] == "file":
+    if match is None:
         return _local()
     if match["scheme"] == "memory":
         return _memory()
     raise ValueError(
         f"No storage for '{match['scheme']}://' in {os.fspath(path)!r}: trainhooks stores "
-        "checkpoints on the local disk (a plain path or file://) or in memory (memory://)."
+        "checkpoints on the local disk (a plain path) or in memory (memory://)."
     )
 
 

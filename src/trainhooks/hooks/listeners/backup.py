@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+from trainhooks.checkpoint.format.manifest_decode import is_plain_basename
 from trainhooks.checkpoint.management.state_file import (
     get_checkpoint_state,
     update_checkpoint_state,
 )
 from trainhooks.checkpoint.storage import storage_for
-from trainhooks.checkpoint.storage.commit import remove_quietly
+from trainhooks.checkpoint.storage.commit import delete_checkpoint
+from trainhooks.checkpoint.storage.resolve import is_url
 from trainhooks.hooks.listeners.durable import clean_leftovers, place_checkpoint
 from trainhooks.hooks.listeners.hook_bound import HookBoundListener
 from trainhooks.session.session import Session
 
 __all__ = ["BackupListener"]
+
+logger = logging.getLogger(__name__)
 
 
 class BackupListener(HookBoundListener):
@@ -46,7 +51,8 @@ class BackupListener(HookBoundListener):
             "backup_dir", backup_dir, allow_none=False, example="'/mnt/backup'"
         )
         _checks.boolean("keep_all", keep_all)
-        self.backup_dir = os.path.abspath(os.fspath(backup_dir))
+        backup_dir = os.fspath(backup_dir)
+        self.backup_dir = backup_dir if is_url(backup_dir) else os.path.abspath(backup_dir)
         self.keep_all = keep_all
 
     def begin(self) -> None:
@@ -69,7 +75,7 @@ class BackupListener(HookBoundListener):
         )
         for stale in previous:
             if stale not in names:
-                remove_quietly(storage_for(self.backup_dir), os.path.join(self.backup_dir, stale))
+                _delete_copy(os.path.join(self.backup_dir, stale))
         return None
 
     def _has_backup(self, name: str) -> bool:
@@ -81,4 +87,14 @@ class BackupListener(HookBoundListener):
         state = get_checkpoint_state(directory)
         if state is None:
             return []
-        return [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+        # A state file is data: only plain names of checkpoints count, never "..".
+        names = [os.path.basename(os.path.normpath(p)) for p in state.all_model_checkpoint_paths]
+        return [n for n in names if is_plain_basename(n)]
+
+
+def _delete_copy(path: str) -> None:
+    """Delete a stale copy; a directory holding anything but a checkpoint's files stays."""
+    try:
+        delete_checkpoint(path)
+    except (OSError, ValueError) as e:
+        logger.warning("Not deleting the stale backup %s: %s", path, e)

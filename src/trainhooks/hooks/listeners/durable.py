@@ -13,12 +13,12 @@ import os
 import uuid
 from typing import Any
 
-from trainhooks.checkpoint.storage import LocalStorage, Storage, storage_for
+from trainhooks.checkpoint.storage import LocalStorage, storage_for
+from trainhooks.checkpoint.storage.commit import remove_quietly
 
 __all__ = [
     "clean_leftovers",
     "copy_file_durably",
-    "fsync_dir",
     "place_checkpoint",
     "write_json_durably",
 ]
@@ -26,11 +26,6 @@ __all__ = [
 _PARTIAL = ".partial-"  # a copy being written
 _REPLACED = ".replaced-"  # an older copy moved aside while its replacement is renamed in
 _COPY_BYTES = 1 << 20
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` (a rename, a new file) durable."""
-    storage_for(path).fsync_dir(path)
 
 
 def copy_file_durably(src: str, dst: str) -> None:
@@ -77,7 +72,7 @@ def place_checkpoint(src: str, dst: str, *, hard_link: bool) -> None:
     storage.rename(tmp, dst)
     storage.fsync_dir(parent)
     if replaced is not None:
-        _remove_quietly(storage, replaced)
+        remove_quietly(storage, replaced)
 
 
 def clean_leftovers(directory: str) -> None:
@@ -86,20 +81,13 @@ def clean_leftovers(directory: str) -> None:
     for name in sorted(storage.list_dir(directory)):
         path = os.path.join(directory, name)
         if _PARTIAL in name:
-            _remove_quietly(storage, path)
+            remove_quietly(storage, path)
         elif _REPLACED in name:
             original = os.path.join(directory, name.split(_REPLACED)[0])
             if storage.exists(original):
-                _remove_quietly(storage, path)
+                remove_quietly(storage, path)
             else:
                 storage.rename(path, original)
-
-
-def _remove_quietly(storage: Storage, path: str) -> None:
-    try:
-        storage.remove_tree(path)
-    except OSError:
-        pass  # a partial copy is removed again at the next start
 
 
 def write_json_durably(path: str, value: Any) -> None:

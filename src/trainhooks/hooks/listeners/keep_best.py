@@ -9,9 +9,11 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple
 
+from trainhooks.checkpoint.format.manifest_decode import is_plain_basename
 from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.checkpoint.storage import storage_for
-from trainhooks.checkpoint.storage.commit import remove_quietly
+from trainhooks.checkpoint.storage.commit import delete_checkpoint
+from trainhooks.checkpoint.storage.resolve import is_url
 from trainhooks.hooks.listeners.durable import (
     clean_leftovers,
     place_checkpoint,
@@ -97,7 +99,9 @@ class KeepBestListener(HookBoundListener):
     @property
     def best_dir(self) -> str:
         """``<checkpoint_dir>/<subdir>``."""
-        return os.path.join(os.path.abspath(self._hook().checkpoint_dir), self.subdir)
+        directory = self._hook().checkpoint_dir
+        directory = directory if is_url(directory) else os.path.abspath(directory)
+        return os.path.join(directory, self.subdir)
 
     @property
     def best(self) -> list[BestCheckpoint]:
@@ -150,7 +154,10 @@ class KeepBestListener(HookBoundListener):
         )
         for dropped in self._kept:
             if dropped.checkpoint_path not in {e.checkpoint_path for e in kept}:
-                remove_quietly(storage_for(dropped.checkpoint_path), dropped.checkpoint_path)
+                try:  # a directory holding anything but a checkpoint's files stays
+                    delete_checkpoint(dropped.checkpoint_path)
+                except (OSError, ValueError) as e:
+                    logger.warning("Not deleting %s: %s", dropped.checkpoint_path, e)
         self._kept = kept
         return None
 
@@ -171,5 +178,7 @@ class KeepBestListener(HookBoundListener):
                 os.path.join(self.best_dir, e["name"]), int(e["step"]), float(e["metric"])
             )
             for e in record["checkpoints"]
+            # The ranking file is data: only plain names inside best_dir count.
+            if is_plain_basename(e.get("name")) and e["name"] != self.METRICS_FILE
         ]
-        return [e for e in kept if os.path.isdir(e.checkpoint_path)]
+        return [e for e in kept if storage.is_dir(e.checkpoint_path)]
