@@ -54,6 +54,9 @@ from .checkpoint.rng import (
 from .checkpoint.saver import (
     Saver as Saver,
 )
+from .checkpoint.distributed.torch_group import (
+    TorchProcessGroup as TorchProcessGroup,
+)
 from .checkpoint.state.tree import (
     RestoreReport as RestoreReport,
 )

@@ -25,7 +25,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from trainhooks import errors
 from trainhooks._clock import Clock, wall_clock
+from trainhooks.checkpoint.distributed.group import SINGLE_PROCESS, ProcessGroup
 from trainhooks.checkpoint.management.retention import Retention
 from trainhooks.checkpoint.management.state_file import update_checkpoint_state
 from trainhooks.checkpoint.saving.background import BackgroundWriter
@@ -85,6 +87,13 @@ class Saver:
         directories are written through (default: the local disk); the state file and
         retention's deletes always go to the local disk.
       clock: the time source for ``keep_checkpoint_every_n_hours``.
+      process_group: the processes that save and restore together
+        (:class:`~trainhooks.checkpoint.distributed.torch_group.TorchProcessGroup` in a
+        torch.distributed job). Every rank then calls :meth:`save` and
+        :meth:`restore_latest` at the same point with the same arguments: every rank
+        writes its share of the data files, rank 0 commits them as one checkpoint,
+        writes the state file and applies retention; a restore restores on every rank
+        the checkpoint that rank 0 chose. Default: this process alone.
 
     Example:
         >>> import os, tempfile
@@ -117,6 +126,7 @@ class Saver:
         background_priority: Literal["idle", "normal"] = "idle",
         storage: Storage | None = None,
         clock: Clock = wall_clock,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         from trainhooks import _checks
 
@@ -151,6 +161,8 @@ class Saver:
         self._async_save = bool(async_save)
         self._storage = storage
         self._clock = clock
+        self._group = SINGLE_PROCESS if process_group is None else process_group
+        coordinator = self._group.rank == 0
         self._pool = SnapshotPool()
         if background_priority not in ("idle", "normal"):
             raise ValueError(
@@ -166,7 +178,8 @@ class Saver:
             var_list=self._var_list,
             filename=filename,
             pad_step_number=self._pad_step_number,
-            directories=self._directories,
+            # In a job, only the coordinator claims the directory and keeps its books.
+            directories=self._directories if coordinator else None,
         )
         if self._async_save:
             track_background_writer(self._writer)
@@ -367,6 +380,7 @@ class Saver:
             storage=self._storage,
             max_shard_bytes=self._max_shard_bytes,
             save_relative_paths=self._save_relative_paths,
+            group=self._group,
         )
 
     # ---- restore --------------------------------------------------------------------
@@ -461,6 +475,10 @@ class Saver:
 
         checkpoint_dir = _checks.path("checkpoint_dir", checkpoint_dir, allow_none=False)
         wait_for_saves_into(os.fspath(checkpoint_dir))
+        if self._group.world_size > 1:
+            return self._restore_latest_in_job(
+                session, checkpoint_dir, latest_filename, repair_state_file, strict
+            )
         restored = restore_latest_checkpoint(
             lambda prefix: self.restore(session, prefix, strict=strict),
             checkpoint_dir,
@@ -470,13 +488,17 @@ class Saver:
             return None
         self.recover_last_checkpoints(restored.listed)
         if repair_state_file and not restored.from_state_file:
-            update_checkpoint_state(
-                checkpoint_dir,
-                restored.prefix,
-                self.last_checkpoints or [restored.prefix],
-                latest_filename,
-                save_relative_paths=self._save_relative_paths,
-            )
+            try:
+                update_checkpoint_state(
+                    checkpoint_dir,
+                    restored.prefix,
+                    self.last_checkpoints or [restored.prefix],
+                    latest_filename,
+                    save_relative_paths=self._save_relative_paths,
+                )
+            except OSError as e:  # a read-only directory: the next save writes it
+                logger.warning("Could not write a new checkpoint state file: %s", e)
+                return restored.prefix
             logger.warning(
                 "Wrote a new checkpoint state file in %s listing %d checkpoints, the newest %s.",
                 checkpoint_dir,
@@ -484,6 +506,54 @@ class Saver:
                 restored.prefix,
             )
         return restored.prefix
+
+    def _restore_latest_in_job(
+        self,
+        session: StateHolder,
+        checkpoint_dir: str,
+        latest_filename: str | None,
+        repair_state_file: bool,
+        strict: bool,
+    ) -> str | None:
+        """Rank 0 alone chooses (it reads the state file, restores, keeps the books); every
+        other rank restores what it chose; any rank that cannot fails the whole job."""
+        group = self._group
+        decision: dict[str, Any] | None = None
+        if group.rank == 0:
+            try:
+                group_of_one = self._group
+                self._group = SINGLE_PROCESS
+                try:
+                    chosen = self.restore_latest(
+                        session,
+                        checkpoint_dir,
+                        latest_filename,
+                        repair_state_file=repair_state_file,
+                        strict=strict,
+                    )
+                finally:
+                    self._group = group_of_one
+                decision = {"prefix": chosen, "error": None}
+            except Exception as e:
+                decision = {"prefix": None, "error": f"rank 0: {type(e).__name__}: {e}"}
+        decision = group.broadcast(decision)
+        assert decision is not None
+        prefix: str | None = decision["prefix"]
+        failure = decision["error"]
+        if failure is None and prefix is not None and group.rank != 0:
+            try:
+                self.restore(session, prefix, strict=strict)
+            except Exception as e:
+                failure = f"rank {group.rank}: {type(e).__name__}: {e}"
+        reports = group.gather(failure)
+        failures = group.broadcast([r for r in reports if r] if reports is not None else None)
+        if failures:
+            raise errors.DataLossError(
+                f"Restoring the latest checkpoint of {checkpoint_dir} failed on "
+                f"{len(failures)} of {group.world_size} ranks; no rank may train from a "
+                f"state the others do not share: {'; '.join(failures)}"
+            )
+        return prefix
 
     def __repr__(self) -> str:
         return (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from trainhooks.checkpoint.distributed.group import SINGLE_PROCESS, ProcessGroup
 from trainhooks.checkpoint.format.datafile import DEFAULT_MAX_FILE_BYTES
 from trainhooks.checkpoint.management.naming import checked_latest_filename, checkpoint_name
 from trainhooks.checkpoint.management.retention import Retention
@@ -61,7 +62,7 @@ def take_snapshot(
     var_list: VarList,
     filename: str | None,
     pad_step_number: bool,
-    directories: DirectoryClaims,
+    directories: DirectoryClaims | None,
     pool: SnapshotPool | None,
 ) -> SaveJob | None:
     """Name the checkpoint and flatten the state: the part of a save on the training thread.
@@ -111,7 +112,8 @@ def take_snapshot(
     save_dir = os.path.dirname(save_path)
     if not storage_for(save_dir or os.curdir).is_dir(save_dir or os.curdir):
         raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
-    directories.claim(save_dir or os.curdir)
+    if directories is not None:  # None: a rank of a job that only writes data files
+        directories.claim(save_dir or os.curdir)
     state = var_list.state_of(session)
     flat = tree.flatten_state(state) if pool is None else pool.take(state)
     return SaveJob(prefix, save_dir, latest_filename, write_state, int(session.global_step), flat)
@@ -124,6 +126,7 @@ def write_and_record(
     storage: Storage | None,
     max_shard_bytes: int | None,
     save_relative_paths: bool,
+    group: ProcessGroup = SINGLE_PROCESS,
 ) -> CommittedSave:
     """Write and commit ``job``'s checkpoint directory, then list it and apply retention.
 
@@ -135,6 +138,8 @@ def write_and_record(
       storage: where the directory is written (None: the local disk).
       max_shard_bytes: the target data file size (None: the format's default).
       save_relative_paths: write relative paths into the state file.
+      group: the processes that write this checkpoint together; only its coordinator
+        (rank 0) lists it in the state file and applies retention.
 
     Returns:
       The committed save.
@@ -153,8 +158,9 @@ def write_and_record(
         global_step=job.global_step,
         storage=storage,
         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_FILE_BYTES,
+        group=group,
     )
-    if job.write_state:
+    if job.write_state and group.rank == 0:
         try:
             state = get_checkpoint_state(job.save_dir or os.curdir, job.latest_filename)
         except ValueError:  # a state file naming no checkpoint: replaced below

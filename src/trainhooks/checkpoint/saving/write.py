@@ -107,6 +107,49 @@ def write_checkpoint(
         user_metadata = dict(metadata or {})
         encode_json(user_metadata, "metadata")  # fail before writing anything
         tree_json = encode_json(flat.tree, "the state tree")
+    with paused_gc():
+        sizes = tensors.nbytes()
+        if group.world_size > 1:
+            # At least one data file per rank, so that every rank writes about 1/N.
+            share = -(-sum(sizes) // group.world_size)
+            max_shard_bytes = max(1, min(max_shard_bytes, share))
+        groups = plan_files(tensors, sizes, max_shard_bytes)
+    if group.world_size == 1:
+        _check_target(storage, prefix)
+    try:
+        if group.world_size == 1:
+            staging = begin_staging(storage, prefix)
+            try:
+                files = write_data_files(
+                    storage, staging, tensors, sizes, groups, range(len(groups)), num_threads
+                )
+            except BaseException:
+                abort_staging(storage, staging)
+                raise
+            manifest = Manifest(global_step, clock(), flat.tree, user_metadata, files, {})
+            commit_checkpoint(storage, staging, manifest, tree_json)
+        else:
+            _write_in_group(
+                group,
+                storage,
+                prefix,
+                tensors,
+                sizes,
+                groups,
+                num_threads,
+                tree_json,
+                lambda files: Manifest(global_step, clock(), flat.tree, user_metadata, files, {}),
+            )
+    except OSError as e:
+        where = f" at {e.filename}" if e.filename else ""
+        message = f"{e.strerror or e}: saving checkpoint {prefix} failed{where}"
+        try:  # the same class (ENOSPC, PreconditionFailed, ...), a message naming the checkpoint
+            raise type(e)(e.errno, message) from e
+        except TypeError:
+            raise OSError(e.errno, message) from e
+
+
+def _check_target(storage: Storage, prefix: str) -> None:
     parent = os.path.dirname(prefix) or os.curdir
     if not storage.is_dir(parent):
         raise NotFoundError(f"Parent directory of {prefix} doesn't exist, can't save.")
@@ -120,42 +163,55 @@ def write_checkpoint(
             "remove it or save under another path"
         )
 
-    with paused_gc():
-        sizes = tensors.nbytes()
-        groups = plan_files(tensors, sizes, max_shard_bytes)
-    try:
-        staging = Staging(
-            *group.broadcast(begin_staging(storage, prefix) if group.rank == 0 else None)
-        )
-        mine = range(group.rank, len(groups), group.world_size)
+
+def _write_in_group(
+    group: ProcessGroup,
+    storage: Storage,
+    prefix: str,
+    tensors: TensorColumns,
+    sizes: list[int],
+    groups: list[Sequence[int]],
+    num_threads: int | None,
+    tree_json: str,
+    make_manifest: Any,
+) -> None:
+    """Every rank writes data files ``i % world_size == rank``; rank 0 alone checks the
+    target, opens the staging place and commits. Every step's outcome reaches every rank,
+    so no rank waits for one that already failed: all of them raise the same error."""
+    begun: Any = None
+    if group.rank == 0:
         try:
-            report: Any = _files_to_json(
-                write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
-            )
-        except BaseException as e:  # reported to the coordinator, raised below on every rank
-            if group.world_size == 1 or not isinstance(e, Exception):
-                abort_staging(storage, staging)
-                raise
-            report = {"error": f"rank {group.rank}: {type(e).__name__}: {e}"}
-        reports = group.gather(report)
-        outcome = None
-        if reports is not None:
-            failed = [r["error"] for r in reports if "error" in r]
-            if failed:
-                abort_staging(storage, staging)
-                outcome = "; ".join(failed)
-            else:
-                files = {k: v for r in reports for k, v in _files_from_json(r).items()}
-                manifest = Manifest(global_step, clock(), flat.tree, user_metadata, files, {})
-                commit_checkpoint(storage, staging, manifest, tree_json)
-        outcome = group.broadcast(outcome)
-        if outcome is not None:
-            raise OSError(f"a writer failed: {outcome}")
-    except OSError as e:
-        where = f" at {e.filename}" if e.filename else ""
-        raise OSError(
-            e.errno, f"{e.strerror or e}: saving checkpoint {prefix} failed{where}"
-        ) from e
+            _check_target(storage, prefix)
+            begun = {"staging": list(begin_staging(storage, prefix))}
+        except Exception as e:
+            begun = {"error": f"rank 0: {type(e).__name__}: {e}"}
+    begun = group.broadcast(begun)
+    if "error" in begun:
+        raise OSError(f"could not start the save: {begun['error']}")
+    staging = Staging(*begun["staging"])
+    mine = range(group.rank, len(groups), group.world_size)
+    try:
+        report: Any = _files_to_json(
+            write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
+        )
+    except Exception as e:  # reported to the coordinator, raised below on every rank
+        report = {"error": f"rank {group.rank}: {type(e).__name__}: {e}"}
+    reports = group.gather(report)
+    outcome = None
+    if reports is not None:
+        failed = [r["error"] for r in reports if "error" in r]
+        if failed:
+            abort_staging(storage, staging)
+            outcome = "; ".join(failed)
+        else:
+            files = {k: v for r in reports for k, v in _files_from_json(r).items()}
+            try:
+                commit_checkpoint(storage, staging, make_manifest(files), tree_json)
+            except Exception as e:  # the commit removed what was staged
+                outcome = f"rank 0: the commit failed: {type(e).__name__}: {e}"
+    outcome = group.broadcast(outcome)
+    if outcome is not None:
+        raise OSError(f"a writer failed: {outcome}")
 
 
 def write_data_files(
