@@ -25,7 +25,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from trainhooks import errors
 from trainhooks._clock import Clock, wall_clock
 from trainhooks.checkpoint.distributed.group import SINGLE_PROCESS, ProcessGroup
 from trainhooks.checkpoint.management.retention import Retention
@@ -40,6 +39,7 @@ from trainhooks.checkpoint.saving.restore import (
     RestoreReport,
     restore_checkpoint,
     restore_latest_checkpoint,
+    restore_latest_in_group,
 )
 from trainhooks.checkpoint.saving.save_job import (
     CommittedSave,
@@ -475,10 +475,29 @@ class Saver:
 
         checkpoint_dir = _checks.path("checkpoint_dir", checkpoint_dir, allow_none=False)
         wait_for_saves_into(os.fspath(checkpoint_dir))
-        if self._group.world_size > 1:
-            return self._restore_latest_in_job(
+
+        def choose() -> str | None:  # the whole single-process restore, on rank 0 alone
+            return self._restore_latest_alone(
                 session, checkpoint_dir, latest_filename, repair_state_file, strict
             )
+
+        if self._group.world_size > 1:
+            return restore_latest_in_group(
+                self._group,
+                choose,
+                lambda prefix: self.restore(session, prefix, strict=strict),
+                checkpoint_dir,
+            )
+        return choose()
+
+    def _restore_latest_alone(
+        self,
+        session: StateHolder,
+        checkpoint_dir: str,
+        latest_filename: str | None,
+        repair_state_file: bool,
+        strict: bool,
+    ) -> str | None:
         restored = restore_latest_checkpoint(
             lambda prefix: self.restore(session, prefix, strict=strict),
             checkpoint_dir,
@@ -506,54 +525,6 @@ class Saver:
                 restored.prefix,
             )
         return restored.prefix
-
-    def _restore_latest_in_job(
-        self,
-        session: StateHolder,
-        checkpoint_dir: str,
-        latest_filename: str | None,
-        repair_state_file: bool,
-        strict: bool,
-    ) -> str | None:
-        """Rank 0 alone chooses (it reads the state file, restores, keeps the books); every
-        other rank restores what it chose; any rank that cannot fails the whole job."""
-        group = self._group
-        decision: dict[str, Any] | None = None
-        if group.rank == 0:
-            try:
-                group_of_one = self._group
-                self._group = SINGLE_PROCESS
-                try:
-                    chosen = self.restore_latest(
-                        session,
-                        checkpoint_dir,
-                        latest_filename,
-                        repair_state_file=repair_state_file,
-                        strict=strict,
-                    )
-                finally:
-                    self._group = group_of_one
-                decision = {"prefix": chosen, "error": None}
-            except Exception as e:
-                decision = {"prefix": None, "error": f"rank 0: {type(e).__name__}: {e}"}
-        decision = group.broadcast(decision)
-        assert decision is not None
-        prefix: str | None = decision["prefix"]
-        failure = decision["error"]
-        if failure is None and prefix is not None and group.rank != 0:
-            try:
-                self.restore(session, prefix, strict=strict)
-            except Exception as e:
-                failure = f"rank {group.rank}: {type(e).__name__}: {e}"
-        reports = group.gather(failure)
-        failures = group.broadcast([r for r in reports if r] if reports is not None else None)
-        if failures:
-            raise errors.DataLossError(
-                f"Restoring the latest checkpoint of {checkpoint_dir} failed on "
-                f"{len(failures)} of {group.world_size} ranks; no rank may train from a "
-                f"state the others do not share: {'; '.join(failures)}"
-            )
-        return prefix
 
     def __repr__(self) -> str:
         return (

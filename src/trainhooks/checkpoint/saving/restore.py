@@ -14,9 +14,10 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from trainhooks import errors
+from trainhooks.checkpoint.distributed.group import ProcessGroup
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.gc_pause import paused_gc
@@ -30,7 +31,12 @@ from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.state import tree
 from trainhooks.checkpoint.storage.commit import checkpoint_containing, is_checkpoint
 
-__all__ = ["RestoreReport", "restore_checkpoint", "restore_latest_checkpoint"]
+__all__ = [
+    "RestoreReport",
+    "restore_checkpoint",
+    "restore_latest_checkpoint",
+    "restore_latest_in_group",
+]
 
 RestoreReport = tree.RestoreReport
 
@@ -234,3 +240,47 @@ def restore_latest_checkpoint(
 def _inside(root: str, prefix: str) -> bool:
     """True if ``prefix`` resolves (symlinks followed) to a path inside directory ``root``."""
     return os.path.commonpath([root, os.path.realpath(prefix)]) == root
+
+
+def restore_latest_in_group(
+    group: ProcessGroup,
+    choose: Callable[[], str | None],
+    restore: Callable[[str], object],
+    checkpoint_dir: str,
+) -> str | None:
+    r"""The latest-checkpoint restore of a job: every rank calls it at the same point.
+
+    Rank 0 alone ``choose``\ s (it reads the state file, restores, keeps the books) and
+    tells every rank; every other rank ``restore``\ s that prefix; then every rank learns
+    whether all succeeded. A rank that could not restore fails the whole job, on every
+    rank, naming itself and the cause: no rank may train from a state the others do not
+    share.
+
+    Raises:
+      DataLossError: some rank could not restore the chosen checkpoint (or rank 0 could
+        not choose one).
+    """
+    decision: dict[str, Any] | None = None
+    if group.rank == 0:
+        try:
+            decision = {"prefix": choose(), "error": None}
+        except Exception as e:
+            decision = {"prefix": None, "error": f"rank 0: {type(e).__name__}: {e}"}
+    decision = group.broadcast(decision)
+    assert decision is not None
+    prefix: str | None = decision["prefix"]
+    failure = decision["error"]
+    if failure is None and prefix is not None and group.rank != 0:
+        try:
+            restore(prefix)
+        except Exception as e:
+            failure = f"rank {group.rank}: {type(e).__name__}: {e}"
+    reports = group.gather(failure)
+    failures = group.broadcast([r for r in reports if r] if reports is not None else None)
+    if failures:
+        raise errors.DataLossError(
+            f"Restoring the latest checkpoint of {checkpoint_dir} failed on {len(failures)} "
+            f"of {group.world_size} ranks; no rank may train from a state the others do not "
+            f"share: {'; '.join(failures)}"
+        )
+    return prefix
