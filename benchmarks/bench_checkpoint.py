@@ -11,12 +11,14 @@ cache (fsync, then ``posix_fadvise(DONTNEED)`` on every file it wrote, so the re
 reads the disk as after a restart), restores it (timed: "cold"), restores it again
 without evicting ("warm": the page cache holds the files) and reports its peak memory
 above the state during the save (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``). Every restore produces usable arrays.
+``/proc/self/clear_refs``). Every restore ends with the values in the state's existing
+arrays. ``bench_restore.py`` (in ``dev.py bench``) runs the methods side by side in one
+process, in rotating order, with min and median; prefer it for comparisons.
 
 Methods: ``floor`` (the tensors' bytes written to one file with ``os.writev`` and read
-back into one fresh buffer with ``os.preadv``: the least work any format needs),
-``torch`` (``torch.save`` / ``torch.load(weights_only=True)``, new tensors),
-``safetensors`` (``save_file`` / ``load_file``, new arrays), ``trainhooks``
+back into the state's arrays with ``os.preadv``: the least work any format needs),
+``torch`` (``torch.save`` / ``torch.load(weights_only=True)`` + ``copy_``),
+``safetensors`` (``save_file`` / ``load_file`` + a copy into each array), ``trainhooks``
 (``Saver.save`` / ``Saver.restore``: verifies every checksum, then restores in place)
 and ``format`` (trainhooks without ``Saver``: ``flatten_state`` + ``write_checkpoint``,
 ``open_checkpoint`` + ``verify`` + ``restore_state``; what the format itself costs).
@@ -113,11 +115,7 @@ def floor(state: dict[str, np.ndarray], d: str) -> tuple[Callable[[], None], Cal
         _fsync_file_dir(d)
 
     def restore() -> None:
-        fresh = memoryview(np.empty(sum(len(v) for v in views), np.uint8))
-        targets, offset = [], 0
-        for v in views:  # one view of the fresh buffer per tensor, as a format would give
-            targets.append(fresh[offset : offset + len(v)])
-            offset += len(v)
+        targets = [memoryview(a).cast("B") for a in state.values()]  # the state's own memory
         fd = os.open(path, os.O_RDONLY)
         try:
             offset = 0
@@ -126,7 +124,7 @@ def floor(state: dict[str, np.ndarray], d: str) -> tuple[Callable[[], None], Cal
                 offset += os.preadv(fd, batch, offset)
         finally:
             os.close(fd)
-        assert offset == len(fresh)
+        assert offset == sum(len(v) for v in views)
 
     return save, restore
 
@@ -145,7 +143,9 @@ def torch_method(
 
     def restore() -> None:
         loaded = torch.load(path, weights_only=True)
-        assert len(loaded) == len(tensors)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(loaded[name])
 
     return save, restore
 
@@ -162,8 +162,9 @@ def safetensors_method(
         _fsync_file(path)
 
     def restore() -> None:
-        loaded = load_file(path)
-        assert len(loaded) == len(state)
+        loaded = load_file(path)  # 0.8 maps lazily: the copies read the file
+        for name, array in state.items():
+            np.copyto(array, loaded[name])
 
     return save, restore
 
