@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -251,6 +252,23 @@ class GlobalStepWaiterHook(SessionRunHook):
         if self._wait_until_step <= 0:
             self._worker_is_started = True
             return None
+        session = run_context.session
+        if (
+            getattr(session, "advance_global_step", False)
+            and session.global_step < self._wait_until_step
+            and _in_a_job()
+        ):
+            # Every process of a job trains in lockstep and advances its own step with
+            # its own runs: the step this hook waits for can only come from the runs it
+            # holds back, and the other processes wait in their next collective.
+            raise errors.InvalidArgumentError(
+                f"GlobalStepWaiterHook(wait_until_step={self._wait_until_step}) would wait "
+                f"forever: in a torch.distributed job every process is at the same global "
+                f"step ({session.global_step}), which advances only with its own runs. "
+                "Drop the hook in a synchronous job, or create the session with "
+                "advance_global_step=False and set the step from information the processes "
+                "share."
+            )
         logger.info("Waiting for global step %d before starting training.", self._wait_until_step)
         start = self._clock()
         last_logged_step = 0
@@ -343,3 +361,14 @@ class FeedFnHook(SessionRunHook):
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
         """Feed ``feed_fn()`` into the run."""
         return SessionRunArgs(fetches=None, feed_dict=dict(self.feed_fn()))
+
+
+def _in_a_job() -> bool:
+    """True in a torch.distributed job of more than one process (torch already imported)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(
+        dist is not None
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
