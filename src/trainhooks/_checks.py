@@ -41,6 +41,7 @@ __all__ = [
     "positive_int",
     "positive_number",
     "string",
+    "summary_writer",
 ]
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -572,3 +573,18 @@ def directory_path(
             f"another one, e.g. {name}={parent!r}"
         )
     return text
+
+
+def summary_writer(name: str, value: object) -> None:
+    """Refuse anything but None or a writer with ``add_scalar()`` and ``flush()``.
+
+    Example:
+        >>> summary_writer("summary_writer", None)
+    """
+    has_methods(
+        name,
+        value,
+        ("add_scalar", "flush"),
+        what="a writer with add_scalar() and flush()",
+        example="tensorboardX.SummaryWriter('logs')",
+    )

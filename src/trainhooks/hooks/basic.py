@@ -145,13 +145,7 @@ class StepCounterHook(SessionRunHook):
         _checks.positive_int("every_n_steps", every_n_steps, allow_zero=True)
         _checks.positive_number("every_n_secs", every_n_secs, allow_zero=True, unit="seconds")
         output_dir = _checks.directory_path("output_dir", output_dir, example="'logs'")
-        _checks.has_methods(
-            "summary_writer",
-            summary_writer,
-            ("add_scalar", "flush"),
-            what="a writer with add_scalar() and flush()",
-            example="tensorboardX.SummaryWriter('logs')",
-        )
+        _checks.summary_writer("summary_writer", summary_writer)
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
         self._timer = SecondOrStepTimer(

@@ -338,13 +338,7 @@ class SummarySaverHook(SessionRunHook):
         _checks.positive_int("save_steps", save_steps, allow_zero=True)
         _checks.positive_number("save_secs", save_secs, allow_zero=True, unit="seconds")
         output_dir = _checks.directory_path("output_dir", output_dir, example="'logs'")
-        _checks.has_methods(
-            "summary_writer",
-            summary_writer,
-            ("add_scalar", "flush"),
-            what="a writer with add_scalar() and flush()",
-            example="tensorboardX.SummaryWriter('logs')",
-        )
+        _checks.summary_writer("summary_writer", summary_writer)
         _checks.instance_of(
             "scaffold", scaffold, Scaffold, example="Scaffold(summary_op={'loss': 'loss'})"
         )
