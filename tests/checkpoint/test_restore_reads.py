@@ -282,3 +282,31 @@ def test_a_batched_run_of_small_arrays_restores_exactly(
         target = dict(reversed(list(target.items())))
     Saver().restore(Session(target), prefix)
     assert _snapshot({k: target[k] for k in state}) == saved
+
+
+def test_populate_is_a_hint_on_every_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainhooks.checkpoint.storage import MemoryStorage, local
+
+    raw = bytes(range(256)) * 5000
+    (tmp_path / "f").write_bytes(raw)
+    storage = LocalStorage()
+    handle = storage.open_read(str(tmp_path / "f"))
+    handle.populate(0, 10)  # before view(): nothing mapped yet, nothing done
+    view = handle.view()
+    for start, length in [(0, len(raw)), (3, 10_000), (len(raw) - 1, 1), (17, 0), (5, 2**40)]:
+        handle.populate(start, length)
+    assert bytes(view) == raw
+    handle.close()
+    handle.populate(0, 10)  # closed: nothing to do
+    # A kernel without MADV_POPULATE_READ refuses the advice: the file is read by faults.
+    monkeypatch.setattr(local, "_MADV_POPULATE_READ", 0x7FFF)
+    handle = storage.open_read(str(tmp_path / "f"))
+    view = handle.view()
+    handle.populate(0, 4096)
+    assert bytes(view[:4096]) == raw[:4096]
+    handle.close()
+    memory = MemoryStorage()
+    memory.put("memory://x/f", raw)
+    mem_handle = memory.open_read("memory://x/f")
+    mem_handle.populate(0, len(raw))
+    assert bytes(mem_handle.view()) == raw

@@ -283,8 +283,11 @@ class LocalReadFile:
         if not self._populate or self._map is None or length <= 0:
             return
         aligned = start - start % mmap.PAGESIZE
+        length = min(length + start - aligned, self.size - aligned)
+        if length <= 0:
+            return
         try:
-            self._map.madvise(_MADV_POPULATE_READ, aligned, length + start - aligned)  # type: ignore[arg-type]
+            self._map.madvise(_MADV_POPULATE_READ, aligned, length)  # type: ignore[arg-type]
         except (OSError, ValueError, OverflowError):
             self._populate = False  # an older kernel (EINVAL): plain page faults instead
 
