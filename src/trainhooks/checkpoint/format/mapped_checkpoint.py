@@ -251,9 +251,11 @@ class MappedCheckpoint:
         """Checksum every tensor, checksum run by run, on a few threads (``num_threads``).
 
         Each run is checksummed straight from the file's mapping (no copy): its pages are
-        first made resident in large steps (:func:`_populate`: the kernel reads a file
-        that is not cached with large parallel reads, and maps a cached one without a
-        fault per page), then hashed (``xxhash`` releases the GIL). The copies that
+        first made resident in large steps (the file's ``populate``, see
+        :func:`_checksum_mapped`: the kernel reads a file that is not cached with large
+        reads, several in flight, and maps a cached one without a fault per page), then
+        hashed (``xxhash`` releases the GIL). Runs are taken in offset order, the files
+        side by side, so every file is read front to back. The copies that
         follow read the same, now mapped, pages: one read of the disk, one pass over
         memory to check, one to copy.
 
