@@ -184,6 +184,9 @@ def MonitoredTrainingSession(
     _checks.non_negative_number(
         "preemption_grace_period_secs", preemption_grace_period_secs, unit="seconds", example=30
     )
+    summaries_asked = (
+        save_summaries_steps is not USE_DEFAULT or save_summaries_secs is not USE_DEFAULT
+    )
     if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
         save_summaries_steps, save_summaries_secs = 100, None
     elif save_summaries_secs is USE_DEFAULT:
@@ -239,6 +242,13 @@ def MonitoredTrainingSession(
         advance_global_step=advance_global_step,
     )
     summary_dir = summary_dir or checkpoint_dir
+    asked = _positive(save_summaries_steps) or _positive(save_summaries_secs)
+    if summaries_asked and asked and scaffold.summary_op is None:
+        logger.warning(
+            "save_summaries_steps/save_summaries_secs is set, but there is nothing to "
+            "summarize: the scaffold has no summary_op, so no summary is written. Pass "
+            "scaffold=Scaffold(summary_op={'loss': 'loss'}) (names the step function returns)."
+        )
     if summary_dir:
         if log_step_count_steps and log_step_count_steps > 0:
             from trainhooks.hooks.basic import StepCounterHook

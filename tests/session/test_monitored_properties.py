@@ -66,3 +66,25 @@ def test_exit_on_preemption_raises_system_exit_after_the_clean_close(tmp_path: P
             sess.run(lambda: None)
     assert info.value.code == 128 + signal.SIGTERM
     assert th.latest_checkpoint(str(tmp_path)).endswith("model.ckpt-1")
+
+
+def test_asking_for_summaries_with_nothing_to_summarize_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with th.MonitoredTrainingSession(checkpoint_dir=str(tmp_path / "a"), state={}) as sess:
+        sess.run(lambda: None)
+    assert "nothing to summarize" not in caplog.text  # the default: no warning
+    with th.MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path / "b"), state={}, save_summaries_steps=10
+    ) as sess:
+        sess.run(lambda: None)
+    assert "nothing to summarize" in caplog.text
+    caplog.clear()
+    with th.MonitoredTrainingSession(
+        checkpoint_dir=str(tmp_path / "c"),
+        scaffold=th.Scaffold(summary_op={"loss": "loss"}),
+        state={},
+        save_summaries_steps=10,
+    ) as sess:
+        sess.run(lambda: {"loss": 1.0})
+    assert "nothing to summarize" not in caplog.text
