@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-at-save", type=int, default=None)
     p.add_argument("--timeout", type=float, default=15.0)
+    # This rank cannot read the checkpoint directory (a mount missing on its machine):
+    # every open of a path below it fails with EACCES, as the kernel would say.
+    p.add_argument("--unreadable-rank", type=int, default=None)
     # With three or more ranks DDP is not restart-deterministic: its first step after
     # construction sums the gradients of the ranks in another order than its later steps
     # (measured: a job resumed at step 8 differs in the last bit from one that ran
@@ -54,6 +57,8 @@ def main() -> int:
         world_size=world,
         timeout=timedelta(seconds=args.timeout),
     )
+    if args.unreadable_rank == rank:
+        deny_reads_below(os.path.realpath(args.dir))
     result: dict[str, Any] = {"rank": rank}
     try:
         result.update(train(args, rank, world))
@@ -64,6 +69,22 @@ def main() -> int:
         json.dump(result, f)
     # After a failed gloo collective a process can abort in its exit handlers.
     os._exit(0)
+
+
+def deny_reads_below(directory: str) -> None:
+    """Make every ``os.open`` of a path in ``directory`` fail with EACCES."""
+    import errno
+
+    real_open = os.open
+
+    def guarded_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        dir_fd = kwargs.get("dir_fd")
+        where = os.path.realpath(os.fspath(path)) if dir_fd is None else directory
+        if where == directory or where.startswith(directory + os.sep):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    os.open = guarded_open  # type: ignore[assignment]
 
 
 class KillMidSave:

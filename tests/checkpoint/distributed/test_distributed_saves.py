@@ -118,3 +118,15 @@ def test_a_rank_killed_mid_save_commits_nothing_and_no_survivor_hangs(tmp_path: 
     again = job(tmp_path, 2, "--steps", "8")
     assert [(r["start"], r["end"]) for r in again] == [(4, 8)] * 2
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_a_rank_that_cannot_read_the_checkpoint_fails_the_whole_job_at_start_up(
+    tmp_path: Path,
+) -> None:
+    job(tmp_path, 2, "--steps", "4")
+    results = job(tmp_path, 2, "--steps", "8", "--unreadable-rank", "1", "--timeout", "8")
+    for result in results:  # no rank trains from a state the others do not share
+        assert "digest" not in result, result
+        assert "rank 1" in result["error"], result
+        assert "model.ckpt-4" in result["error"] and "Permission denied" in result["error"]
+    assert th.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-4")
