@@ -180,6 +180,10 @@ class Storage(Protocol):
         ``if_absent``: fail with ``FileExistsError`` if it exists (create-only).
         ``if_version``: fail with :class:`PreconditionFailed` unless its current
         version is this one (compare-and-swap).
+
+        Raises only if the object was not written: a store whose request can fail with
+        an unknown outcome reads the object back before it raises, since a commit
+        removes the files of a save whose manifest put raised.
         """
         ...
 
