@@ -476,35 +476,17 @@ class Saver:
         checkpoint_dir = _checks.path("checkpoint_dir", checkpoint_dir, allow_none=False)
         wait_for_saves_into(os.fspath(checkpoint_dir))
 
-        def choose() -> str | None:  # the whole single-process restore, on rank 0 alone
-            return self._restore_latest_alone(
-                session, checkpoint_dir, latest_filename, repair_state_file, strict
-            )
-
+        restore = functools.partial(self.restore, session, strict=strict)
         if self._group.world_size > 1:
-            return restore_latest_in_group(
-                self._group,
-                choose,
-                lambda prefix: self.restore(session, prefix, strict=strict),
-                checkpoint_dir,
+            restored = restore_latest_in_group(
+                self._group, restore, checkpoint_dir, latest_filename
             )
-        return choose()
-
-    def _restore_latest_alone(
-        self,
-        session: StateHolder,
-        checkpoint_dir: str,
-        latest_filename: str | None,
-        repair_state_file: bool,
-        strict: bool,
-    ) -> str | None:
-        restored = restore_latest_checkpoint(
-            lambda prefix: self.restore(session, prefix, strict=strict),
-            checkpoint_dir,
-            latest_filename,
-        )
+        else:
+            restored = restore_latest_checkpoint(restore, checkpoint_dir, latest_filename)
         if restored is None:
             return None
+        if self._group.rank != 0:
+            return restored.prefix  # rank 0 keeps the books and the state file
         self.recover_last_checkpoints(restored.listed)
         if repair_state_file and not restored.from_state_file:
             try:

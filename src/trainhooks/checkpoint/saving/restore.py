@@ -32,8 +32,12 @@ from trainhooks.checkpoint.state import tree
 from trainhooks.checkpoint.storage.commit import checkpoint_containing, is_checkpoint
 
 __all__ = [
+    "Candidates",
     "RestoreReport",
+    "RestoredLatest",
+    "latest_candidates",
     "restore_checkpoint",
+    "restore_first",
     "restore_latest_checkpoint",
     "restore_latest_in_group",
 ]
@@ -165,6 +169,30 @@ def restore_latest_checkpoint(
         >>> restore_latest_checkpoint(lambda p: saver.restore(sess, p), "/tmp/run")  # doctest: +SKIP
         RestoredLatest(prefix='/tmp/run/model.ckpt-200', listed=[...], from_state_file=True)
     """
+    candidates = latest_candidates(checkpoint_dir, latest_filename)
+    if candidates is None:
+        return None
+    return restore_first(restore, os.fspath(checkpoint_dir), candidates)
+
+
+class Candidates(NamedTuple):
+    """The checkpoints a latest-checkpoint restore tries, newest first (JSON-able)."""
+
+    names: list[str]
+    #: the checkpoints to track once one is restored, oldest first
+    listed: list[str]
+    #: False when the state file was missing or unreadable and the directory was listed
+    from_state_file: bool
+
+
+def latest_candidates(
+    checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
+) -> Candidates | None:
+    """What to try restoring from ``checkpoint_dir``, newest first; None if it holds none.
+
+    The state file's latest checkpoint, then the others it lists; without a usable state
+    file, the committed checkpoints found by listing the directory (with a WARNING).
+    """
     checkpoint_dir = os.fspath(checkpoint_dir)
     try:
         ckpt = get_checkpoint_state(checkpoint_dir, latest_filename)
@@ -181,16 +209,26 @@ def restore_latest_checkpoint(
             checkpoint_dir,
             len(found),
         )
-        newest, listed, from_state_file = found[-1], found, False
-        candidates = list(reversed(found))
-    else:
-        newest, from_state_file = ckpt.model_checkpoint_path, True
-        listed = list(ckpt.all_model_checkpoint_paths)
-        candidates = [newest, *(p for p in reversed(listed) if p != newest)]
+        return Candidates(list(reversed(found)), found, False)
+    newest = ckpt.model_checkpoint_path
+    listed = list(ckpt.all_model_checkpoint_paths)
+    return Candidates([newest, *(p for p in reversed(listed) if p != newest)], listed, True)
+
+
+def restore_first(
+    restore: Callable[[str], object], checkpoint_dir: str, candidates: Candidates
+) -> RestoredLatest:
+    """Restore the first of ``candidates`` that verifies (see
+    :func:`restore_latest_checkpoint`); each skipped one is named in a WARNING."""
+    newest, listed, from_state_file = (
+        candidates.names[0],
+        candidates.listed,
+        candidates.from_state_file,
+    )
     skipped: list[str] = []
     missing_only = True
     root = os.path.realpath(checkpoint_dir)
-    for named in candidates:
+    for named in candidates.names:
         prefix = inside_by_name(named, checkpoint_dir) or named
         if not _inside(root, prefix):
             # A state file is data, not authority: it must not make us read elsewhere.
@@ -244,43 +282,72 @@ def _inside(root: str, prefix: str) -> bool:
 
 def restore_latest_in_group(
     group: ProcessGroup,
-    choose: Callable[[], str | None],
     restore: Callable[[str], object],
     checkpoint_dir: str,
-) -> str | None:
-    r"""The latest-checkpoint restore of a job: every rank calls it at the same point.
+    latest_filename: str | None = None,
+) -> RestoredLatest | None:
+    """The latest-checkpoint restore of a job: every rank calls it at the same point.
 
-    Rank 0 alone ``choose``\ s (it reads the state file, restores, keeps the books) and
-    tells every rank; every other rank ``restore``\ s that prefix; then every rank learns
-    whether all succeeded. A rank that could not restore fails the whole job, on every
-    rank, naming itself and the cause: no rank may train from a state the others do not
-    share.
+    Rank 0 alone reads the state file (or lists the directory) and tells every rank
+    which checkpoints to try, newest first; then all ranks restore the same candidate at
+    the same time and learn each other's outcome. If the candidate fails verification on
+    any rank, every rank moves on to the same older one; any other failure (a rank that
+    cannot read the directory) fails the whole job, on every rank, naming the rank and
+    the cause: no rank may train from a state the others do not share.
+
+    Returns:
+      What was restored (the same on every rank), or None when there is no checkpoint.
 
     Raises:
-      DataLossError: some rank could not restore the chosen checkpoint (or rank 0 could
-        not choose one).
+      DataLossError: no candidate verified on every rank.
+      UnknownError: a rank could not restore for another reason.
     """
-    decision: dict[str, Any] | None = None
+    offer: Any = None
     if group.rank == 0:
         try:
-            decision = {"prefix": choose(), "error": None}
+            found = latest_candidates(checkpoint_dir, latest_filename)
+            offer = {"candidates": None if found is None else list(found)}
         except Exception as e:
-            decision = {"prefix": None, "error": f"rank 0: {type(e).__name__}: {e}"}
-    decision = group.broadcast(decision)
-    assert decision is not None
-    prefix: str | None = decision["prefix"]
-    failure = decision["error"]
-    if failure is None and prefix is not None and group.rank != 0:
+            offer = {"error": f"rank 0: {type(e).__name__}: {e}"}
+    offer = group.broadcast(offer)
+    if "error" in offer:
+        raise errors.UnknownError(
+            f"Choosing the checkpoint to restore from {checkpoint_dir} failed: {offer['error']}"
+        )
+    if offer["candidates"] is None:
+        return None
+
+    def restore_together(prefix: str) -> None:
+        failure: list[str] | None = None
         try:
             restore(prefix)
+        except errors.DataLossError as e:
+            failure = ["data loss", f"rank {group.rank}: {e}"]
+        except ValueError as e:
+            failure = ["value", f"rank {group.rank}: {type(e).__name__}: {e}"]
         except Exception as e:
-            failure = f"rank {group.rank}: {type(e).__name__}: {e}"
-    reports = group.gather(failure)
-    failures = group.broadcast([r for r in reports if r] if reports is not None else None)
-    if failures:
-        raise errors.DataLossError(
-            f"Restoring the latest checkpoint of {checkpoint_dir} failed on {len(failures)} "
-            f"of {group.world_size} ranks; no rank may train from a state the others do not "
-            f"share: {'; '.join(failures)}"
+            failure = ["other", f"rank {group.rank}: {type(e).__name__}: {e}"]
+        reports = group.gather(failure)
+        verdict: Any = None
+        if reports is not None:
+            failed = [r for r in reports if r is not None]
+            # The gravest kind decides what every rank does next.
+            for kind in ("other", "value", "data loss"):
+                same = [message for k, message in failed if k == kind]
+                if same:
+                    verdict = [kind, "; ".join(same)]
+                    break
+        verdict = group.broadcast(verdict)
+        if verdict is None:
+            return
+        kind, message = verdict
+        if kind == "data loss":
+            raise errors.DataLossError(message)  # every rank tries the next candidate
+        if kind == "value":
+            raise ValueError(message)
+        raise errors.UnknownError(
+            f"Restoring {prefix} failed on some ranks; no rank may train from a state the "
+            f"others do not share: {message}"
         )
-    return prefix
+
+    return restore_first(restore_together, checkpoint_dir, Candidates(*offer["candidates"]))
