@@ -143,10 +143,11 @@ def write_checkpoint(
     except OSError as e:
         where = f" at {e.filename}" if e.filename else ""
         message = f"{e.strerror or e}: saving checkpoint {prefix} failed{where}"
+        args = (message,) if e.errno is None else (e.errno, message)
         try:  # the same class (ENOSPC, PreconditionFailed, ...), a message naming the checkpoint
-            raise type(e)(e.errno, message) from e
+            raise type(e)(*args) from e
         except TypeError:
-            raise OSError(e.errno, message) from e
+            raise OSError(*args) from e
 
 
 def _check_target(storage: Storage, prefix: str) -> None:
