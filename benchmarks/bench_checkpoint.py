@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from bench_restore import evict  # the benchmarks run as scripts from this folder
+
 METHODS = ("floor", "torch", "safetensors", "trainhooks", "format")
 MIB = 2**20
 
@@ -65,17 +67,6 @@ def _status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _evict(directory: str) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def _fsync_file(path: str) -> None:
@@ -232,7 +223,7 @@ def worker(args: argparse.Namespace) -> None:
         save()
         save_s = time.perf_counter() - start
         peak = _status("VmHWM") - rss_before
-        _evict(directory)
+        evict(directory)
         start = time.perf_counter()
         restore()
         restore_s = time.perf_counter() - start

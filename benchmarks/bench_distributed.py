@@ -54,6 +54,8 @@ import time
 import uuid
 from typing import Any
 
+from bench_restore import evict  # the benchmarks run as scripts from this folder
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MIB = 2**20
@@ -62,18 +64,6 @@ COLUMNS = ("save", "cold", "warm", "stall", "total")
 
 
 # ---- one rank -------------------------------------------------------------------------
-
-
-def evict(directory: str) -> None:
-    """Drop every file under ``directory`` from the page cache (written back first)."""
-    for root, _, names in os.walk(directory):
-        for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def build_state(kind: str, mib: float) -> dict[str, Any]:
