@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from tests.helpers.torch_dtypes import TORCH_DTYPES
 
 import trainhooks as th
 from trainhooks.checkpoint.saving.write import write_checkpoint
@@ -20,30 +21,6 @@ from trainhooks.checkpoint.state.tree_nodes import MalformedTree
 from trainhooks.errors import DataLossError, NotFoundError
 
 # Every torch dtype trainhooks stores (the extended codes of format/dtypes.py included).
-TORCH_DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex32,
-    torch.complex64,
-    torch.complex128,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.float8_e8m0fnu,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2fnuz,
-    torch.float4_e2m1fn_x2,
-]
 
 
 def raw(tensor: torch.Tensor) -> bytes:

@@ -6,6 +6,7 @@
   drive one hook the way TF's hook tests do.
 * ``listeners``: ``RecordingListener``, the one recording ``CheckpointSaverListener``.
 * ``checkpoints``: states, sessions and flat states to save, and what a directory lists.
+* ``torch_dtypes``: every torch dtype trainhooks stores (imports torch).
 * ``storage_doubles``: every test ``Storage``: counting, observing, failing at the Nth
   operation, partial writes, slow or held operations, crashing, no atomic swap.
 """

@@ -10,35 +10,12 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from tests.helpers.torch_dtypes import TORCH_DTYPES
 
 from trainhooks.checkpoint.format import dtypes
 from trainhooks.checkpoint.format.tensor import TensorData
 
 NUMPY_DTYPES = ["?", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8", "c8", "c16"]
-TORCH_DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex32,
-    torch.complex64,
-    torch.complex128,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.float8_e8m0fnu,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2fnuz,
-    torch.float4_e2m1fn_x2,
-]
 SHAPES = [(), (0,), (5,), (2, 3), (0, 4), (2, 1, 3)]
 
 
