@@ -322,7 +322,7 @@ def _share_the_default_saver(
     for hook in hooks:
         if not isinstance(hook, CheckpointSaverHook):
             continue
-        saves_into = hook._checkpoint_dir
+        saves_into = hook.checkpoint_dir
         if checkpoint_dir is not None and os.path.realpath(saves_into) == os.path.realpath(
             checkpoint_dir
         ):
