@@ -8,16 +8,13 @@ survivors failing within the checkpoint timeout instead of hanging.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers.paths import PROGRAMS, SRC
+from tests.helpers.jobs import run_job
+from tests.helpers.paths import PROGRAMS
 
 import trainhooks as th
 
@@ -29,37 +26,7 @@ PROGRAM = PROGRAMS / "dist_train.py"
 
 def job(directory: Path, world: int, *args: str, timeout: float = 150) -> list[dict[str, Any]]:
     """Run one job of ``world`` ranks to the end; every rank's result."""
-    run_id = uuid.uuid4().hex
-    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", RUN_ID=run_id)
-    logs = [directory.parent / f"{directory.name}-{run_id}-rank{rank}.log" for rank in range(world)]
-    procs = []
-    for rank, log in enumerate(logs):
-        with open(log, "w") as err:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(PROGRAM), str(directory), *args],
-                    env=dict(env, RANK=str(rank), WORLD_SIZE=str(world)),
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
-            )
-    try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for rank in range(world):
-        path = directory / f"result-{rank}.json"
-        result = json.loads(path.read_text()) if path.exists() else {"rank": rank}
-        result["stderr"] = logs[rank].read_text()[-2000:]
-        results.append(result)
-        if path.exists():
-            path.unlink()
-    return results
+    return run_job(PROGRAM, directory, world, *args, timeout=timeout)
 
 
 def steps_on_disk(directory: Path) -> list[int]:

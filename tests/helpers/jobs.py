@@ -1,0 +1,60 @@
+"""Run a torch.distributed job of real processes: one program started once per rank.
+
+Every rank gets ``RANK``, ``WORLD_SIZE`` and a ``RUN_ID`` naming its rendezvous file,
+writes ``<dir>/result-<rank>.json`` and ends; a rank still running at the deadline is
+killed, so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.paths import SRC
+
+
+def run_job(
+    program: Path, directory: Path, world: int, *args: str, timeout: float = 150
+) -> list[dict[str, Any]]:
+    """Run one job of ``world`` ranks of ``program`` to the end; every rank's result.
+
+    Each result has the rank's ``stderr`` (its tail) beside what the program wrote; a
+    rank that wrote nothing (killed) has only ``rank`` and ``stderr``.
+    """
+    run_id = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", RUN_ID=run_id)
+    logs = [directory.parent / f"{directory.name}-{run_id}-rank{rank}.log" for rank in range(world)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(program), str(directory), *args],
+                    env=dict(env, RANK=str(rank), WORLD_SIZE=str(world)),
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+            )
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for rank in range(world):
+        path = directory / f"result-{rank}.json"
+        result = json.loads(path.read_text()) if path.exists() else {"rank": rank}
+        result["stderr"] = logs[rank].read_text()[-3000:]
+        result["returncode"] = procs[rank].returncode
+        results.append(result)
+        if path.exists():
+            path.unlink()
+    return results
