@@ -274,8 +274,9 @@ def non_negative_number(
     return value
 
 
-def boolean(name: str, value: Any) -> bool:
-    """``value``, which must be ``True`` or ``False`` (a NumPy bool too; not 0 or 1).
+def boolean(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
+    """``value``, which must be ``True`` or ``False`` (a NumPy bool too; not 0 or 1);
+    ``None`` too with ``allow_none``.
 
     Raises:
       TypeError: ``value`` is not a bool.
@@ -288,7 +289,7 @@ def boolean(name: str, value: Any) -> bool:
         ...
         TypeError: async_save must be True or False, got 'yes' (a str): pass async_save=True
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (value is None and allow_none):
         return value
     if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
         return bool(value)

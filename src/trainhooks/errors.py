@@ -7,6 +7,9 @@ Their meaning inside a monitored session is TensorFlow's (``docs/semantics.md``)
 * :class:`AbortedError` and :class:`UnavailableError` are *preemption* errors: a
   ``MonitoredSession`` closes the session, re-creates it (restoring the latest
   checkpoint) and retries the same ``run``.
+* :class:`PeerLostError` ends a torch.distributed job: a process of it was lost, did
+  not arrive within its timeout, or got out of step. It is not a preemption error: one
+  process cannot recover alone while the others wait in a collective.
 * :class:`DataLossError` means a checkpoint failed verification; it names the
   checkpoint, the file and the tensor.
 """
@@ -24,6 +27,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "OutOfRangeError",
+    "PeerLostError",
     "UnavailableError",
     "UnknownError",
 ]
@@ -47,6 +51,15 @@ class AbortedError(Error):
 
 class UnavailableError(Error):
     """A resource is temporarily unavailable; a ``MonitoredSession`` recovers."""
+
+
+class PeerLostError(Error):
+    """A process of the torch.distributed job was lost, timed out or got out of step.
+
+    Raised on every surviving rank within the checkpoint timeout; the job cannot go on
+    (a collective needs every rank), so a monitored session does not recover from it.
+    The checkpoints already listed are intact: restart the job to resume.
+    """
 
 
 class DataLossError(Error):

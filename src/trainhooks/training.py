@@ -25,6 +25,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trainhooks.checkpoint.distributed.torch_group import DEFAULT_TIMEOUT_SECS
 from trainhooks.checkpoint.storage import storage_for
 from trainhooks.hooks.checkpoint import CheckpointSaverHook
 from trainhooks.session import monitored
@@ -34,6 +35,7 @@ from trainhooks.session.creators import (
     WorkerSessionCreator,
     resolve_scaffold,
 )
+from trainhooks.session.job import form_job, init_from_master
 from trainhooks.session.preemption import DEFAULT_GRACE_PERIOD_SECS, PreemptionWatcher
 from trainhooks.session.run_hook import SessionRunHook
 
@@ -53,7 +55,7 @@ USE_DEFAULT: Any = _UseDefault()
 
 def MonitoredTrainingSession(
     master: str = "",
-    is_chief: bool = True,
+    is_chief: bool | None = None,
     checkpoint_dir: str | None = None,
     scaffold: Scaffold | None = None,
     hooks: Sequence[SessionRunHook] | None = None,
@@ -76,6 +78,7 @@ def MonitoredTrainingSession(
     on_checkpoint_error: str = "raise",
     exit_on_preemption: bool = False,
     strict_restore: bool | None = None,
+    checkpoint_timeout_secs: float = DEFAULT_TIMEOUT_SECS,
 ) -> monitored.MonitoredSession:
     """A ``MonitoredSession`` with TF's default hooks for training.
 
@@ -86,9 +89,22 @@ def MonitoredTrainingSession(
     runs only ``hooks`` and never writes. With neither given, checkpoints are saved
     every 600 s and summaries every 100 steps; 0 or None turns a default hook off.
 
+    In a torch.distributed job (initialized before this call, or by ``master``) every
+    rank calls it with the same ``checkpoint_dir`` and state: the session is one
+    process of the job (``docs/architecture.md``). The chief chooses the checkpoint to
+    restore and every rank restores it; every rank runs the ``CheckpointSaverHook`` and
+    writes its part of each checkpoint, which the chief commits once (listeners run on
+    the chief); summaries, the step counter and ``chief_only_hooks`` run on the chief;
+    the ranks agree on ``save_checkpoint_secs`` saves and on stopping after a signal.
+
     Args:
-      master: accepted for TF compatibility; unused.
+      master: a torch.distributed init method (``"env://"``, ``"tcp://host:port"``,
+        ``"file:///path"``) to initialize the job with when it is not yet initialized;
+        ``""`` (default): a single process, or the job already initialized. Anything
+        else is accepted for TF compatibility and unused.
       is_chief: whether this process is the chief (restores, saves and summarizes).
+        Default: rank 0 in a torch.distributed job, else True. A job must have
+        exactly one chief.
       checkpoint_dir: where checkpoints are restored from and saved to.
       scaffold: the :class:`Scaffold`; default one holding ``state``.
       hooks: hooks every process runs, after the default ones.
@@ -99,7 +115,8 @@ def MonitoredTrainingSession(
       config: accepted for TF compatibility; unused.
       stop_grace_period_secs: how long ``close`` waits for coordinator threads.
       log_step_count_steps: log and record steps/sec every N steps (0 or None: off).
-      max_wait_secs: accepted for TF compatibility (``WorkerSessionCreator``).
+      max_wait_secs: in a torch.distributed job, how long a rank waits for the others
+        at start-up (``DeadlineExceededError`` after it); unused in a single process.
       save_checkpoint_steps: save every N steps instead of every N seconds.
       summary_dir: where summaries go; default ``checkpoint_dir``.
       state: the training state (see ``Session``).
@@ -123,6 +140,9 @@ def MonitoredTrainingSession(
         and keeps the others as initialized, reporting each: add an entry to the state
         of a running experiment this way. Default: the scaffold's (True: a checkpoint
         must match the state entry for entry).
+      checkpoint_timeout_secs: in a torch.distributed job, how long a checkpoint or
+        agreement collective waits for the slowest rank before every rank raises
+        ``PeerLostError``; also the timeout of a job initialized from ``master``.
 
     Returns:
       a :class:`MonitoredSession`.
@@ -132,6 +152,7 @@ def MonitoredTrainingSession(
         both summary settings) are given, as ``CheckpointSaverHook`` refuses them, or
         ``on_checkpoint_error`` is neither ``"raise"`` nor ``"log"``.
       CheckpointDirLockedError: another process is saving into ``checkpoint_dir``.
+      DeadlineExceededError: in a job, a rank did not arrive within ``max_wait_secs``.
 
     Example:
         >>> import os, tempfile
@@ -155,7 +176,11 @@ def MonitoredTrainingSession(
     """
     from trainhooks import _checks
 
-    _checks.boolean("is_chief", is_chief)
+    _checks.boolean("is_chief", is_chief, allow_none=True)
+    _checks.string("master", master, example="'env://'")
+    _checks.positive_number(
+        "checkpoint_timeout_secs", checkpoint_timeout_secs, unit="seconds", example=600
+    )
     checkpoint_dir = _checks.directory_path("checkpoint_dir", checkpoint_dir)
     _checks.instance_of("scaffold", scaffold, Scaffold, example="Scaffold(state=state)")
     hooks = _checks.hook_list("hooks", hooks)
@@ -217,7 +242,18 @@ def MonitoredTrainingSession(
     scaffold = resolve_scaffold(scaffold, state)
     if strict_restore is not None and strict_restore != scaffold.strict_restore:
         scaffold = Scaffold(copy_from_scaffold=scaffold, strict_restore=strict_restore)
-    if not is_chief:
+    init_from_master(master, timeout_secs=checkpoint_timeout_secs)
+    job = form_job(
+        is_chief=is_chief,
+        max_wait_secs=max_wait_secs,
+        timeout_secs=checkpoint_timeout_secs,
+        same={
+            "checkpoint_dir": checkpoint_dir,
+            "state entries": None if scaffold.state is None else sorted(map(str, scaffold.state)),
+        },
+    )
+    is_chief = job.is_chief if job is not None else (True if is_chief is None else is_chief)
+    if not is_chief and job is None:
         worker_creator = WorkerSessionCreator(
             scaffold=scaffold,
             master=master,
@@ -231,19 +267,31 @@ def MonitoredTrainingSession(
             hooks=list(hooks or []),
             stop_grace_period_secs=stop_grace_period_secs,
             preemption=preemption,
+            _job=None,
         )
 
-    all_hooks: list[SessionRunHook] = list(chief_only_hooks or [])
-    session_creator = ChiefSessionCreator(
-        scaffold=scaffold,
-        checkpoint_dir=checkpoint_dir,
-        master=master,
-        config=config,
-        advance_global_step=advance_global_step,
-    )
-    summary_dir = summary_dir or checkpoint_dir
+    all_hooks: list[SessionRunHook] = list(chief_only_hooks or []) if is_chief else []
+    session_creator: ChiefSessionCreator | WorkerSessionCreator
+    if is_chief:
+        session_creator = ChiefSessionCreator(
+            scaffold=scaffold,
+            checkpoint_dir=checkpoint_dir,
+            master=master,
+            config=config,
+            advance_global_step=advance_global_step,
+        )
+    else:  # a rank of a job: restores the chief's choice, writes its part of each save
+        session_creator = WorkerSessionCreator(
+            scaffold=scaffold,
+            master=master,
+            config=config,
+            max_wait_secs=max_wait_secs,
+            checkpoint_dir=checkpoint_dir,
+            advance_global_step=advance_global_step,
+        )
+    summary_dir = (summary_dir or checkpoint_dir) if is_chief else None
     asked = _positive(save_summaries_steps) or _positive(save_summaries_secs)
-    if summaries_asked and asked and scaffold.summary_op is None:
+    if is_chief and summaries_asked and asked and scaffold.summary_op is None:
         logger.warning(
             "save_summaries_steps/save_summaries_secs is set, but there is nothing to "
             "summarize: the scaffold has no summary_op, so no summary is written. Pass "
@@ -285,13 +333,17 @@ def MonitoredTrainingSession(
         )
     all_hooks.extend(hooks or [])
     _share_the_default_saver(all_hooks, scaffold, checkpoint_dir)
-    if not (saves_checkpoints and checkpoint_dir):
-        return monitored.MonitoredSession(
+    if not (saves_checkpoints and checkpoint_dir and is_chief):
+        session = monitored.MonitoredSession(
             session_creator=session_creator,
             hooks=all_hooks,
             stop_grace_period_secs=stop_grace_period_secs,
             preemption=preemption,
+            _job=job,
         )
+        if saves_checkpoints:
+            session._on_close.append(lambda: _close_saver_quietly(scaffold))
+        return session
     # Taken before the session restores or saves anything, held until it closes.
     storage = storage_for(checkpoint_dir)
     storage.makedirs(checkpoint_dir)
@@ -302,6 +354,7 @@ def MonitoredTrainingSession(
             hooks=all_hooks,
             stop_grace_period_secs=stop_grace_period_secs,
             preemption=preemption,
+            _job=job,
         )
     except BaseException:
         lock.release()

@@ -161,8 +161,6 @@ class Saver:
         self._async_save = bool(async_save)
         self._storage = storage
         self._clock = clock
-        self._group = SINGLE_PROCESS if process_group is None else process_group
-        coordinator = self._group.rank == 0
         self._pool = SnapshotPool()
         if background_priority not in ("idle", "normal"):
             raise ValueError(
@@ -172,17 +170,53 @@ class Saver:
             idle_priority=background_priority == "idle"
         )
         self._directories = DirectoryClaims()
+        self._saved_once = False
+        self._set_process_group(SINGLE_PROCESS if process_group is None else process_group)
+        if self._async_save:
+            track_background_writer(self._writer)
+
+    def _set_process_group(self, group: ProcessGroup) -> None:
+        self._group = group
         # Names the checkpoint and flattens the state: the part of a save on this thread.
         self._snapshot = functools.partial(
             take_snapshot,
             var_list=self._var_list,
-            filename=filename,
+            filename=self._filename,
             pad_step_number=self._pad_step_number,
             # In a job, only the coordinator claims the directory and keeps its books.
-            directories=self._directories if coordinator else None,
+            directories=self._directories if group.rank == 0 else None,
         )
-        if self._async_save:
-            track_background_writer(self._writer)
+
+    @property
+    def process_group(self) -> ProcessGroup:
+        """The processes that save and restore together (``SINGLE_PROCESS`` by default)."""
+        return self._group
+
+    def join_job(self, group: ProcessGroup) -> None:
+        """Save and restore with ``group`` from now on: what a monitored session in a
+        torch.distributed job does to a saver built without ``process_group``.
+
+        Args:
+          group: the job's checkpoint group.
+
+        Raises:
+          ValueError: the saver already saved as a process of its own, or belongs to
+            another group of more than one process.
+        """
+        if self._group is group:
+            return
+        if self._group.world_size > 1:
+            raise ValueError(
+                f"This Saver already saves with {self._group!r}; a monitored session of a "
+                "torch.distributed job gives its savers the job's group. Build the Saver "
+                "without process_group=, or pass the session that group."
+            )
+        if self._saved_once:
+            raise ValueError(
+                "This Saver already saved as a single process; build a new Saver for the "
+                "torch.distributed job (every rank must take part in every save)."
+            )
+        self._set_process_group(group)
 
     @property
     def max_to_keep(self) -> int | None:
@@ -292,6 +326,7 @@ class Saver:
         from trainhooks import _checks
 
         save_path = _checks.path("save_path", save_path)
+        self._saved_once = True
         if not self._async_save:
             pending = self._snapshot(
                 session, save_path, global_step, latest_filename, write_state, pool=None

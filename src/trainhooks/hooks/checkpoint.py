@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from trainhooks.checkpoint.saver import Saver
     from trainhooks.session.coordinator import Coordinator
     from trainhooks.session.creators import Scaffold
+    from trainhooks.session.job import Job
     from trainhooks.session.session import Session
 
 __all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
@@ -238,6 +239,8 @@ class CheckpointSaverHook(SessionRunHook):
         self._listeners: list[CheckpointSaverListener] = list(listeners or [])
         self._last_checkpoint_path: str | None = None
         self._delivery = CommitDelivery()
+        self._job: Job | None = None
+        self._vote: int | None = None
         for listener in self._listeners:
             set_hook = getattr(listener, "set_hook", None)
             if set_hook is not None:
@@ -294,7 +297,11 @@ class CheckpointSaverHook(SessionRunHook):
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         """Save when the timer triggers for the real global step; a truthy ``after_save`` requests a stop."""
         global_step = run_context.session.global_step
-        if self._timer.should_trigger_for_step(global_step):
+        if self._vote is not None and self._job is not None:
+            due = self._job.take_save(self._vote)  # the job's decision, the same on every rank
+        else:
+            due = self._timer.should_trigger_for_step(global_step)
+        if due:
             # Updated before saving, as TF does: a save that raises is not retried
             # at the same step.
             self._timer.update_last_triggered_step(global_step)
@@ -401,6 +408,26 @@ class CheckpointSaverHook(SessionRunHook):
         if saver is not None:
             saver.close()  # every save of the hook was waited for and delivered already
 
+    def _join_job(self, job: Job) -> None:
+        """Save as one process of a torch.distributed job (a monitored session calls it).
+
+        Every rank saves at the same steps and writes its part; the chief alone runs
+        the listeners. ``save_steps`` is the same decision on every rank; with
+        ``save_secs`` the chief's clock decides and the job agrees on it at its check
+        steps (``session/job.py``).
+        """
+        self._job = job
+        if self._saver is not None:
+            self._saver.join_job(job.checkpoint_group)
+        if not job.is_chief:
+            self._listeners = []
+        if self._timer.every_secs is not None:
+            self._vote = job.add_save_vote(self._chief_wants_save)
+
+    def _chief_wants_save(self, step: int) -> bool:
+        """On the chief, at a check step: should the step after ``step`` be saved?"""
+        return self._timer.should_trigger_for_step(step + 1)
+
     def _use_default_saver(self, scaffold: Scaffold) -> bool:
         """Save with ``scaffold``'s saver if this hook was given no saver and no scaffold.
 
@@ -431,5 +458,6 @@ class CheckpointSaverHook(SessionRunHook):
         # Graph-free stand-in for TF's SAVERS collection: one default saver per hook.
         from trainhooks.checkpoint.saver import Saver
 
-        self._saver = Saver(async_save=self._async_save)
+        group = self._job.checkpoint_group if self._job is not None else None
+        self._saver = Saver(async_save=self._async_save, process_group=group)
         return self._saver

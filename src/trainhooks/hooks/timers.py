@@ -53,6 +53,11 @@ class SecondOrStepTimer:
         self._last_triggered_step: int | None = None
         self._last_triggered_time: float | None = None
 
+    @property
+    def every_secs(self) -> float | None:
+        """The seconds between triggers, or None for a timer counting steps."""
+        return self._every_secs
+
     def reset(self) -> None:
         """Forget the last trigger: the next :meth:`should_trigger_for_step` triggers."""
         self._last_triggered_step = None

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from trainhooks.session.session import Session
 
 if TYPE_CHECKING:
+    from trainhooks.checkpoint.distributed.group import ProcessGroup
     from trainhooks.checkpoint.saver import Saver
+    from trainhooks.session.job import Job
 
 __all__ = ["ChiefSessionCreator", "Scaffold", "SessionCreator", "WorkerSessionCreator"]
 
@@ -113,6 +115,7 @@ class Scaffold:
         self._async_save = async_save
         self._strict_restore = True if strict_restore is None else bool(strict_restore)
         self._finalized = False
+        self._process_group: ProcessGroup | None = None
 
     @property
     def strict_restore(self) -> bool:
@@ -173,6 +176,20 @@ class Scaffold:
             )
         self._async_save = True
 
+    def join_job(self, group: ProcessGroup) -> None:
+        """Save and restore with a torch.distributed job's checkpoint ``group``.
+
+        A monitored session in a job calls it: the saver given, or the default one
+        :meth:`finalize` creates, then saves with every rank writing and restores the
+        checkpoint the chief chose (``Saver(process_group=...)``).
+
+        Raises:
+          ValueError: the scaffold's saver already saved alone or with another group.
+        """
+        self._process_group = group
+        if self._saver is not None:
+            self._saver.join_job(group)
+
     def finalize(self) -> Scaffold:
         """Create the default saver if none was given; calling it again does nothing.
 
@@ -184,7 +201,7 @@ class Scaffold:
         if self._saver is None:
             from trainhooks.checkpoint.saver import Saver
 
-            self._saver = Saver(async_save=self._async_save)
+            self._saver = Saver(async_save=self._async_save, process_group=self._process_group)
         self._finalized = True
         return self
 
@@ -246,6 +263,15 @@ class _BaseSessionCreator:
     def scaffold(self) -> Scaffold:
         """The :class:`Scaffold` this creator builds sessions from."""
         return self._scaffold
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The directory the latest checkpoint is restored from, or None."""
+        return self._checkpoint_dir
+
+    def _join_job(self, job: Job) -> None:
+        """Restore as one process of ``job``: the chief chooses, every rank restores."""
+        self._scaffold.join_job(job.checkpoint_group)
 
     def _new_session(self) -> Session:
         self._scaffold.finalize()
@@ -395,6 +421,11 @@ class WorkerSessionCreator(_BaseSessionCreator):
         self._master = master
         self._config = config
         self._max_wait_secs = max_wait_secs
+
+    @property
+    def max_wait_secs(self) -> float:
+        """How long this worker waits for the other processes of its job to be ready."""
+        return self._max_wait_secs
 
     def create_session(self) -> Session:
         """Make the raw session and restore (read-only) or initialize its state.

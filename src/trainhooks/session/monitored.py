@@ -29,6 +29,7 @@ from typing import Any
 
 from trainhooks import errors
 from trainhooks.session.creators import ChiefSessionCreator, Scaffold, SessionCreator
+from trainhooks.session.job import Job, form_job, in_job, is_peer_loss
 from trainhooks.session.preemption import PreemptionWatcher
 from trainhooks.session.run_hook import SessionRunHook
 from trainhooks.session.session import Session
@@ -95,6 +96,27 @@ def _fn_args(fn: Any) -> tuple[str, ...]:
 
 logger = logging.getLogger(__name__)
 
+#: ``_job=`` default: form the job from the session creator when in one.
+_FORM: Any = object()
+#: How long ranks wait for each other at start-up when the creator does not say.
+DEFAULT_MAX_WAIT_SECS = 30 * 60
+
+
+def _form_job_for(creator: SessionCreator) -> Job | None:
+    """The job of a session built from ``creator`` alone: rank 0 is the chief."""
+    if not in_job():
+        return None
+    scaffold = getattr(creator, "scaffold", None)
+    state = scaffold.state if scaffold is not None else None
+    return form_job(
+        is_chief=None,
+        max_wait_secs=getattr(creator, "max_wait_secs", DEFAULT_MAX_WAIT_SECS),
+        same={
+            "checkpoint_dir": getattr(creator, "checkpoint_dir", None),
+            "state entries": sorted(str(k) for k in state) if state is not None else None,
+        },
+    )
+
 
 class _MonitoredSession:
     """The shared body of ``MonitoredSession`` and ``SingularMonitoredSession``."""
@@ -106,9 +128,12 @@ class _MonitoredSession:
         should_recover: bool,
         stop_grace_period_secs: float = 120,
         preemption: PreemptionWatcher | None = None,
+        job: Job | None = _FORM,
     ) -> None:
         self._hooks: list[SessionRunHook] = list(hooks or [])
         self._preemption = preemption
+        creator = session_creator or ChiefSessionCreator()
+        self._job: Job | None = _form_job_for(creator) if job is _FORM else job
         # Called once the session is closed (after the hooks' end): releases resources
         # such as the checkpoint directory's writer lock.
         self._on_close: list[Callable[[], None]] = []
@@ -119,22 +144,47 @@ class _MonitoredSession:
             # stops training cleanly at the first step boundary.
             preemption.install()
         try:
+            if self._job is not None:
+                self._join_job(self._job, creator)
             for hook in self._hooks:
                 hook.begin()
             self._coordinated_creator = CoordinatedSessionCreator(
-                session_creator=session_creator or ChiefSessionCreator(),
+                session_creator=creator,
                 hooks=self._hooks,
                 stop_grace_period_secs=stop_grace_period_secs,
             )
+            # In a job, one rank cannot re-create its session while the others wait.
             self._sess = (
                 RecoverableSession(self._coordinated_creator)
-                if should_recover
+                if should_recover and self._job is None
                 else self._coordinated_creator.create_session()
             )
+            if self._job is not None:
+                self._job.wait_ready(
+                    getattr(creator, "max_wait_secs", DEFAULT_MAX_WAIT_SECS),
+                    what="restored or initialized",
+                )
         except BaseException:
             if preemption is not None:
                 preemption.uninstall()
             raise
+
+    def _join_job(self, job: Job, creator: SessionCreator) -> None:
+        """Make the savers, hooks and signal handling of this session the job's."""
+        if self._preemption is not None:
+            job.watch(self._preemption)
+        join_creator = getattr(creator, "_join_job", None)
+        if join_creator is not None:
+            join_creator(job)
+        for hook in self._hooks:
+            join_hook = getattr(hook, "_join_job", None)
+            if join_hook is not None:
+                join_hook(job)
+
+    @property
+    def job(self) -> Job | None:
+        """The torch.distributed job this session is a process of, or None."""
+        return self._job
 
     @property
     def preemption(self) -> PreemptionWatcher | None:
@@ -193,9 +243,32 @@ class _MonitoredSession:
         sess = self._sess
         if sess is None:
             raise RuntimeError("Run called on a closed session; create a new monitored session.")
+        if self._job is not None:
+            return self._in_job(sess.run, fetches, feed_dict, options, run_metadata)
         if self._preemption is not None:
             self._preemption.check()
         return sess.run(fetches, feed_dict, options, run_metadata)
+
+    def _in_job(self, run: Callable[..., Any], *args: Any) -> Any:
+        """A step of a job: agree at a check step, then run; a lost peer ends the job."""
+        job = self._job
+        assert job is not None
+        step = self.global_step
+        if job.due(step):
+            job.agree(step)
+        if self._preemption is not None:
+            self._preemption.check()
+        try:
+            return run(*args)
+        except errors.PeerLostError:
+            raise
+        except Exception as e:
+            if not is_peer_loss(e):
+                raise
+            raise errors.PeerLostError(
+                f"Rank {job.rank} of {job.world_size} lost a peer during step {step + 1}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
         """Run ``step_fn(step_context)``, a step that decides itself how to call the session.
@@ -237,12 +310,14 @@ class _MonitoredSession:
             )
         if self._sess is None:
             raise RuntimeError("run_step_fn called on a closed session.")
-        if self._preemption is not None:
-            self._preemption.check()
 
         def call_step_fn(raw_session: Session, run_with_hooks: RunFn) -> Any:
             return step_fn(StepContext(raw_session, run_with_hooks))
 
+        if self._job is not None:
+            return self._in_job(self._sess.run_step_fn, call_step_fn, None)
+        if self._preemption is not None:
+            self._preemption.check()
         return self._sess.run_step_fn(call_step_fn, None)
 
     def should_stop(self) -> bool:
@@ -366,6 +441,7 @@ class MonitoredSession(_MonitoredSession):
         stop_grace_period_secs: float = 120,
         *,
         preemption: PreemptionWatcher | None = None,
+        _job: Job | None = _FORM,
     ) -> None:
         super().__init__(
             session_creator,
@@ -373,6 +449,7 @@ class MonitoredSession(_MonitoredSession):
             should_recover=True,
             stop_grace_period_secs=stop_grace_period_secs,
             preemption=preemption,
+            job=_job,
         )
 
 

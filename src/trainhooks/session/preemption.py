@@ -13,6 +13,11 @@ closed ``grace_period_secs`` after the signal (a step hangs, the loop never chec
 the watchdog logs an error and ends the process with status ``128 + signum``; the
 commit protocol keeps every listed checkpoint intact whatever instant that is.
 
+In a torch.distributed job (``session/job.py``) the watcher is deferred: a signal
+received by one rank is only a vote. The ranks agree at a step boundary, every rank
+stops there, and only then does ``stop_requested`` turn True; the grace period still
+runs from the moment the signal arrived.
+
 Handlers can only be installed from the main thread; elsewhere the watcher logs a
 WARNING and stays inert. The previous handlers are restored on close.
 """
@@ -126,6 +131,8 @@ class PreemptionWatcher:
         self._on_grace_expired = on_grace_expired or _exit_now
         self._previous: dict[int, Any] = {}
         self._signum: int | None = None
+        self._pending: int | None = None
+        self._deferred = False
         self._closed = threading.Event()
         self._watchdog: threading.Thread | None = None
 
@@ -190,17 +197,56 @@ class PreemptionWatcher:
 
         The first call starts the grace-period watchdog; a second one, while the
         session is still stopping, ends the process at once (an impatient operator).
+        When deferred to a job, the stop waits for the ranks to agree (:meth:`agree`).
         """
-        if self._signum is not None:
+        if self._signum is not None or self._pending is not None:
             if not self._closed.is_set():
                 logger.error("Received %s again while stopping; exiting now.", _signal_name(signum))
                 self._on_grace_expired(signum)
             return
+        if self._deferred:
+            self._pending = signum
+            logger.warning(
+                "Received %s: every rank of the job stops at the next step boundary they "
+                "agree on, and a final checkpoint is saved.",
+                _signal_name(signum),
+            )
+        else:
+            self._signum = signum
+            logger.warning(
+                "Received %s: stopping at the next step boundary and saving a final checkpoint.",
+                _signal_name(signum),
+            )
+        self._start_watchdog(signum)
+
+    def defer_to_job(self) -> None:
+        """Make a received signal a vote that the job's ranks agree on (``session/job.py``)."""
+        self._deferred = True
+
+    @property
+    def pending_signal(self) -> int | None:
+        """A signal this process received that the job has not yet agreed on, or None."""
+        return self._pending
+
+    def agree(self, signum: int) -> None:
+        """The job agreed to stop at this step boundary because of ``signum``.
+
+        On the rank that received it, the stop now takes effect; on the others, it is as
+        if the signal had arrived now (the grace period starts).
+        """
+        if self._signum is not None:
+            return
         self._signum = signum
-        logger.warning(
-            "Received %s: stopping at the next step boundary and saving a final checkpoint.",
-            _signal_name(signum),
-        )
+        if self._pending is None:
+            logger.warning(
+                "Another rank of the job received %s: stopping at this step boundary and "
+                "saving a final checkpoint.",
+                _signal_name(signum),
+            )
+            self._start_watchdog(signum)
+        self._pending = None
+
+    def _start_watchdog(self, signum: int) -> None:
         if self._grace_period_secs is not None and not self._closed.is_set():
             self._watchdog = threading.Thread(
                 target=self._watch, args=(signum,), name="trainhooks-preemption", daemon=True

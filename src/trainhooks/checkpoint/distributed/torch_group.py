@@ -29,7 +29,7 @@ __all__ = ["CheckpointGroupError", "TorchProcessGroup"]
 DEFAULT_TIMEOUT_SECS = 600.0
 
 
-class CheckpointGroupError(errors.AbortedError):
+class CheckpointGroupError(errors.PeerLostError):
     """A checkpoint collective failed: a peer was lost, timed out or got out of step."""
 
 
@@ -42,6 +42,9 @@ class TorchProcessGroup:
     Args:
       timeout_secs: how long one checkpoint collective waits for the slowest rank
         before every rank fails with :class:`CheckpointGroupError`.
+      coordinator: the job rank that coordinates (chooses, commits, keeps the state
+        file): the chief. In this group it is rank 0, the others following in job
+        order, so :attr:`rank` is the job rank only when the coordinator is job rank 0.
 
     Raises:
       RuntimeError: torch.distributed is not initialized.
@@ -51,7 +54,7 @@ class TorchProcessGroup:
         >>> saver = Saver(process_group=group)  # doctest: +SKIP
     """
 
-    def __init__(self, timeout_secs: float = DEFAULT_TIMEOUT_SECS) -> None:
+    def __init__(self, timeout_secs: float = DEFAULT_TIMEOUT_SECS, *, coordinator: int = 0) -> None:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
@@ -62,8 +65,16 @@ class TorchProcessGroup:
         self._dist = dist
         self._timeout_secs = float(timeout_secs)
         self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_secs))
-        self._rank = dist.get_rank()
         self._world_size = dist.get_world_size()
+        if not 0 <= coordinator < self._world_size:
+            raise ValueError(
+                f"coordinator must be a rank of the job, 0 to {self._world_size - 1}; "
+                f"got {coordinator!r}."
+            )
+        self._coordinator = int(coordinator)
+        self._job_rank = dist.get_rank()
+        # Ranks counted from the coordinator: rank 0 of this group coordinates.
+        self._rank = (self._job_rank - self._coordinator) % self._world_size
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -71,6 +82,11 @@ class TorchProcessGroup:
     def rank(self) -> int:
         """This process's rank in the job."""
         return self._rank
+
+    @property
+    def job_rank(self) -> int:
+        """This process's rank in the torch.distributed job (``torch.distributed.get_rank()``)."""
+        return self._job_rank
 
     @property
     def world_size(self) -> int:
@@ -84,12 +100,12 @@ class TorchProcessGroup:
         def run() -> Json:
             payload = self._encode("broadcast", value) if self._rank == 0 else b""
             length = torch.tensor([len(payload)], dtype=torch.int64)
-            self._dist.broadcast(length, src=0, group=self._group)
+            self._dist.broadcast(length, src=self._coordinator, group=self._group)
             data = torch.zeros(int(length.item()), dtype=torch.uint8)
             if self._rank == 0:
                 data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-            self._dist.broadcast(data, src=0, group=self._group)
-            return self._decode("broadcast", bytes(data.numpy()), sender=0)
+            self._dist.broadcast(data, src=self._coordinator, group=self._group)
+            return self._decode("broadcast", bytes(data.numpy()), sender=self._coordinator)
 
         return self._collective("broadcast", run)
 
@@ -97,6 +113,10 @@ class TorchProcessGroup:
         """Every rank's ``value`` in rank order on the coordinator; None elsewhere."""
         values = self._all_gather(value)
         return values if self._rank == 0 else None
+
+    def all_gather(self, value: Json) -> list[Json]:
+        """Every rank's ``value`` on every rank, the coordinator's first."""
+        return self._all_gather(value)
 
     def barrier(self) -> None:
         """Return once every rank has called it (or fail within the timeout)."""
@@ -115,10 +135,12 @@ class TorchProcessGroup:
             mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
             gathered = [torch.zeros(size, dtype=torch.uint8) for _ in range(self._world_size)]
             self._dist.all_gather(gathered, mine, group=self._group)
-            return [
+            in_job_order = [
                 self._decode("gather", bytes(data[: int(n.item())].numpy()), sender=rank)
                 for rank, (data, n) in enumerate(zip(gathered, lengths))
             ]
+            c = self._coordinator
+            return in_job_order[c:] + in_job_order[:c]
 
         result: list[Json] = self._collective("gather", run)
         return result
@@ -133,7 +155,7 @@ class TorchProcessGroup:
                 raise
             except RuntimeError as e:  # gloo reports a lost or late peer as a RuntimeError
                 raise CheckpointGroupError(
-                    f"Checkpoint {op} #{self._seq} on rank {self._rank} of {self._world_size} "
+                    f"Checkpoint {op} #{self._seq} on rank {self._job_rank} of {self._world_size} "
                     f"failed after {time.monotonic() - start:.1f} s (timeout "
                     f"{self._timeout_secs:g} s): a peer was lost or did not arrive: {e}"
                 ) from e
@@ -146,10 +168,13 @@ class TorchProcessGroup:
         message = json.loads(payload)
         if message.get("seq") != self._seq or message.get("op") != op:
             raise CheckpointGroupError(
-                f"Checkpoint ranks out of step: rank {self._rank} is at {op} #{self._seq}, "
+                f"Checkpoint ranks out of step: rank {self._job_rank} is at {op} #{self._seq}, "
                 f"rank {sender} sent {message.get('op')} #{message.get('seq')}."
             )
         return message["value"]
 
     def __repr__(self) -> str:
-        return f"TorchProcessGroup(rank={self._rank}, world_size={self._world_size})"
+        return (
+            f"TorchProcessGroup(rank={self._job_rank}, world_size={self._world_size}, "
+            f"coordinator={self._coordinator})"
+        )

@@ -1,0 +1,362 @@
+"""A monitored session as one process of a torch.distributed job.
+
+When ``torch.distributed`` is initialized before a monitored session is created (or
+``MonitoredTrainingSession(master=...)`` names an init method), the session forms a
+:class:`Job` first, on every rank, in lockstep:
+
+1. every rank waits for the others, at most ``max_wait_secs`` (TensorFlow's
+   ``DeadlineExceededError`` message when one never arrives);
+2. the ranks agree on one chief: ``is_chief`` defaults to rank 0, an explicit value
+   wins, and anything but exactly one chief is an error on every rank;
+3. every rank must pass the same checkpoint directory and the same state entries; a
+   difference is an error on every rank that names the ranks and what differs;
+4. the session's savers join the job's checkpoint group (``TorchProcessGroup``, gloo,
+   its own timeout): the chief alone chooses the checkpoint to restore, every rank
+   restores it or initializes, and every save is written by all ranks and committed
+   once by the chief;
+5. a readiness barrier, again within ``max_wait_secs``.
+
+**Step boundaries.** Two decisions must be the job's, not one rank's: a save every N
+seconds (only the chief's clock counts) and a stop after a termination signal that
+reached one rank. The ranks agree on both at *check steps*: one ``all_reduce`` of a few
+integers on a gloo group of the job's own. Every rank knows the next check step
+(the chief chooses it, about :data:`CHECK_INTERVAL_SECS` ahead at the current step
+rate, and announces it in the same reduction), so between checks a step costs one
+integer comparison and no collective. Save decisions agreed at a check take effect at
+the next step's ``after_run`` on every rank; an agreed stop makes every rank stop
+before the next step and save that step once.
+
+**Peer loss.** A collective whose peer is gone raises a plain ``RuntimeError`` in gloo
+and NCCL (:func:`is_peer_loss` recognises them). In a job the session turns such an
+error into :class:`~trainhooks.errors.PeerLostError` and does not recover: one rank
+cannot re-create its session while the others wait in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from trainhooks import errors
+from trainhooks.checkpoint.distributed.torch_group import DEFAULT_TIMEOUT_SECS, TorchProcessGroup
+
+if TYPE_CHECKING:
+    from trainhooks.session.preemption import PreemptionWatcher
+
+__all__ = [
+    "CHECK_INTERVAL_SECS",
+    "Job",
+    "form_job",
+    "in_job",
+    "init_from_master",
+    "is_peer_loss",
+]
+
+logger = logging.getLogger(__name__)
+
+#: About how often, in seconds, the ranks agree on save and stop decisions.
+CHECK_INTERVAL_SECS = 0.5
+#: The most steps between two agreements, however fast the steps.
+MAX_STEPS_BETWEEN_CHECKS = 10_000
+
+# What gloo and NCCL put in the RuntimeError of a collective whose peer is gone or late.
+_PEER_LOSS_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "timed out",
+    "Socket Timeout",
+    "Connection refused",
+    "NCCL communicator was aborted",
+    "ncclRemoteError",
+    "ncclSystemError",
+    "ProcessGroupGloo",
+    "gloo/transport",
+)
+
+
+def _dist() -> Any | None:
+    """``torch.distributed`` if torch is already imported and it is usable, else None."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available():
+        return None
+    return dist
+
+
+def in_job() -> bool:
+    """True in a torch.distributed job of more than one process (torch already imported)."""
+    dist = _dist()
+    return dist is not None and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_from_master(master: str, *, timeout_secs: float) -> None:
+    """Initialize torch.distributed from an init method, as ``master=`` asks.
+
+    ``""`` (TensorFlow's in-process target) does nothing; ``"env://"`` reads
+    ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE`` (what torchrun sets);
+    ``"tcp://host:port"`` and ``"file:///path"`` take ``RANK`` and ``WORLD_SIZE`` from the
+    environment. The backend is torch's default for the machine (gloo on CPU, NCCL for
+    CUDA tensors), the timeout ``timeout_secs``. Already initialized: nothing to do.
+
+    Any other value (a TensorFlow session target) is accepted and unused, as before.
+
+    Raises:
+      ValueError: ``tcp://`` or ``file://`` without ``RANK`` and ``WORLD_SIZE`` set.
+    """
+    if not master.startswith(("env://", "tcp://", "file://")):
+        if master:
+            logger.info("master=%r is not a torch.distributed init method; unused.", master)
+        return
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"init_method": master, "timeout": timedelta(seconds=timeout_secs)}
+    if not master.startswith("env://"):
+        for name in ("RANK", "WORLD_SIZE"):
+            if name not in os.environ:
+                raise ValueError(
+                    f"master={master!r} needs {name} in the environment (torchrun sets it), "
+                    "or initialize torch.distributed yourself before creating the session."
+                )
+        kwargs.update(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(**kwargs)
+    logger.info("Initialized torch.distributed from %s: rank %d", master, dist.get_rank())
+
+
+def is_peer_loss(error: BaseException) -> bool:
+    """Whether ``error`` is how torch.distributed reports a lost or late peer.
+
+    torch raises ``DistError`` subclasses for some of these and a plain ``RuntimeError``
+    naming the transport for the rest (gloo's "Connection closed by peer", a timeout).
+    """
+    dist = _dist()
+    dist_error = getattr(dist, "DistError", None) if dist is not None else None
+    if isinstance(dist_error, type) and isinstance(error, dist_error):
+        return True
+    if isinstance(error, errors.PeerLostError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(m in text for m in _PEER_LOSS_MARKERS)
+
+
+class Job:
+    """This process's place in a torch.distributed job, for a monitored session.
+
+    Made by :func:`form_job` on every rank at once; see the module docstring for what
+    forming it checks.
+
+    Attributes:
+      rank: this process's rank in the job.
+      world_size: how many processes the job has.
+      chief_rank: the rank of the chief (restores the choice, commits, summarizes).
+      checkpoint_group: the group the session's savers save and restore with.
+    """
+
+    def __init__(
+        self,
+        dist: Any,
+        control: Any,
+        *,
+        chief_rank: int,
+        timeout_secs: float,
+    ) -> None:
+        self._dist = dist
+        self._control = control
+        self.rank: int = dist.get_rank()
+        self.world_size: int = dist.get_world_size()
+        self.chief_rank = chief_rank
+        self._timeout_secs = timeout_secs
+        self.checkpoint_group = TorchProcessGroup(timeout_secs, coordinator=chief_rank)
+        self._votes: list[Callable[[int], bool]] = []
+        self._agreed_saves: list[bool] = []
+        self._preemption: PreemptionWatcher | None = None
+        self._next_check: int | None = None
+        self._last_check: tuple[int, float] | None = None
+        self.checks = 0
+
+    @property
+    def is_chief(self) -> bool:
+        """True on the chief."""
+        return self.rank == self.chief_rank
+
+    def check_same(self, what: Mapping[str, Any]) -> None:
+        """Raise on every rank unless every rank passed the same values.
+
+        Args:
+          what: ``{argument name: JSON value}`` as this rank passed them.
+
+        Raises:
+          ValueError: naming the first argument that differs, the ranks, their values.
+        """
+        values = self.checkpoint_group.all_gather(dict(what))
+        group = self.checkpoint_group
+        for name in what:
+            chief_value = values[0][name]
+            differ = [
+                (rank, v[name])
+                for rank, v in _in_job_order(values, group.world_size, self.chief_rank)
+                if v[name] != chief_value
+            ]
+            if differ:
+                shown = "; ".join(f"rank {rank}: {value!r}" for rank, value in differ[:4])
+                raise ValueError(
+                    f"Every rank of the job must pass the same {name}: the chief (rank "
+                    f"{self.chief_rank}) passes {chief_value!r}; {shown}."
+                )
+
+    def wait_ready(self, max_wait_secs: float, *, what: str = "ready") -> None:
+        """Return once every rank got here; within ``max_wait_secs``, else TF's error.
+
+        Raises:
+          DeadlineExceededError: ``"Session was not ready after waiting N secs."``
+        """
+        try:
+            self._dist.monitored_barrier(
+                group=self._control, timeout=timedelta(seconds=max_wait_secs)
+            )
+        except RuntimeError as e:
+            raise errors.DeadlineExceededError(
+                f"Session was not ready after waiting {int(max_wait_secs)} secs. (rank "
+                f"{self.rank} of {self.world_size}, waiting until every rank was {what}: {e})"
+            ) from e
+
+    # -- agreements at step boundaries --------------------------------------------
+
+    def watch(self, preemption: PreemptionWatcher) -> None:
+        """Turn ``preemption``'s signals into votes that every rank stops on together."""
+        preemption.defer_to_job()
+        self._preemption = preemption
+        self._schedule()
+
+    def add_save_vote(self, vote: Callable[[int], bool]) -> int:
+        """Register the chief's ``vote(step)``: save after the step following ``step``?
+
+        Every rank registers in the same order (the same hooks); only the chief's vote is
+        asked. Returns the slot to pass to :meth:`take_save`.
+        """
+        self._votes.append(vote)
+        self._agreed_saves.append(False)
+        self._schedule()
+        return len(self._votes) - 1
+
+    def take_save(self, slot: int) -> bool:
+        """True once after the ranks agreed to save for ``slot``'s vote."""
+        agreed = self._agreed_saves[slot]
+        self._agreed_saves[slot] = False
+        return agreed
+
+    def due(self, step: int) -> bool:
+        """Whether the ranks agree on something before the step after ``step``."""
+        return self._next_check is not None and step >= self._next_check
+
+    def agree(self, step: int) -> None:
+        """The agreement at a check step; every rank calls it at the same ``step``.
+
+        Raises:
+          PeerLostError: a rank was lost or did not arrive within the timeout.
+        """
+        import torch
+
+        pending = self._preemption.pending_signal if self._preemption is not None else None
+        chief = self.is_chief
+        votes = [int(bool(vote(step))) for vote in self._votes] if chief else [0] * len(self._votes)
+        interval = self._steps_to_next_check(step) if chief else 0
+        message = torch.tensor([pending or 0, interval, *votes], dtype=torch.int64)
+        start = time.monotonic()
+        try:
+            self._dist.all_reduce(message, op=self._dist.ReduceOp.MAX, group=self._control)
+        except RuntimeError as e:
+            raise errors.PeerLostError(
+                f"Rank {self.rank} of {self.world_size}: a peer of the torch.distributed job "
+                f"was lost or did not reach step {step} within {time.monotonic() - start:.1f} s "
+                f"(timeout {self._timeout_secs:g} s): {e}"
+            ) from e
+        signum, interval, *agreed = (int(v) for v in message.tolist())
+        self.checks += 1
+        self._next_check = step + max(1, interval)
+        for slot, save in enumerate(agreed):
+            if save:
+                self._agreed_saves[slot] = True
+        if signum and self._preemption is not None:
+            self._preemption.agree(signum)
+
+    def _schedule(self) -> None:
+        if self._next_check is None:
+            self._next_check = 0  # agree at the first step boundary
+
+    def _steps_to_next_check(self, step: int) -> int:
+        """The chief's choice: about ``CHECK_INTERVAL_SECS`` of steps at the current rate."""
+        now = time.monotonic()
+        last, self._last_check = self._last_check, (step, now)
+        if last is None or step <= last[0]:
+            return 1
+        secs_per_step = max((now - last[1]) / (step - last[0]), 1e-9)
+        return max(1, min(MAX_STEPS_BETWEEN_CHECKS, int(CHECK_INTERVAL_SECS / secs_per_step)))
+
+    def __repr__(self) -> str:
+        return f"Job(rank={self.rank}, world_size={self.world_size}, chief_rank={self.chief_rank})"
+
+
+def _in_job_order(values: list[Any], world_size: int, chief_rank: int) -> list[tuple[int, Any]]:
+    """``(job rank, value)`` for values listed from the chief on (the group's order)."""
+    return [((chief_rank + i) % world_size, v) for i, v in enumerate(values)]
+
+
+def form_job(
+    *,
+    is_chief: bool | None,
+    max_wait_secs: float,
+    timeout_secs: float = DEFAULT_TIMEOUT_SECS,
+    same: Mapping[str, Any] | None = None,
+) -> Job | None:
+    """Form the job on every rank at once; None outside a job of several processes.
+
+    Args:
+      is_chief: this rank's ``is_chief``; None means "rank 0 is the chief".
+      max_wait_secs: how long to wait for every rank to arrive.
+      timeout_secs: the timeout of every later checkpoint and agreement collective.
+      same: ``{name: JSON value}`` that every rank must pass identically.
+
+    Raises:
+      ValueError: not exactly one chief, or ranks passed different ``same`` values.
+      DeadlineExceededError: a rank did not arrive within ``max_wait_secs``.
+    """
+    if not in_job():
+        return None
+    dist = _dist()
+    assert dist is not None
+    import torch
+
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_secs))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        dist.monitored_barrier(group=control, timeout=timedelta(seconds=max_wait_secs))
+    except RuntimeError as e:
+        raise errors.DeadlineExceededError(
+            f"Session was not ready after waiting {int(max_wait_secs)} secs. (rank {rank} "
+            f"of {world_size}, waiting for every rank to create its session: {e})"
+        ) from e
+    mine = torch.tensor([int(rank == 0 if is_chief is None else bool(is_chief))])
+    flags = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(flags, mine.to(torch.int64), group=control)
+    chiefs = [r for r, f in enumerate(flags) if int(f.item())]
+    if len(chiefs) != 1:
+        raise ValueError(
+            f"A torch.distributed job needs exactly one chief, found {len(chiefs)}"
+            + (f" (ranks {chiefs})" if chiefs else "")
+            + ": leave is_chief unset (rank 0 is the chief) or pass is_chief=True on one "
+            "rank only."
+        )
+    job = Job(dist, control, chief_rank=chiefs[0], timeout_secs=timeout_secs)
+    if same:
+        job.check_same(same)
+    logger.info("Rank %d of %d joined the job (chief: rank %d).", rank, world_size, job.chief_rank)
+    return job
