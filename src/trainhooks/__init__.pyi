@@ -52,6 +52,9 @@ from .checkpoint.rng import (
 from .checkpoint.rng import (
     restore_rng_state as restore_rng_state,
 )
+from .checkpoint.per_rank import (
+    PerRank as PerRank,
+)
 
 # checkpoints
 from .checkpoint.saver import (

@@ -53,6 +53,7 @@ def main() -> int:
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--allreduce", choices=["ddp", "manual"], default="ddp")
+    p.add_argument("--per-rank-rng", action="store_true", help="th.PerRank(th.RNGState())")
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
@@ -100,7 +101,11 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    state = {"model": model, "optimizer": optimizer}
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    if args.per_rank_rng:
+        # Each rank draws its own noise from torch's global generator, seeded per rank.
+        torch.manual_seed(100 + rank)
+        state["rng"] = th.PerRank(th.RNGState())
     is_chief = None
     if args.chief is not None:
         is_chief = rank == args.chief
@@ -120,6 +125,8 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
             os.kill(os.getpid(), signal.SIGKILL)
         g = torch.Generator().manual_seed(1000 * step + rank)
         x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        if args.per_rank_rng:
+            x = x + 0.1 * torch.randn(8, 16)  # this rank's generator, restored to this rank
         if args.allreduce == "manual":
             loss = torch.nn.functional.mse_loss(model(x), y)
             optimizer.zero_grad()
@@ -177,6 +184,7 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
         "saved": listener.steps,
         "checks": sess.job.checks,
         "digest": digest.hexdigest(),
+        "draws": torch.rand(3).tolist(),  # where this rank's global generator ended
     }
 
 

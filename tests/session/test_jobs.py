@@ -64,6 +64,23 @@ def test_a_session_job_stopped_and_resumed_is_bit_identical_to_one_that_ran_thro
     assert listed_steps(tmp_path / "resumed") == [0, 4, 6, 10]
 
 
+def test_per_rank_rng_state_is_restored_to_its_own_rank(tmp_path: Path) -> None:
+    args = ["--save-steps", "3", "--per-rank-rng"]
+    through = ok(job(tmp_path / "through", 2, "--steps", "8", *args))
+    ok(job(tmp_path / "resumed", 2, "--steps", "5", *args))
+    resumed = ok(job(tmp_path / "resumed", 2, "--steps", "8", *args))
+
+    assert through[0]["draws"] != through[1]["draws"]  # the ranks' generators differ
+    assert [r["start"] for r in resumed] == [5, 5]
+    # Each rank continues its own sequence: swapped states would swap these.
+    assert [r["draws"] for r in resumed] == [r["draws"] for r in through]
+    assert {r["digest"] for r in resumed} == {through[0]["digest"]}
+    reader = th.load_checkpoint(str(tmp_path / "resumed" / "model.ckpt-5"))
+    names = reader.get_variable_to_shape_map()
+    assert any(n.startswith("rng/rank0/") for n in names)
+    assert any(n.startswith("rng/rank1/") for n in names)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_one_final_save(
     tmp_path: Path, world: int
