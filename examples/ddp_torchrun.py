@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""DDP on several processes, every rank writing part of each checkpoint, one commit.
+"""DDP on several processes with MonitoredTrainingSession: every rank writes, one commit.
 
     torchrun --standalone --nproc-per-node 2 examples/ddp_torchrun.py --dir /tmp/ddp-run
     torchrun --standalone --nproc-per-node 2 examples/ddp_torchrun.py --dir /tmp/ddp-run --steps 40
 
-Run it twice: the second run resumes where the first stopped. Every rank passes the same
-directory and the same state, and calls ``Saver.save`` and ``Saver.restore_latest`` at
-the same step: each rank writes about 1/N of the bytes, rank 0 commits them as one
-checkpoint and keeps the state file; a rank that dies mid-save means no commit and an
-error on every other rank within the checkpoint timeout.
+Run it twice: the second run resumes where the first stopped. Every rank runs this same
+program with the same directory and the same state. ``master="env://"`` lets the session
+initialize torch.distributed from what torchrun set; rank 0 is the chief: it chooses the
+checkpoint every rank restores and commits each checkpoint that every rank wrote part of.
+Each rank's random generators (its dropout masks here) are saved for that rank with
+``th.PerRank``. SIGTERM to any one rank (``kill -TERM <pid>``) stops every rank at the
+same step, with one final checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 
 import trainhooks as th
 
@@ -29,37 +30,44 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="train up to this global step")
     p.add_argument("--save-every", type=int, default=5, help="save every this many steps")
     args = p.parse_args()
-    logging.basicConfig(
-        level=logging.INFO, format=f"[rank {os.environ.get('RANK', 0)}] %(message)s"
-    )
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    torch.set_num_threads(1)
 
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
-    rank = dist.get_rank()
     torch.manual_seed(0)  # every replica starts from the same weights
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(1 + rank)  # each rank its own dropout masks, saved per rank below
+    state = {"model": model, "optimizer": optimizer, "rng": th.PerRank(th.RNGState())}
 
-    # The state of the replica; the saver's process group makes save and restore collective.
-    session = th.Session({"model": model, "optimizer": optimizer}, advance_global_step=False)
-    saver = th.Saver(max_to_keep=3, process_group=th.TorchProcessGroup(timeout_secs=120))
-    os.makedirs(args.dir, exist_ok=True)
-    saver.restore_latest(session, args.dir)  # the checkpoint rank 0 chose, on every rank
+    with th.MonitoredTrainingSession(
+        master="env://",  # torchrun set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+        checkpoint_dir=args.dir,
+        state=state,
+        save_checkpoint_steps=args.save_every,
+        hooks=[th.StopAtStepHook(last_step=args.steps)],
+        log_step_count_steps=None,
+    ) as sess:
+        # Wrapped after the session restored the weights (DDP broadcasts rank 0's).
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
 
-    for step in range(session.global_step + 1, args.steps + 1):
-        g = torch.Generator().manual_seed(step * 1000 + rank)  # this rank's batch of this step
-        x = torch.randn(16, 32, generator=g)
-        loss = torch.nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        session.global_step = step
-        if step % args.save_every == 0 or step == args.steps:
-            saver.save(session, os.path.join(args.dir, "model.ckpt"), global_step=step)
-            if rank == 0:
-                print(f"step {step}: loss {loss.item():.4f}, saved", flush=True)
-    saver.close()
-    dist.destroy_process_group()
+        def train_step() -> dict[str, float]:
+            g = torch.Generator().manual_seed(sess.global_step * 1000 + rank)  # this batch
+            x = torch.randn(16, 32, generator=g)
+            loss = torch.nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return {"loss": loss.item()}
+
+        while not sess.should_stop():
+            result = sess.run(train_step)
+            if rank == 0 and sess.global_step % args.save_every == 0:
+                print(f"step {sess.global_step}: loss {result['loss']:.4f}", flush=True)
+    if rank == 0:
+        print(f"stopped at step {sess.global_step}", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def test_the_torchrun_example_saves_with_both_ranks_and_resumes(tmp_path: Path) 
     state = th.get_checkpoint_state(str(tmp_path))
     assert state is not None
     assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == [
+        "model.ckpt-0",
         "model.ckpt-5",
         "model.ckpt-10",
         "model.ckpt-15",
