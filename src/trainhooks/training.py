@@ -4,7 +4,9 @@ The one module that knows sessions, hooks and checkpoints: everything it assembl
 sits in a layer below it.
 
 It resolves TF's defaults (checkpoints every 600 s, summaries every 100 steps, the
-step counter every 100 steps), picks the session creator for the chief or a worker,
+step counter every 100 steps), forms the torch.distributed job when there is one
+(``session/job.py``: the chief is rank 0 unless ``is_chief`` says otherwise), picks the
+session creator for the chief or a worker,
 and orders the hooks as TF does: ``chief_only_hooks``, ``StepCounterHook``,
 ``SummarySaverHook``, ``CheckpointSaverHook``, then the user's ``hooks``. The default
 step counter and summary hooks are imported only when they are used (their event

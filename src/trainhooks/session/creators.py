@@ -383,13 +383,17 @@ class WorkerSessionCreator(_BaseSessionCreator):
 
     Every process of a job holds its own replica of the state. A worker restores the
     same latest checkpoint as the chief from ``checkpoint_dir`` (nothing is written)
-    or, when there is none, runs the scaffold's ``init_fn``.
+    or, when there is none, runs the scaffold's ``init_fn``. In a torch.distributed job
+    the chief alone chooses that checkpoint and the worker restores the chief's choice;
+    a creator used there by a monitored session joins the job (``session/job.py``).
 
     Args:
       scaffold: the :class:`Scaffold`; default ``Scaffold()`` (with ``state``).
       master: accepted for TF compatibility; unused.
       config: accepted for TF compatibility; unused.
-      max_wait_secs: accepted for TF compatibility; a worker does not wait for the chief.
+      max_wait_secs: in a torch.distributed job, how long this rank waits for every
+        rank at start-up and at the readiness barrier after the restore
+        (``DeadlineExceededError`` after it); unused in a single process.
       state: shortcut for ``Scaffold(state=...)``.
       checkpoint_dir: the directory to restore the latest checkpoint from, if any.
       advance_global_step: passed to ``Session``.
