@@ -34,6 +34,7 @@ from trainhooks.checkpoint.state.adapters import (
 )
 from trainhooks.checkpoint.state.adapters import python as pyvalues
 from trainhooks.checkpoint.state.host_copies import PARALLEL_COPY_BYTES, HostCopies, plan_run
+from trainhooks.checkpoint.state.tree_in_place import plan_in_place
 from trainhooks.checkpoint.state.tree_nodes import (
     ARRAY,
     DICT,
@@ -275,6 +276,15 @@ class Restorer:
         if whole or (found and isinstance(saved, dict) and set(saved) <= {k for k, _ in found}):
             self.unmatched.append(Mismatch(render(path), _unmatched(target, saved, whole)))
             return
+        in_place = getattr(adapter, "in_place", None)
+        if in_place is not None and not found:
+            targets = in_place(target, saved)
+            if targets is not None and plan_in_place(
+                self, targets, node["state"], state_path, name, _child_name
+            ):
+                finish = adapter.finish_in_place  # type: ignore[attr-defined]
+                self._actions.append(lambda: finish(target, saved))
+                return
         metadata = None
         if "metadata" in node:
             metadata = self._construct(node["metadata"], (path, METADATA, None), name, build=True)
