@@ -54,6 +54,9 @@ def main() -> int:
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--allreduce", choices=["ddp", "manual"], default="ddp")
     p.add_argument("--per-rank-rng", action="store_true", help="th.PerRank(th.RNGState())")
+    p.add_argument("--max-wait", type=float, default=None, help="max_wait_secs (--timeout)")
+    p.add_argument("--late-rank", type=int, default=None, help="this rank starts late ...")
+    p.add_argument("--late-secs", type=float, default=0.0, help="... by this many seconds")
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
@@ -142,6 +145,8 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
         if args.step_secs:
             time.sleep(args.step_secs)
 
+    if args.late_rank == rank:
+        time.sleep(args.late_secs)
     if args.own_hook:  # a hook of the user's, on every rank; its listener runs on the chief
         hooks.append(
             th.CheckpointSaverHook(
@@ -161,7 +166,7 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
         async_checkpoint=args.async_save,
         log_step_count_steps=None,
         save_summaries_steps=None,
-        max_wait_secs=args.timeout,
+        max_wait_secs=args.max_wait if args.max_wait is not None else args.timeout,
         checkpoint_timeout_secs=args.timeout,
         **{k: v for k, v in save.items() if v is not None},
     ) as session:

@@ -165,6 +165,20 @@ def test_start_up_checks_fail_on_every_rank(
     assert not any(n.startswith("model.ckpt") for n in os.listdir(tmp_path / "run"))
 
 
+def test_a_chief_that_never_arrives_ends_the_others_with_tfs_deadline_error(
+    tmp_path: Path,
+) -> None:
+    args = ["--steps", "4", "--max-wait", "2", "--late-rank", "0", "--late-secs", "8"]
+    results = job(tmp_path / "run", 2, *args)
+
+    waiting = results[1]
+    assert waiting.get("error_type") == "DeadlineExceededError", waiting["stderr"]
+    assert waiting["error"].startswith(
+        "DeadlineExceededError: Session was not ready after waiting 2 secs."
+    )
+    assert not any(n.startswith("model.ckpt") for n in os.listdir(tmp_path / "run"))
+
+
 def test_a_lost_rank_ends_the_survivors_with_peer_lost_error(tmp_path: Path) -> None:
     args = ["--steps", "400", "--save-steps", "2", "--kill-rank", "1", "--kill-at-step", "5"]
     results = job(tmp_path / "run", 2, *args)

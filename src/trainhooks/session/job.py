@@ -227,6 +227,10 @@ class Job:
                 f"Session was not ready after waiting {int(max_wait_secs)} secs. (rank "
                 f"{self.rank} of {self.world_size}, waiting until every rank was {what}: {e})"
             ) from e
+        # From now on a late peer is a lost one: the checkpoint timeout applies.
+        set_timeout = getattr(self._dist.distributed_c10d, "_set_pg_timeout", None)
+        if set_timeout is not None:
+            set_timeout(timedelta(seconds=self._timeout_secs), self._control)
 
     # -- agreements at step boundaries --------------------------------------------
 
@@ -335,9 +339,11 @@ def form_job(
     assert dist is not None
     import torch
 
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_secs))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
+        # Its creation waits for every rank too, within its timeout: max_wait_secs until
+        # the session is ready (Job.wait_ready), the checkpoint timeout after that.
+        control = dist.new_group(backend="gloo", timeout=timedelta(seconds=max_wait_secs))
         dist.monitored_barrier(group=control, timeout=timedelta(seconds=max_wait_secs))
     except RuntimeError as e:
         raise errors.DeadlineExceededError(
