@@ -36,6 +36,8 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=4)
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--kill-rank", type=int, default=None)
+    # SIGSTOP instead of SIGKILL: the rank hangs mid-save (the harness kills it later).
+    p.add_argument("--hang", action="store_true")
     p.add_argument("--kill-at-save", type=int, default=None)
     p.add_argument("--timeout", type=float, default=15.0)
     # This rank cannot read the checkpoint directory (a mount missing on its machine):
@@ -88,10 +90,12 @@ def deny_reads_below(directory: str) -> None:
 
 
 class KillMidSave:
-    """Storage that SIGKILLs this process once it wrote its first data file of save K."""
+    """Storage that SIGKILLs (or SIGSTOPs) this process once it wrote its first data file
+    of save K."""
 
-    def __init__(self, inner: Any, at_save: int) -> None:
+    def __init__(self, inner: Any, at_save: int, signum: int = signal.SIGKILL) -> None:
         self._inner, self._at_save, self.saves = inner, at_save, 0
+        self._signum = signum
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -103,7 +107,7 @@ class KillMidSave:
 
             def close() -> None:
                 outer_close()
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), self._signum)
 
             f.close = close
         return f
@@ -122,7 +126,8 @@ def train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     killer = None
     storage = None
     if args.kill_rank == rank and args.kill_at_save is not None:
-        killer = storage = KillMidSave(LocalStorage(), args.kill_at_save)
+        signum = signal.SIGSTOP if args.hang else signal.SIGKILL
+        killer = storage = KillMidSave(LocalStorage(), args.kill_at_save, signum)
     saver = th.Saver(
         max_to_keep=3,
         async_save=args.async_save,

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ def run_job(
 ) -> list[dict[str, Any]]:
     """Run one job of ``world`` ranks of ``program`` to the end; every rank's result.
 
-    Each result has the rank's ``stderr`` (its tail) beside what the program wrote; a
-    rank that wrote nothing (killed) has only ``rank`` and ``stderr``.
+    Each result has the rank's ``stderr`` (its tail), ``returncode`` and
+    ``killed_at_deadline`` (still running ``timeout`` seconds after the start: a hang)
+    beside what the program wrote; a rank that wrote nothing has no more than these.
     """
     run_id = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", RUN_ID=run_id)
@@ -40,20 +42,27 @@ def run_job(
                     stderr=err,
                 )
             )
+    deadline = time.monotonic() + timeout
+    killed: set[int] = set()
     try:
         for p in procs:
-            p.wait(timeout=timeout)
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass  # killed below; its result says so
     finally:
-        for p in procs:
+        for rank, p in enumerate(procs):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+                killed.add(rank)
     results = []
     for rank in range(world):
         path = directory / f"result-{rank}.json"
         result = json.loads(path.read_text()) if path.exists() else {"rank": rank}
         result["stderr"] = logs[rank].read_text()[-3000:]
         result["returncode"] = procs[rank].returncode
+        result["killed_at_deadline"] = rank in killed
         results.append(result)
         if path.exists():
             path.unlink()

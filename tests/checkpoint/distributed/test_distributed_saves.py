@@ -87,6 +87,18 @@ def test_a_rank_killed_mid_save_commits_nothing_and_no_survivor_hangs(tmp_path: 
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
+def test_a_rank_that_hangs_mid_save_ends_the_survivor_within_the_timeout(tmp_path: Path) -> None:
+    args = ["--steps", "12", "--kill-rank", "1", "--kill-at-save", "2", "--hang"]
+    # The hung rank is killed when the job's deadline passes; the survivor ends well before.
+    results = job(tmp_path, 2, *args, "--timeout", "6", timeout=30)
+    assert results[1]["killed_at_deadline"] and "digest" not in results[1]
+    assert not results[0]["killed_at_deadline"]
+    survivor = results[0]
+    assert survivor.get("error", "").startswith("CheckpointGroupError"), survivor["stderr"]
+    assert "timeout 6 s" in survivor["error"] and "peer was lost" in survivor["error"]
+    assert th.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-4")
+
+
 def test_a_rank_that_cannot_read_the_checkpoint_fails_the_whole_job_at_start_up(
     tmp_path: Path,
 ) -> None:
