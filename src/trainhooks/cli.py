@@ -194,9 +194,15 @@ def _one_checkpoint(path: str) -> str:
 
 
 def _size(prefix: str) -> int:
-    if not os.path.isdir(prefix):
+    storage = storage_for(prefix)
+    if not storage.is_dir(prefix):
         return 0
-    return sum(e.stat().st_size for e in os.scandir(prefix) if e.is_file())
+    total = 0
+    for name in storage.list_dir(prefix):
+        path = os.path.join(prefix, name)
+        if not storage.is_dir(path):
+            total += storage.size(path)
+    return total
 
 
 def _when(wall_time: float) -> str:

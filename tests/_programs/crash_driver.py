@@ -156,7 +156,8 @@ def crash_loop(
         (imports, restore, leftover removal, the first save).
     """
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    if "://" not in directory:
+        os.makedirs(directory, exist_ok=True)
     rng = random.Random(seed)
     result = SoakResult()
     last_step = -1

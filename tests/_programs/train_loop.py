@@ -61,8 +61,22 @@ def state_at(step: int) -> dict[str, Any]:
 
 
 def leftovers(directory: str) -> list[str]:
-    """Entries an interrupted save left in ``directory``."""
-    return sorted(n for n in os.listdir(directory) if _LEFTOVER.fullmatch(n))
+    """Entries an interrupted save left in ``directory``: on an object store (``s3://``),
+    checkpoint prefixes without a manifest and unfinished uploads."""
+    if "://" not in directory:
+        return sorted(n for n in os.listdir(directory) if _LEFTOVER.fullmatch(n))
+    from trainhooks.checkpoint.storage import storage_for
+
+    storage: Any = storage_for(directory)
+    found = [
+        name
+        for name in storage.list_dir(directory)
+        if name.startswith("model.ckpt-")
+        and "manifest.json" not in storage.list_dir(os.path.join(directory, name))
+    ]
+    bucket, _, key = directory[len("s3://") :].partition("/")
+    uploads = storage.client.s3.list_multipart_uploads(Bucket=bucket, Prefix=key + "/")
+    return sorted(found + [u["Key"] for u in uploads.get("Uploads", ())])
 
 
 def _say(line: str) -> None:
@@ -138,7 +152,8 @@ def main() -> None:
     parser.add_argument("--hang-at", type=int, default=None)
     parser.add_argument("--grace", type=float, default=25.0)
     args = parser.parse_args()
-    os.makedirs(args.dir, exist_ok=True)
+    if "://" not in args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     if args.mode == "mts":
         run_mts(args)
     else:

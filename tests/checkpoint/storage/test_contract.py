@@ -2,7 +2,8 @@
 
 Backends: the local disk (rename commit), the local disk publishing by writing the
 manifest last (``LocalStorage(rename=False)``: the commit an object store needs, on
-real files), and the in-memory object store (``MemoryStorage``, ``memory://`` paths).
+real files), the in-memory object store (``MemoryStorage``, ``memory://`` paths), and
+S3 (``S3Storage``, ``s3://`` paths) on a real local S3 server (``tests/helpers/s3_server.py``).
 A new backend is added to ``BACKENDS`` and must pass every test here unchanged.
 """
 
@@ -42,15 +43,15 @@ class Backend(NamedTuple):
     root: str  # an empty directory (prefix) on it
 
 
-def _local(tmp_path: Any) -> Backend:
+def _local(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     return Backend(LocalStorage(), str(tmp_path))
 
 
-def _local_manifest_last(tmp_path: Any) -> Backend:
+def _local_manifest_last(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     return Backend(LocalStorage(rename=False), str(tmp_path))
 
 
-def _memory(tmp_path: Any) -> Backend:
+def _memory(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     # The one MemoryStorage that memory:// paths resolve to, so that path-based
     # functions (state file, readers) see the same objects; a fresh bucket per test.
     storage = storage_for("memory://x")
@@ -58,22 +59,30 @@ def _memory(tmp_path: Any) -> Backend:
     return Backend(storage, f"memory://contract-{uuid.uuid4().hex}/run")
 
 
-BACKENDS: dict[str, Callable[[Any], Backend]] = {
+def _s3(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
+    # The S3Storage that s3:// paths resolve to (the test server's endpoint is in the
+    # environment); a fresh bucket per test.
+    bucket = request.getfixturevalue("s3_bucket")
+    return Backend(storage_for(bucket), f"{bucket}/run")
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Any], Backend]] = {
     "local": _local,
     "local-manifest-last": _local_manifest_last,
     "memory": _memory,
+    "s3": _s3,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def path_backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     """Backends a plain path resolves to, for the public, path-based API."""
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 def _flat(seed: int, count: int = 3) -> tuple[Flat, dict[str, np.ndarray]]:
@@ -337,10 +346,12 @@ def test_saver_retention_state_file_and_restore_on_each_backend(
 
 def test_an_unknown_scheme_is_an_error_not_a_local_directory(tmp_path: Any) -> None:
     os.chdir(tmp_path)
-    with pytest.raises(ValueError, match="No storage for 's3://'"):
-        th.Saver().save(th.Session({"w": np.zeros(2)}), "s3://bucket/run/model.ckpt", 1)
-    with pytest.raises(ValueError, match="No storage for 's3://'"):
-        th.latest_checkpoint("s3://bucket/run")
+    with pytest.raises(ValueError, match="No storage for 'ftp://'"):
+        th.Saver().save(th.Session({"w": np.zeros(2)}), "ftp://host/run/model.ckpt", 1)
+    with pytest.raises(ValueError, match=r"No storage for 'gs://'.*not supported yet"):
+        th.latest_checkpoint("gs://bucket/run")
+    with pytest.raises(ValueError, match="No storage for 'az://'"):
+        th.latest_checkpoint("az://container/run")
     assert os.listdir(tmp_path) == []
 
 

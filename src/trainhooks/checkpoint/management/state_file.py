@@ -17,6 +17,7 @@ re-exported here, where TF users look for them).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from trainhooks.checkpoint.management.checkpoint_files import (
     get_checkpoint_mtimes,
     remove_checkpoint,
 )
-from trainhooks.checkpoint.storage import storage_for
+from trainhooks.checkpoint.storage import PreconditionFailed, storage_for
 from trainhooks.checkpoint.storage.resolve import is_url
 
 __all__ = [
@@ -216,10 +217,38 @@ def _relative_to(path: str, save_dir: str) -> str:
     return os.path.relpath(path, save_dir or os.curdir) if _isabs(path) else path
 
 
+# On an object store: the version of each state file this process last wrote, so the
+# next write is a compare-and-swap against it and another writer's update is never
+# silently overwritten.
+_written_versions: dict[str, str | None] = {}
+
+
 def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old content or the new one."""
+    """Write ``data`` to ``path`` so that a crash leaves the old content or the new one.
+
+    On a store without rename (an object store), the put is conditional: on the version
+    this process last wrote, else on the version there now (create-only if none).
+    """
+    storage = storage_for(path)
     try:
-        storage_for(path).put(path, data)
+        if storage.can_rename:
+            storage.put(path, data)
+            return
+        seen = _written_versions[path] if path in _written_versions else storage.version(path)
+        try:
+            if seen is None:
+                storage.put(path, data, if_absent=True)
+            else:
+                storage.put(path, data, if_version=seen)
+        except (FileExistsError, PreconditionFailed):
+            _written_versions.pop(path, None)
+            raise PreconditionFailed(
+                errno.EAGAIN,
+                "another process changed the checkpoint state file since this one last "
+                "wrote it (two writers on one directory?); not overwriting it",
+                path,
+            ) from None
+        _written_versions[path] = storage.version(path)
     except OSError as e:
         if e.errno is None:
             raise
@@ -309,7 +338,9 @@ def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = Non
     Returns:
       The prefix, to pass to ``Saver.restore``; None when the directory holds no
       checkpoint, or the one the state file names is missing (an ERROR is logged:
-      "Couldn't match files for checkpoint ...").
+      "Couldn't match files for checkpoint ..."). On an object store (``s3://``), where
+      the manifests are the commit records and the state file only a hint, a missing
+      one is followed by the newest committed checkpoint found by listing.
 
     Example:
         >>> latest_checkpoint("/tmp/run")  # doctest: +SKIP
@@ -329,6 +360,11 @@ def latest_checkpoint(checkpoint_dir: StrPath, latest_filename: str | None = Non
         if path is not None and checkpoint_exists(path):
             return path
         logger.error("Couldn't match files for checkpoint %s", ckpt.model_checkpoint_path)
+        if not storage_for(checkpoint_dir).can_rename:
+            # On an object store the state file is a hint beside the commit records (the
+            # manifests): the newest committed checkpoint is what a restore would find.
+            found = find_checkpoints(checkpoint_dir)
+            return found[-1] if found else None
     return None
 
 

@@ -270,7 +270,9 @@ def remove_leftovers(
     """Delete what interrupted saves left in ``directory``; returns the paths removed.
 
     Removes ``<prefix>.tmp-*`` (saves that never committed, or a replaced checkpoint
-    not yet deleted) and ``<prefix>.old-*`` entries. If a crash hit the fallback swap
+    not yet deleted) and ``<prefix>.old-*`` entries. On an object store, it also aborts
+    the unfinished multipart uploads of checkpoint files, and removes checkpoint files
+    that no manifest lists (never anything else). If a crash hit the fallback swap
     between its two renames, so that ``<prefix>`` is missing, the old checkpoint is
     renamed back to ``<prefix>`` instead of being removed.
 
@@ -285,7 +287,12 @@ def remove_leftovers(
     storage = storage_for(directory) if storage is None else storage
     removed: list[str] = []
     if not storage.can_rename:
-        removed = _remove_unlisted(storage, directory)
+        # An object store's unfinished uploads (a crashed save's) are invisible to
+        # listings but kept, and billed, until aborted; only checkpoint files' are ours.
+        abort_uploads = getattr(storage, "abort_uploads", None)
+        if abort_uploads is not None:
+            removed = abort_uploads(directory, _is_checkpoint_file)
+        removed += _remove_unlisted(storage, directory)
     for name in sorted(storage.list_dir(directory)):
         match = _LEFTOVER.fullmatch(name)
         if match is None:
@@ -344,6 +351,12 @@ def delete_checkpoint(prefix: str | os.PathLike[str], *, storage: Storage | None
         return  # deleted concurrently
     storage.fsync_dir(_parent(prefix))
     storage.remove_tree(doomed)
+
+
+def _is_checkpoint_file(relative: str) -> bool:
+    """True for ``<checkpoint>/<a checkpoint's file>``, a path a save of ours writes."""
+    prefix, _, name = relative.partition("/")
+    return bool(prefix) and _CHECKPOINT_ENTRY.fullmatch(name) is not None
 
 
 def _remove_unlisted(storage: Storage, directory: str) -> list[str]:

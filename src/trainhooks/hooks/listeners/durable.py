@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from trainhooks.checkpoint.storage import LocalStorage, storage_for
-from trainhooks.checkpoint.storage.commit import remove_quietly
+from trainhooks.checkpoint.storage.commit import MANIFEST_NAME, delete_checkpoint, remove_quietly
 
 __all__ = [
     "clean_leftovers",
@@ -51,6 +51,9 @@ def place_checkpoint(src: str, dst: str, *, hard_link: bool) -> None:
     falling back to a copy where the file system refuses links.
     """
     storage = storage_for(dst)
+    if not storage.can_rename:
+        _place_manifest_last(src, dst)
+        return
     parent = os.path.dirname(dst)
     tmp = f"{dst}{_PARTIAL}{uuid.uuid4().hex}"
     storage.makedirs(tmp)
@@ -73,6 +76,20 @@ def place_checkpoint(src: str, dst: str, *, hard_link: bool) -> None:
     storage.fsync_dir(parent)
     if replaced is not None:
         remove_quietly(storage, replaced)
+
+
+def _place_manifest_last(src: str, dst: str) -> None:
+    """On a store without rename (an object store): the data files, then the manifest,
+    the commit record, last; a copy being replaced is first uncommitted and removed."""
+    storage = storage_for(dst)
+    if storage.exists(dst):
+        delete_checkpoint(dst, storage=storage)  # its manifest first
+    names = storage_for(src).list_dir(src)
+    for name in names:
+        if name != MANIFEST_NAME:
+            copy_file_durably(os.path.join(src, name), os.path.join(dst, name))
+    manifest = storage_for(src).read_bytes(os.path.join(src, MANIFEST_NAME), max_bytes=1 << 30)
+    storage.put(os.path.join(dst, MANIFEST_NAME), manifest, if_absent=True)
 
 
 def clean_leftovers(directory: str) -> None:
