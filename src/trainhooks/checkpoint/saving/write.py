@@ -15,11 +15,14 @@ A one-process save is the same path with one writer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import xxhash
 
 from trainhooks._clock import Clock, wall_clock
 from trainhooks.checkpoint.distributed.group import SINGLE_PROCESS, ProcessGroup
@@ -139,6 +142,7 @@ def write_checkpoint(
                 num_threads,
                 tree_json,
                 lambda files: Manifest(global_step, clock(), flat.tree, user_metadata, files, {}),
+                _what_is_saved(prefix, global_step, tree_json, sizes, groups),
             )
     except OSError as e:
         where = f" at {e.filename}" if e.filename else ""
@@ -175,15 +179,21 @@ def _write_in_group(
     num_threads: int | None,
     tree_json: str,
     make_manifest: Any,
+    saving: dict[str, Any],
 ) -> None:
     """Every rank writes data files ``i % world_size == rank``; rank 0 alone checks the
     target, opens the staging place and commits. Every step's outcome reaches every rank,
-    so no rank waits for one that already failed: all of them raise the same error."""
+    so no rank waits for one that already failed: all of them raise the same error.
+
+    ``saving`` (:func:`_what_is_saved`) must be the coordinator's on every rank: a rank
+    saving another step, or a state of other entries, shapes or dtypes, would otherwise
+    pair its save with the coordinator's and put its data files into that checkpoint.
+    """
     begun: Any = None
     if group.rank == 0:
         try:
             _check_target(storage, prefix)
-            begun = {"staging": list(begin_staging(storage, prefix))}
+            begun = {"staging": list(begin_staging(storage, prefix)), "saving": saving}
         except Exception as e:
             begun = {"error": f"rank 0: {type(e).__name__}: {e}"}
     begun = group.broadcast(begun)
@@ -191,7 +201,19 @@ def _write_in_group(
         raise OSError(f"could not start the save: {begun['error']}")
     staging = Staging(*begun["staging"])
     mine = range(group.rank, len(groups), group.world_size)
+    theirs = begun["saving"]
     try:
+        if theirs != saving:
+            raise ValueError(
+                f"it saves step {saving['step']} as {saving['prefix']} while rank 0 saves "
+                f"step {theirs['step']} as {theirs['prefix']}"
+                + (
+                    ", a state of other entries, shapes or dtypes"
+                    if theirs["plan"] != saving["plan"]
+                    else ""
+                )
+                + ": every rank must save at the same step the same state"
+            )
         report: Any = _files_to_json(
             write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
         )
@@ -213,6 +235,15 @@ def _write_in_group(
     outcome = group.broadcast(outcome)
     if outcome is not None:
         raise OSError(f"a writer failed: {outcome}")
+
+
+def _what_is_saved(
+    prefix: str, step: int, tree_json: str, sizes: list[int], groups: list[Sequence[int]]
+) -> dict[str, Any]:
+    """What one rank's save is: the checkpoint, the step and a digest of the plan."""
+    digest = xxhash.xxh3_128(tree_json.encode())
+    digest.update(json.dumps([sizes, [list(g) for g in groups]]).encode())
+    return {"prefix": prefix, "step": int(step), "plan": digest.hexdigest()}
 
 
 def write_data_files(
