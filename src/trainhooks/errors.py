@@ -53,8 +53,10 @@ class UnavailableError(Error):
     """A resource is temporarily unavailable; a ``MonitoredSession`` recovers."""
 
 
-class PeerLostError(Error):
+class PeerLostError(Error, RuntimeError):
     """A process of the torch.distributed job was lost, timed out or got out of step.
+
+    A ``RuntimeError`` too, as torch's own collectives report it.
 
     Raised on every surviving rank within the checkpoint timeout; the job cannot go on
     (a collective needs every rank), so a monitored session does not recover from it.

@@ -272,7 +272,21 @@ def MonitoredTrainingSession(
             _job=None,
         )
 
-    all_hooks: list[SessionRunHook] = list(chief_only_hooks or []) if is_chief else []
+    participants: list[SessionRunHook] = []
+    if job is not None:
+        # TF's idiom chief_only_hooks=[CheckpointSaverHook(...)]: in a job every rank
+        # writes part of each checkpoint, so every rank runs such a hook.
+        participants = [h for h in chief_only_hooks or [] if isinstance(h, CheckpointSaverHook)]
+        chief_only_hooks = [h for h in chief_only_hooks or [] if h not in participants]
+        if participants and is_chief:
+            logger.info(
+                "In a torch.distributed job every rank runs the CheckpointSaverHooks given in "
+                "chief_only_hooks (every rank writes part of each checkpoint); the chief "
+                "alone commits and runs their listeners."
+            )
+    all_hooks: list[SessionRunHook] = participants + (
+        list(chief_only_hooks or []) if is_chief else []
+    )
     session_creator: ChiefSessionCreator | WorkerSessionCreator
     if is_chief:
         session_creator = ChiefSessionCreator(

@@ -43,6 +43,9 @@ def main() -> int:
     p.add_argument("--step-secs", type=float, default=0.0, help="sleep this long in each step")
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--own-hook", action="store_true", help="a CheckpointSaverHook in hooks=")
+    p.add_argument("--chief-only-hook", action="store_true", help="... in chief_only_hooks=")
+    p.add_argument("--listener-stop-at", type=int, default=None)
+    p.add_argument("--chief-unset-elsewhere", action="store_true", help="with --chief")
     p.add_argument("--timeout", type=float, default=15.0)
     p.add_argument("--master", action="store_true", help="let the session initialize the job")
     p.add_argument("--chief", type=int, default=None, help="is_chief=True on this rank only")
@@ -52,7 +55,9 @@ def main() -> int:
     p.add_argument("--sigterm-at-step", type=int, default=None)
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-at-step", type=int, default=None)
-    p.add_argument("--allreduce", choices=["ddp", "manual"], default="ddp")
+    p.add_argument("--allreduce", choices=["ddp", "manual", "none"], default="ddp")
+    p.add_argument("--out-of-data-rank", type=int, default=None)
+    p.add_argument("--out-of-data-at-step", type=int, default=None)
     p.add_argument("--per-rank-rng", action="store_true", help="th.PerRank(th.RNGState())")
     p.add_argument("--max-wait", type=float, default=None, help="max_wait_secs (--timeout)")
     p.add_argument("--late-rank", type=int, default=None, help="this rank starts late ...")
@@ -84,16 +89,18 @@ def main() -> int:
     os._exit(0)
 
 
-def record_saves() -> Any:
-    """A listener recording the steps whose checkpoints were committed (chief only)."""
+def record_saves(stop_at: int | None) -> Any:
+    """A listener recording the steps whose checkpoints were committed (chief only), and
+    asking to stop after the save of step ``stop_at``."""
     import trainhooks as th
 
     class RecordSaves(th.CheckpointSaverListener):
         def __init__(self) -> None:
             self.steps: list[int] = []
 
-        def after_save(self, session: Any, step: int) -> None:
+        def after_save(self, session: Any, step: int) -> bool:
             self.steps.append(step)
+            return stop_at is not None and step >= stop_at
 
     return RecordSaves()
 
@@ -112,10 +119,12 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
     is_chief = None
     if args.chief is not None:
         is_chief = rank == args.chief
+    if args.chief is not None and args.chief_unset_elsewhere and rank != args.chief:
+        is_chief = None
     if args.chiefs is not None:
         is_chief = str(rank) in args.chiefs.split(",")
     directory = args.dir if args.other_dir_rank != rank else os.path.join(args.dir, "elsewhere")
-    listener = record_saves()
+    listener = record_saves(args.listener_stop_at)
     save = {"save_checkpoint_steps": args.save_steps, "save_checkpoint_secs": args.save_secs}
     hooks: list[Any] = [th.StopAtStepHook(last_step=args.steps)]
     ddp: Any = None
@@ -126,11 +135,17 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
             os.kill(os.getpid(), signal.SIGTERM)
         if args.kill_rank == rank and args.kill_at_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.out_of_data_rank == rank and args.out_of_data_at_step == step:
+            raise th.errors.OutOfRangeError("this rank's shard of the data is exhausted")
         g = torch.Generator().manual_seed(1000 * step + rank)
         x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
         if args.per_rank_rng:
             x = x + 0.1 * torch.randn(8, 16)  # this rank's generator, restored to this rank
-        if args.allreduce == "manual":
+        if args.allreduce == "none":  # no collective in the step: the ranks drift apart
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+        elif args.allreduce == "manual":
             loss = torch.nn.functional.mse_loss(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -147,19 +162,18 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
 
     if args.late_rank == rank:
         time.sleep(args.late_secs)
-    if args.own_hook:  # a hook of the user's, on every rank; its listener runs on the chief
-        hooks.append(
-            th.CheckpointSaverHook(
-                directory,
-                save_steps=args.save_steps,
-                save_secs=args.save_secs,
-                listeners=[listener],
-            )
+    chief_only: list[Any] = []
+    if args.own_hook or args.chief_only_hook:  # its listener runs on the chief
+        hook = th.CheckpointSaverHook(
+            directory, save_steps=args.save_steps, save_secs=args.save_secs, listeners=[listener]
         )
+        # TF's idiom passes it as chief_only_hooks; in a job it runs on every rank anyway.
+        (chief_only if args.chief_only_hook else hooks).append(hook)
         save = {"save_checkpoint_secs": 0}
     with th.MonitoredTrainingSession(
         master=rendezvous if args.master else "",
         is_chief=is_chief,
+        chief_only_hooks=chief_only,
         checkpoint_dir=directory,
         state=state,
         hooks=hooks,

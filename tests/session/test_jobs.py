@@ -138,6 +138,36 @@ def test_an_explicit_chief_wins_and_commits(tmp_path: Path) -> None:
     assert listed_steps(tmp_path / "run") == [0, 3, 6]
 
 
+def test_is_chief_true_on_one_rank_and_unset_on_the_others_makes_it_the_chief(
+    tmp_path: Path,
+) -> None:
+    args = ["--steps", "3", "--save-steps", "3", "--own-hook", "--chief", "1"]
+    results = ok(job(tmp_path / "run", 2, *args, "--chief-unset-elsewhere"))
+    assert [r["chief"] for r in results] == [False, True]
+
+
+def test_a_listener_of_the_chief_that_asks_to_stop_stops_every_rank_at_one_step(
+    tmp_path: Path,
+) -> None:
+    args = ["--steps", "400", "--save-steps", "3", "--own-hook", "--listener-stop-at", "6"]
+    results = ok(job(tmp_path / "run", 2, *args, "--step-secs", "0.01"))
+
+    ends = {r["end"] for r in results}
+    assert len(ends) == 1, results
+    (end,) = ends
+    assert 6 <= end < 400
+    assert not any(r["preempted"] for r in results)
+    assert listed_steps(tmp_path / "run")[-1] == end  # the final save, by both ranks
+
+
+def test_a_checkpoint_hook_in_chief_only_hooks_runs_on_every_rank(tmp_path: Path) -> None:
+    args = ["--steps", "6", "--save-steps", "3", "--chief-only-hook"]
+    results = ok(job(tmp_path / "run", 2, *args))
+
+    assert results[0]["saved"] == [0, 3, 6]  # its listener, on the chief
+    assert listed_steps(tmp_path / "run") == [0, 3, 6]
+
+
 def test_master_initializes_the_job(tmp_path: Path) -> None:
     results = ok(job(tmp_path / "run", 2, "--steps", "6", "--save-steps", "3", "--master"))
 
@@ -148,8 +178,8 @@ def test_master_initializes_the_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--chiefs", "0,1"), "needs exactly one chief, found 2 (ranks [0, 1])"),
-        (("--chiefs", ""), "needs exactly one chief, found 0"),
+        (("--chiefs", "0,1"), "exactly one chief, found 2 (ranks [0, 1] pass is_chief=True)"),
+        (("--chiefs", ""), "exactly one chief, found 0 (rank 0 passes is_chief=False)"),
         (("--other-dir-rank", "1"), "Every rank of the job must pass the same checkpoint_dir"),
     ],
     ids=["two-chiefs", "no-chief", "two-directories"],
@@ -163,6 +193,20 @@ def test_start_up_checks_fail_on_every_rank(
         assert r.get("error_type") == "ValueError", r["stderr"]
         assert message in r["error"]
     assert not any(n.startswith("model.ckpt") for n in os.listdir(tmp_path / "run"))
+
+
+def test_a_rank_that_stops_alone_never_puts_its_save_into_another_step(tmp_path: Path) -> None:
+    # Rank 1 runs out of data at step 7 and closes: its final save (step 6) meets the
+    # chief's save of step 8. Neither may commit: no checkpoint mixes two steps.
+    args = ["--steps", "40", "--save-steps", "4", "--allreduce", "none"]
+    results = job(
+        tmp_path / "run", 2, *args, "--out-of-data-rank", "1", "--out-of-data-at-step", "7"
+    )
+
+    for r in results:
+        assert "every rank must save at the same step the same state" in r.get("error", ""), r
+    assert "saves step 6" in results[1]["error"] and "rank 0 saves step 8" in results[1]["error"]
+    assert listed_steps(tmp_path / "run") == [0, 4]
 
 
 def test_a_chief_that_never_arrives_ends_the_others_with_tfs_deadline_error(
@@ -186,6 +230,7 @@ def test_a_lost_rank_ends_the_survivors_with_peer_lost_error(tmp_path: Path) -> 
     survivor, killed = results
     assert killed["returncode"] == -9 and "error" not in killed
     assert survivor.get("error_type") == "PeerLostError", survivor["stderr"]
+    assert issubclass(th.errors.PeerLostError, RuntimeError)  # as torch reports it
     assert "Rank 0 of 2" in survivor["error"]
     # Nothing half-written is listed; the last committed checkpoint restores.
     steps = listed_steps(tmp_path / "run")

@@ -119,6 +119,16 @@ class CheckpointSaverListener:
         """Called once at the end of the session, after the final save, with the last step."""
 
 
+class _JobStop:
+    """A run context whose ``request_stop`` is a vote of the job (``session/job.py``)."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+
+    def request_stop(self) -> None:
+        self._job.request_stop()
+
+
 class _SaveSkipped(Exception):
     """A save failed, was logged (``on_save_error="log"``) and training goes on."""
 
@@ -306,7 +316,7 @@ class CheckpointSaverHook(SessionRunHook):
             # at the same step.
             self._timer.update_last_triggered_step(global_step)
             if self._save(run_context.session, global_step, run_context):
-                run_context.request_stop()
+                self._stopper(run_context).request_stop()
         self._deliver_committed(run_context.session, run_context)
 
     def end(self, session: Session) -> None:
@@ -386,7 +396,7 @@ class CheckpointSaverHook(SessionRunHook):
             self._delivery.deliver(
                 self._get_saver(),
                 session,
-                run_context,
+                None if run_context is None else self._stopper(run_context),
                 after_commit=self._after_commit,
                 on_failure=None if self._on_save_error == "raise" else self._log_failed_save,
                 wait=wait,
@@ -423,6 +433,11 @@ class CheckpointSaverHook(SessionRunHook):
             self._listeners = []
         if self._timer.every_secs is not None:
             self._vote = job.add_save_vote(self._chief_wants_save)
+
+    def _stopper(self, run_context: SessionRunContext) -> Any:
+        """Where a listener's stop request goes: the step's context, or in a job a vote
+        of the chief, so that every rank stops at the next step the job agrees at."""
+        return run_context if self._job is None else _JobStop(self._job)
 
     def _chief_wants_save(self, step: int) -> bool:
         """On the chief, at a check step: should the step after ``step`` be saved?"""

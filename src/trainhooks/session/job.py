@@ -6,8 +6,8 @@ When ``torch.distributed`` is initialized before a monitored session is created 
 
 1. every rank waits for the others, at most ``max_wait_secs`` (TensorFlow's
    ``DeadlineExceededError`` message when one never arrives);
-2. the ranks agree on one chief: ``is_chief`` defaults to rank 0, an explicit value
-   wins, and anything but exactly one chief is an error on every rank;
+2. the ranks agree on one chief: the one rank passing ``is_chief=True``, else rank 0
+   when it left ``is_chief`` unset; two chiefs, or none, is an error on every rank;
 3. every rank must pass the same checkpoint directory and the same state entries; a
    difference is an error on every rank that names the ranks and what differs;
 4. the session's savers join the job's checkpoint group (``TorchProcessGroup``, gloo,
@@ -60,23 +60,20 @@ logger = logging.getLogger(__name__)
 
 #: About how often, in seconds, the ranks agree on save and stop decisions.
 CHECK_INTERVAL_SECS = 0.5
-#: The most steps between two agreements, however fast the steps.
-MAX_STEPS_BETWEEN_CHECKS = 10_000
+#: The most steps between two agreements, however fast the steps (steps that slow down
+#: after a fast stretch must still reach a check within a signal's grace period).
+MAX_STEPS_BETWEEN_CHECKS = 1_000
 
-# What gloo and NCCL put in the RuntimeError of a collective whose peer is gone or late.
+# What gloo and NCCL put in the RuntimeError of a collective whose peer is gone or late
+# (gloo's messages name its transport's source file, "gloo/transport/tcp/pair.cc: ...").
 _PEER_LOSS_MARKERS = (
     "Connection closed by peer",
     "Connection reset by peer",
-    "Broken pipe",
-    "Timed out waiting",
-    "timed out",
-    "Socket Timeout",
-    "Connection refused",
+    "gloo/transport",
+    "Gloo connectFullMesh failed",
     "NCCL communicator was aborted",
     "ncclRemoteError",
     "ncclSystemError",
-    "ProcessGroupGloo",
-    "gloo/transport",
 )
 
 
@@ -178,7 +175,11 @@ class Job:
         self._votes: list[Callable[[int], bool]] = []
         self._agreed_saves: list[bool] = []
         self._preemption: PreemptionWatcher | None = None
-        self._next_check: int | None = None
+        self._stop_vote = False
+        #: True once the ranks agreed to stop (a listener of the chief asked to)
+        self.stop_agreed = False
+        # Every rank agrees at the same steps from the first one on, whatever it has to say.
+        self._next_check = 0
         self._last_check: tuple[int, float] | None = None
         self.checks = 0
 
@@ -227,6 +228,19 @@ class Job:
                 f"Session was not ready after waiting {int(max_wait_secs)} secs. (rank "
                 f"{self.rank} of {self.world_size}, waiting until every rank was {what}: {e})"
             ) from e
+        # On the control group: the checkpoint group may be busy with a background save.
+        import torch
+
+        mine = torch.tensor([len(self._votes)], dtype=torch.int64)
+        gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self._dist.all_gather(gathered, mine, group=self._control)
+        counts = [int(c.item()) for c in gathered]
+        if len(set(counts)) != 1:
+            raise ValueError(
+                "Every rank of the job must run the same CheckpointSaverHooks: ranks have "
+                f"{counts} hooks saving every N seconds (in rank order). Pass "
+                "them in hooks= on every rank, not in chief_only_hooks=."
+            )
         # From now on a late peer is a lost one: the checkpoint timeout applies.
         set_timeout = getattr(self._dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is not None:
@@ -238,7 +252,10 @@ class Job:
         """Turn ``preemption``'s signals into votes that every rank stops on together."""
         preemption.defer_to_job()
         self._preemption = preemption
-        self._schedule()
+
+    def request_stop(self) -> None:
+        """Vote to stop: every rank stops at the next check step (a listener's request)."""
+        self._stop_vote = True
 
     def add_save_vote(self, vote: Callable[[int], bool]) -> int:
         """Register the chief's ``vote(step)``: save after the step following ``step``?
@@ -248,7 +265,6 @@ class Job:
         """
         self._votes.append(vote)
         self._agreed_saves.append(False)
-        self._schedule()
         return len(self._votes) - 1
 
     def take_save(self, slot: int) -> bool:
@@ -259,7 +275,7 @@ class Job:
 
     def due(self, step: int) -> bool:
         """Whether the ranks agree on something before the step after ``step``."""
-        return self._next_check is not None and step >= self._next_check
+        return step >= self._next_check
 
     def agree(self, step: int) -> None:
         """The agreement at a check step; every rank calls it at the same ``step``.
@@ -273,7 +289,8 @@ class Job:
         chief = self.is_chief
         votes = [int(bool(vote(step))) for vote in self._votes] if chief else [0] * len(self._votes)
         interval = self._steps_to_next_check(step) if chief else 0
-        message = torch.tensor([pending or 0, interval, *votes], dtype=torch.int64)
+        stop = int(self._stop_vote)
+        message = torch.tensor([pending or 0, interval, stop, *votes], dtype=torch.int64)
         start = time.monotonic()
         try:
             self._dist.all_reduce(message, op=self._dist.ReduceOp.MAX, group=self._control)
@@ -283,18 +300,16 @@ class Job:
                 f"was lost or did not reach step {step} within {time.monotonic() - start:.1f} s "
                 f"(timeout {self._timeout_secs:g} s): {e}"
             ) from e
-        signum, interval, *agreed = (int(v) for v in message.tolist())
+        signum, interval, stop, *agreed = (int(v) for v in message.tolist())
         self.checks += 1
+        if stop:
+            self.stop_agreed = True
         self._next_check = step + max(1, interval)
         for slot, save in enumerate(agreed):
             if save:
                 self._agreed_saves[slot] = True
         if signum and self._preemption is not None:
             self._preemption.agree(signum)
-
-    def _schedule(self) -> None:
-        if self._next_check is None:
-            self._next_check = 0  # agree at the first step boundary
 
     def _steps_to_next_check(self, step: int) -> int:
         """The chief's choice: about ``CHECK_INTERVAL_SECS`` of steps at the current rate."""
@@ -324,7 +339,8 @@ def form_job(
     """Form the job on every rank at once; None outside a job of several processes.
 
     Args:
-      is_chief: this rank's ``is_chief``; None means "rank 0 is the chief".
+      is_chief: this rank's ``is_chief``; None: no opinion (rank 0 is the chief unless
+        another rank passes True).
       max_wait_secs: how long to wait for every rank to arrive.
       timeout_secs: the timeout of every later checkpoint and agreement collective.
       same: ``{name: JSON value}`` that every rank must pass identically.
@@ -350,16 +366,24 @@ def form_job(
             f"Session was not ready after waiting {int(max_wait_secs)} secs. (rank {rank} "
             f"of {world_size}, waiting for every rank to create its session: {e})"
         ) from e
-    mine = torch.tensor([int(rank == 0 if is_chief is None else bool(is_chief))])
+    # 1: is_chief=True, 0: left unset, -1: is_chief=False.
+    mine = torch.tensor([0 if is_chief is None else (1 if is_chief else -1)], dtype=torch.int64)
     flags = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
-    dist.all_gather(flags, mine.to(torch.int64), group=control)
-    chiefs = [r for r, f in enumerate(flags) if int(f.item())]
+    dist.all_gather(flags, mine, group=control)
+    said = [int(f.item()) for f in flags]
+    chiefs = [r for r, f in enumerate(said) if f == 1]
+    if not chiefs and said[0] == 0:
+        chiefs = [0]  # nobody said: rank 0
     if len(chiefs) != 1:
         raise ValueError(
             f"A torch.distributed job needs exactly one chief, found {len(chiefs)}"
-            + (f" (ranks {chiefs})" if chiefs else "")
-            + ": leave is_chief unset (rank 0 is the chief) or pass is_chief=True on one "
-            "rank only."
+            + (
+                f" (ranks {chiefs} pass is_chief=True)"
+                if chiefs
+                else " (rank 0 passes is_chief=False)"
+            )
+            + ": leave is_chief unset everywhere (rank 0 is the chief) or pass "
+            "is_chief=True on one rank only."
         )
     job = Job(dist, control, chief_rank=chiefs[0], timeout_secs=timeout_secs)
     if same:

@@ -140,6 +140,8 @@ class _MonitoredSession:
         self._sess: Any = None
         self._last_global_step = 0
         if preemption is not None:
+            if self._job is not None:  # a signal from now on is a vote of this rank
+                preemption.defer_to_job()
             # Before creation: a signal during the restore or the first save still
             # stops training cleanly at the first step boundary.
             preemption.install()
@@ -256,6 +258,11 @@ class _MonitoredSession:
         step = self.global_step
         if job.due(step):
             job.agree(step)
+            if job.stop_agreed:
+                raise errors.OutOfRangeError(
+                    f"Every rank of the job stops after step {step}: a checkpoint listener of "
+                    "the chief asked to stop."
+                )
         if self._preemption is not None:
             self._preemption.check()
         try:
@@ -329,6 +336,8 @@ class _MonitoredSession:
         it True as well.
         """
         if self._preemption is not None and self._preemption.stop_requested:
+            return True
+        if self._job is not None and self._job.stop_agreed:
             return True
         return self._sess is None or bool(self._sess.should_stop())
 

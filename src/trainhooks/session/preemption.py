@@ -220,8 +220,13 @@ class PreemptionWatcher:
         self._start_watchdog(signum)
 
     def defer_to_job(self) -> None:
-        """Make a received signal a vote that the job's ranks agree on (``session/job.py``)."""
+        """Make a received signal a vote that the job's ranks agree on (``session/job.py``).
+
+        A signal received before (not yet acted on) becomes this rank's vote too.
+        """
         self._deferred = True
+        if self._signum is not None and self._pending is None:
+            self._pending, self._signum = self._signum, None
 
     @property
     def pending_signal(self) -> int | None:
