@@ -20,6 +20,7 @@ process restores into a one-process run and the other way round.
 from __future__ import annotations
 
 import base64
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -115,29 +116,46 @@ def _rank() -> int:
     return int(dist.get_rank())
 
 
+_TAGS = frozenset({"__array__", "__tensor__", "__scalar__", "__tuple__", "__dict__", "__float__"})
+
+
 def _encode(value: Any) -> Any:
-    """A state dict as JSON values: arrays and tensors tagged, base64-encoded."""
+    """A state dict as JSON values that :func:`_decode` turns back into the same types:
+    arrays, tensors and NumPy scalars (dtype and shape kept), tuples, dicts of any keys,
+    non-finite floats."""
     if isinstance(value, np.ndarray):
         return {"__array__": _array(value)}
-    if type(value).__module__ == "torch" and type(value).__name__ == "Tensor":
-        return {"__tensor__": _array(value.detach().cpu().numpy())}
+    if type(value).__module__ == "torch" and type(value).__name__ in ("Tensor", "Parameter"):
+        return {"__tensor__": _tensor(value)}
     if isinstance(value, np.generic):
-        return value.item()
+        return {"__scalar__": _array(np.asarray(value))}
     if isinstance(value, Mapping):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        if all(type(k) is str and k not in _TAGS for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__dict__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
         return [_encode(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(
         f"A PerRank value's state dict holds a {type(value).__name__}; it may hold arrays, "
-        "CPU tensors, numbers, strings, None, and lists and dicts of them."
+        "CPU tensors, numbers, strings, None, and tuples, lists and dicts of them."
     )
 
 
 def _array(a: np.ndarray) -> list[Any]:
-    a = np.ascontiguousarray(a)
-    return [a.dtype.str, list(a.shape), base64.b64encode(a.tobytes()).decode("ascii")]
+    if a.dtype.hasobject:
+        raise TypeError(
+            "A PerRank value's state dict holds a NumPy array of Python objects; it may hold "
+            "arrays of numbers and booleans only."
+        )
+    shape = list(a.shape)
+    data = np.ascontiguousarray(a).tobytes()
+    return [a.dtype.str, shape, base64.b64encode(data).decode("ascii")]
 
 
 def _from_array(spec: list[Any]) -> np.ndarray:
@@ -145,14 +163,45 @@ def _from_array(spec: list[Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype)).reshape(shape).copy()
 
 
+def _tensor(t: Any) -> list[Any]:
+    """A tensor's dtype name, shape and raw bytes (any dtype, bfloat16 included)."""
+    import torch
+
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    dtype = str(t.dtype).removeprefix("torch.")
+    return [dtype, list(t.shape), base64.b64encode(data).decode("ascii")]
+
+
+def _from_tensor(spec: list[Any]) -> Any:
+    import torch
+
+    name, shape, data = spec
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"a PerRank value names an unknown torch dtype {name!r}")
+    raw = base64.b64decode(data)
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
 def _decode(value: Any) -> Any:
     if isinstance(value, dict):
-        if "__array__" in value and len(value) == 1:
-            return _from_array(value["__array__"])
-        if "__tensor__" in value and len(value) == 1:
-            import torch
-
-            return torch.from_numpy(_from_array(value["__tensor__"]))
+        if len(value) == 1:
+            ((tag, inner),) = value.items()
+            if tag == "__array__":
+                return _from_array(inner)
+            if tag == "__tensor__":
+                return _from_tensor(inner)
+            if tag == "__scalar__":
+                return _from_array(inner)[()]
+            if tag == "__tuple__":
+                return tuple(_decode(v) for v in inner)
+            if tag == "__dict__":
+                return {_decode(k): _decode(v) for k, v in inner}
+            if tag == "__float__":
+                return float(inner)
         return {k: _decode(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode(v) for v in value]

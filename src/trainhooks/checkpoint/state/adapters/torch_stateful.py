@@ -133,9 +133,11 @@ class OptimizerAdapter:
         ):
             return None
         groups = saved["param_groups"]
-        for group in groups:
+        for group, live in zip(groups, obj.param_groups):
             if any(isinstance(v, ArraySpec) for k, v in group.items() if k != "params"):
                 return None
+            if set(group) != set(live):
+                return None  # load_state_dict drops the keys the checkpoint lacks
         params = [p for group in obj.param_groups for p in group["params"]]
         saved_ids = [i for group in groups for i in group["params"]]
         saved_state = saved["state"]
