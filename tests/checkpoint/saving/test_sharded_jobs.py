@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.helpers.jobs import run_job
 from tests.helpers.paths import PROGRAMS
 
@@ -27,7 +26,9 @@ pytestmark = pytest.mark.slow
 def _job(directory: Path, world: int, *args: str) -> list[dict[str, Any]]:
     results = run_job(PROGRAM, directory, world, *args, timeout=150)
     for r in results:
-        assert "full" in r, f"rank {r['rank']}: {r.get('error')}\n{r.get('traceback')}\n{r['stderr']}"
+        assert "full" in r, (
+            f"rank {r['rank']}: {r.get('error')}\n{r.get('traceback')}\n{r['stderr']}"
+        )
     return results
 
 
