@@ -3,11 +3,12 @@
     trainhooks list ckpt_dir                 # the checkpoints the state file lists, newest last
     trainhooks inspect ckpt                  # every tensor (dtype, shape) and Python value
     trainhooks verify ckpt_dir_or_ckpt ...   # check every byte range and checksum
+    trainhooks consolidate ckpt out.safetensors  # every tensor, whole, in one safetensors file
 
 ``ckpt`` is a trainhooks checkpoint (a directory holding ``manifest.json``, such as
 ``ckpt_dir/model.ckpt-200``) or a directory of them, which means its latest checkpoint.
 With ``--json`` a command prints one JSON object instead of lines. Nothing here writes or
-deletes anything.
+deletes anything but the file ``consolidate`` is asked to write.
 
 Results go to stdout. Errors, and the warnings trainhooks logs while it reads, go to
 stderr as ``trainhooks <command>: ...`` lines (and into ``"warnings"`` with ``--json``).
@@ -33,6 +34,8 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from trainhooks import errors
+from trainhooks.checkpoint.consolidate import consolidate
+from trainhooks.checkpoint.format.boxes import logical_tensors
 from trainhooks.checkpoint.format.opening import MANIFEST_NAME, open_checkpoint
 from trainhooks.checkpoint.management.state_file import (
     DEFAULT_LATEST_FILENAME,
@@ -246,9 +249,11 @@ def _cmd_inspect(args: argparse.Namespace, report: _Report) -> int:
     prefix = _one_checkpoint(args.ckpt)
     problems: list[str] = []
     with open_checkpoint(prefix) as ckpt:
+        # sharded tensors whole, as a reader gets them (format/boxes.py)
+        logical = logical_tensors(ckpt.manifest.sharded, ckpt.manifest.tensors)
         tensors = [
-            {"name": name, "dtype": entry.dtype, "shape": list(entry.shape)}
-            for name, entry in sorted(ckpt.manifest.tensors.items())
+            {"name": name, "dtype": dtype, "shape": list(shape)}
+            for name, (dtype, shape) in sorted(logical.items())
         ]
         values: dict[str, Any] | None
         try:
@@ -327,6 +332,13 @@ def _cmd_verify(args: argparse.Namespace, report: _Report) -> int:
 # --- output ----------------------------------------------------------------------------------
 
 
+def _cmd_consolidate(args: argparse.Namespace, report: _Report) -> int:
+    prefix = _one_checkpoint(args.ckpt)
+    names = consolidate(prefix, args.out, entry=args.entry)
+    print(f"{args.out}: {len(names)} tensors from {prefix}")
+    return 0
+
+
 def _type_name(value: object) -> str:
     """A value's type as the state tree names it (``int``, ``float``, ``none``, ``list``, ...)."""
     return "none" if value is None else type(value).__name__
@@ -370,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="command",
         required=True,
         metavar="COMMAND",
-        help="what to do (list, inspect or verify)",
+        help="what to do (list, inspect, verify or consolidate)",
     )
     json_help = "print one JSON object instead of lines (warnings included)"
     p = sub.add_parser(
@@ -413,6 +425,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(fn=_cmd_verify)
+    p = sub.add_parser(
+        "consolidate",
+        help="write a checkpoint's tensors, whole, into one standard safetensors file",
+        description="Write every tensor of a checkpoint (sharded ones put together from "
+        "their boxes) into one standard safetensors file, one tensor at a time.",
+    )
+    p.add_argument("ckpt", help="a trainhooks checkpoint, or a directory of them for its latest")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument(
+        "--entry",
+        default=None,
+        help="only this state entry's tensors, named without its prefix (e.g. model)",
+    )
+    p.set_defaults(fn=_cmd_consolidate)
     return parser
 
 

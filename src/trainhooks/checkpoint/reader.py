@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from trainhooks.checkpoint.format.boxes import logical_tensors
 from trainhooks.checkpoint.format.dtypes import numpy_dtype
 from trainhooks.checkpoint.format.manifest import MANIFEST_NAME
 from trainhooks.checkpoint.format.opening import MappedCheckpoint, open_checkpoint
@@ -66,6 +67,8 @@ class CheckpointReader:
         self._ckpt = checkpoint
         # Tied arrays (one memory, two names) are stored once: their second names.
         stored = checkpoint.manifest.tensors
+        # What a reader sees: sharded tensors whole, not their boxes (format/boxes.py).
+        self._tensors = logical_tensors(checkpoint.manifest.sharded, stored)
         self._aliases = {
             name: source
             for name, source in tied_aliases(checkpoint.tree).items()
@@ -89,7 +92,7 @@ class CheckpointReader:
 
     def has_tensor(self, name: str) -> bool:
         """True if the checkpoint holds a tensor called ``name``."""
-        return name in self._ckpt.manifest.tensors or name in self._aliases
+        return name in self._tensors or name in self._aliases
 
     def get_tensor(self, name: str) -> Any:
         """A new (writable) array holding tensor ``name``, checksummed before it is returned.
@@ -116,16 +119,16 @@ class CheckpointReader:
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
         """Every tensor name mapped to its shape (a list of ints; ``[]`` for scalars)."""
-        tensors = self._ckpt.manifest.tensors
-        shapes = {name: list(e.shape) for name, e in tensors.items()}
-        shapes.update({name: list(tensors[s].shape) for name, s in self._aliases.items()})
+        tensors = self._tensors
+        shapes = {name: list(shape) for name, (_, shape) in tensors.items()}
+        shapes.update({name: list(tensors[s][1]) for name, s in self._aliases.items()})
         return shapes
 
     def get_variable_to_dtype_map(self) -> dict[str, str]:
         """Every tensor name mapped to its dtype code (``"F32"``, ``"BF16"``, ``"I64"``, ...)."""
-        tensors = self._ckpt.manifest.tensors
-        dtypes = {name: e.dtype for name, e in tensors.items()}
-        dtypes.update({name: tensors[s].dtype for name, s in self._aliases.items()})
+        tensors = self._tensors
+        dtypes = {name: dtype for name, (dtype, _) in tensors.items()}
+        dtypes.update({name: tensors[s][0] for name, s in self._aliases.items()})
         return dtypes
 
     def close(self) -> None:

@@ -348,7 +348,7 @@ def _torch_reader(ckpt: MappedCheckpoint, device: Any) -> ReadTensor:
         source = leaf_tied(node, name)
         if source in read_already:
             return read_already[source]
-        if source not in stored:
+        if source not in stored and source not in ckpt.manifest.sharded:
             raise MalformedTree(f"the state tree names tensor {source!r}, which is not stored")
         data = ckpt.tensor_data(source)
         try:

@@ -27,6 +27,7 @@ import json
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import accumulate
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import xxhash
@@ -40,6 +41,7 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "SEAL_KEY",
     "SEAL_LENGTH",
+    "SHARDED_FORMAT_VERSION",
     "Chunk",
     "FileEntry",
     "Manifest",
@@ -54,7 +56,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "trainhooks.checkpoint"
-FORMAT_VERSION = 1
+#: The newest manifest version this trainhooks reads. A manifest is written as version 1
+#: unless it holds sharded tensors (``sharded``, ``boxes.py``): then as version 2, so that
+#: an older reader refuses it by its version instead of missing those tensors.
+FORMAT_VERSION = 2
+SHARDED_FORMAT_VERSION = 2
 from trainhooks.checkpoint.storage.commit import MANIFEST_NAME  # noqa: E402
 
 CHECKSUM_ALGORITHM = "xxh3_128"
@@ -124,7 +130,10 @@ class TensorEntry(NamedTuple):
 
 
 class Manifest(NamedTuple):
-    """The decoded contents of ``manifest.json``."""
+    """The decoded contents of ``manifest.json``.
+
+    ``sharded`` maps each tensor stored as boxes to its ``boxes.ShardedEntry``.
+    """
 
     global_step: int
     wall_time: float
@@ -132,6 +141,7 @@ class Manifest(NamedTuple):
     metadata: dict[str, Any]
     files: dict[str, FileEntry]
     tensors: Mapping[str, TensorEntry]
+    sharded: Mapping[str, Any] = MappingProxyType({})
 
 
 class TensorIndex(Mapping[str, TensorEntry]):
@@ -208,7 +218,7 @@ def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[by
     head = json.dumps(
         {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": SHARDED_FORMAT_VERSION if manifest.sharded else 1,
             "global_step": manifest.global_step,
             "wall_time": manifest.wall_time,
             "checksum_algorithm": CHECKSUM_ALGORITHM,
@@ -219,6 +229,11 @@ def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[by
     metadata = encode_json(manifest.metadata, "metadata")
     pieces = [f'{head},"metadata":{metadata},"tree":'.encode(), tree.encode()]
     del tree
+    if manifest.sharded:
+        from trainhooks.checkpoint.format.boxes import encode_sharded
+
+        sharded = encode_sharded(manifest.sharded)
+        pieces.append(b',"sharded":' + json.dumps(sharded, separators=(",", ":")).encode())
     pieces.append(b',"files":' + json.dumps(files, separators=(",", ":")).encode() + b"}")
     length = sum(map(len, pieces))
     if length + SEAL_LENGTH > MAX_MANIFEST_BYTES:

@@ -17,6 +17,7 @@ from itertools import accumulate, chain
 from operator import mul
 from typing import Any, TypeGuard
 
+from trainhooks.checkpoint.format.boxes import decode_sharded
 from trainhooks.checkpoint.format.manifest import (
     CHECKSUM_ALGORITHM,
     FORMAT_NAME,
@@ -25,6 +26,7 @@ from trainhooks.checkpoint.format.manifest import (
     MANIFEST_NAME,
     SEAL_KEY,
     SEAL_LENGTH,
+    SHARDED_FORMAT_VERSION,
     Chunk,
     FileEntry,
     Manifest,
@@ -153,10 +155,15 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
             raise fail(f"duplicate tensor name {first_duplicate(chain(index, f.names))!r}")
         index.update(zip(f.names, range(len(index), len(index) + len(f.names))))
     tensors = TensorIndex(files, index)
+    sharded = {}
+    if "sharded" in doc:
+        if version < SHARDED_FORMAT_VERSION:
+            raise fail(f"'sharded' needs format version {SHARDED_FORMAT_VERSION}, not {version}")
+        sharded = decode_sharded(doc["sharded"], tensors, fail)
     step_entry = tensors.get(GLOBAL_STEP_NAME)
     if step_entry is None or step_entry.dtype != "I64" or step_entry.shape != ():
         raise fail(f"the global step is not stored as a 0-d I64 tensor {GLOBAL_STEP_NAME!r}")
-    return Manifest(global_step, float(wall_time), doc["tree"], metadata, files, tensors)
+    return Manifest(global_step, float(wall_time), doc["tree"], metadata, files, tensors, sharded)
 
 
 def _decode_file(fname: str, entry: object, fail: Callable[[str], Exception]) -> FileEntry:

@@ -126,13 +126,19 @@ class MappedCheckpoint:
         """Tensor ``name`` as a read-only view of the mapped file, checksummed first.
 
         The checksum covers the run of tensors stored with it (``manifest.py``); once
-        checked, the run is not checked again.
+        checked, the run is not checked again. A sharded tensor (``boxes.py``) comes back
+        whole, in new memory, from the boxes that hold it.
 
         Raises:
           NotFoundError: no tensor ``name``.
           DataLossError: its bytes do not match the manifest's checksum.
         """
-        entry = self.manifest.tensors.get(name) or self.entry(name)
+        entry = self.manifest.tensors.get(name)
+        if entry is None and name in self.manifest.sharded:
+            from trainhooks.checkpoint.format.sharded_read import read_region
+
+            return read_region(self, name)  # the whole tensor, put together from its boxes
+        entry = entry or self.entry(name)
         if not self._all_verified and (entry.file, entry.chunk) not in self._verified:
             chunk = self.manifest.files[entry.file].chunks[entry.chunk]
             self._check(
@@ -247,7 +253,7 @@ class MappedCheckpoint:
             )
         self._verified.add((file, index))
 
-    def verify(self, num_threads: int | None = None) -> None:
+    def verify(self, num_threads: int | None = None, *, files: Any = None) -> None:
         """Checksum every tensor, checksum run by run, on a few threads (``num_threads``).
 
         Each run is checksummed straight from the file's mapping (no copy): its pages are
@@ -259,13 +265,16 @@ class MappedCheckpoint:
         follow read the same, now mapped, pages: one read of the disk, one pass over
         memory to check, one to copy.
 
+        ``files`` (names) limits the check to those data files; the others are then
+        checksummed on access, as before.
+
         Raises:
           DataLossError: naming the checkpoint, file and tensor of the first mismatch.
         """
-        files = self.manifest.files
         jobs = [
             (file, i, chunk)
-            for file, entry in files.items()
+            for file, entry in self.manifest.files.items()
+            if files is None or file in files
             for i, chunk in enumerate(entry.chunks)
             if (file, i) not in self._verified
         ]
@@ -283,7 +292,7 @@ class MappedCheckpoint:
                 digests = list(pool.map(digest, jobs))
         for (file, index, _), actual in zip(jobs, digests):
             self._check(file, index, actual)
-        self._all_verified = True
+        self._all_verified = files is None
 
     def close(self) -> None:
         """Unmap the data files (those still viewed stay mapped until the views go)."""

@@ -27,6 +27,7 @@ from trainhooks.checkpoint.management.state_file import (
     get_checkpoint_state,
     inside_by_name,
 )
+from trainhooks.checkpoint.saving.sharded_restore import ShardedRestore
 from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.state import tree
 from trainhooks.checkpoint.storage.commit import checkpoint_containing, is_checkpoint
@@ -99,9 +100,12 @@ def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool)
     except errors.NotFoundError:  # deleted since the check above
         raise ValueError("The passed save_path is not a valid checkpoint: " + prefix) from None
     with reader, ThreadPoolExecutor(1, thread_name_prefix="trainhooks-verify") as pool:
+        state = var_list.state_of(session)
+        # DTensors read only their own regions (checksummed as read); the rest is checked here
+        sharded = ShardedRestore(reader, state)
         # Checksums (threads that release the GIL) run while the state is checked against
         # the tree; nothing is written before they pass (restore_state's before_apply).
-        verified = pool.submit(reader.verify)
+        verified = pool.submit(reader.verify, files=sharded.verify_files)
         saved_tree = reader.tree
         if not isinstance(saved_tree, Mapping):
             verified.result()
@@ -110,11 +114,11 @@ def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool)
         def get_tensor(name: str) -> TensorData:
             verified.result()  # tensor_data would checksum on its own otherwise
             try:
-                return reader.tensor_data(name)
+                piece = sharded.piece(name)
+                return reader.tensor_data(name) if piece is None else piece  # type: ignore[return-value]
             except errors.NotFoundError:
                 raise KeyError(name) from None
 
-        state = var_list.state_of(session)
         report = tree.restore_state_report(
             state,
             saved_tree,

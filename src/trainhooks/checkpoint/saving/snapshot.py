@@ -29,6 +29,7 @@ import numpy as np
 
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.state import tree
+from trainhooks.checkpoint.state.adapters.dtensor import is_dtensor
 
 __all__ = ["SnapshotPool"]
 
@@ -99,6 +100,8 @@ class SnapshotPool:
         """
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(value, torch.Tensor):
+            if is_dtensor(value):
+                return None  # its own boxes, copied by its adapter (adapters/dtensor.py)
             if value.device.type == "cuda":
                 return self._copy_cuda(name, value)
             if value.device.type != "cpu":

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -42,6 +42,13 @@ from trainhooks.checkpoint.format.manifest import (
     encode_manifest,
 )
 from trainhooks.checkpoint.gc_pause import paused_gc
+from trainhooks.checkpoint.saving.sharded_write import (
+    BoxReport,
+    merge_boxes,
+    split_sharded,
+    write_shards,
+)
+from trainhooks.checkpoint.state.adapters.dtensor import LocalBoxes
 from trainhooks.checkpoint.storage import Storage, storage_for
 from trainhooks.checkpoint.storage.commit import (
     MANIFEST_NAME,
@@ -106,7 +113,8 @@ def write_checkpoint(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     with paused_gc():
-        tensors = check_flat(flat, global_step)
+        plain, sharded = split_sharded(flat.tensors)
+        tensors = check_flat(_Flat(plain, flat.tree) if sharded else flat, global_step)
         user_metadata = dict(metadata or {})
         encode_json(user_metadata, "metadata")  # fail before writing anything
         tree_json = encode_json(flat.tree, "the state tree")
@@ -126,10 +134,15 @@ def write_checkpoint(
                 files = write_data_files(
                     storage, staging, tensors, sizes, groups, range(len(groups)), num_threads
                 )
+                table = {}
+                if sharded:
+                    shard_files, boxes = write_shards(storage, staging, sharded, 0, 1)
+                    files.update(shard_files)
+                    table = merge_boxes(sharded, [boxes])
             except BaseException:
                 abort_staging(storage, staging)
                 raise
-            manifest = Manifest(global_step, clock(), flat.tree, user_metadata, files, {})
+            manifest = Manifest(global_step, clock(), flat.tree, user_metadata, files, {}, table)
             commit_checkpoint(storage, staging, manifest, tree_json)
         else:
             _write_in_group(
@@ -141,7 +154,10 @@ def write_checkpoint(
                 groups,
                 num_threads,
                 tree_json,
-                lambda files: Manifest(global_step, clock(), flat.tree, user_metadata, files, {}),
+                lambda files, table: Manifest(
+                    global_step, clock(), flat.tree, user_metadata, files, {}, table
+                ),
+                sharded,
                 _what_is_saved(prefix, global_step, tree_json, sizes, groups),
             )
     except OSError as e:
@@ -152,6 +168,13 @@ def write_checkpoint(
             raise type(e)(*args) from e
         except TypeError:
             raise OSError(*args) from e
+
+
+class _Flat(NamedTuple):
+    """The replicated part of a flattened state (its sharded tensors taken out)."""
+
+    tensors: Mapping[str, Any]
+    tree: Any
 
 
 def _check_target(storage: Storage, prefix: str) -> None:
@@ -179,6 +202,7 @@ def _write_in_group(
     num_threads: int | None,
     tree_json: str,
     make_manifest: Any,
+    sharded: dict[str, LocalBoxes],
     saving: dict[str, Any],
 ) -> None:
     """Every rank writes data files ``i % world_size == rank``; rank 0 alone checks the
@@ -214,9 +238,14 @@ def _write_in_group(
                 )
                 + ": every rank must save at the same step the same state"
             )
-        report: Any = _files_to_json(
-            write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
-        )
+        written = write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
+        boxes: BoxReport = {}
+        if sharded:  # this rank's own boxes, in a file of its own
+            shard_files, boxes = write_shards(
+                storage, staging, sharded, group.rank, group.world_size
+            )
+            written.update(shard_files)
+        report: Any = {**_files_to_json(written), "boxes": boxes}
     except Exception as e:  # reported to the coordinator, raised below on every rank
         report = {"error": f"rank {group.rank}: {type(e).__name__}: {e}"}
     reports = group.gather(report)
@@ -229,9 +258,15 @@ def _write_in_group(
         else:
             files = {k: v for r in reports for k, v in _files_from_json(r).items()}
             try:
-                commit_checkpoint(storage, staging, make_manifest(files), tree_json)
-            except Exception as e:  # the commit removed what was staged
-                outcome = f"rank 0: the commit failed: {type(e).__name__}: {e}"
+                table = merge_boxes(sharded, [r["boxes"] for r in reports])
+            except ValueError as e:
+                abort_staging(storage, staging)
+                outcome = f"rank 0: {e}"
+            else:
+                try:
+                    commit_checkpoint(storage, staging, make_manifest(files, table), tree_json)
+                except Exception as e:  # the commit removed what was staged
+                    outcome = f"rank 0: the commit failed: {type(e).__name__}: {e}"
     outcome = group.broadcast(outcome)
     if outcome is not None:
         raise OSError(f"a writer failed: {outcome}")

@@ -2,7 +2,7 @@
 
 Two extension points, each a small Protocol with one implementation per file:
 
-* :class:`ArrayAdapter` (``numpy.py``, ``torch.py``, ``jax.py``): a framework's arrays
+* :class:`ArrayAdapter` (``numpy.py``, ``torch.py``, ``dtensor.py``, ``jax.py``): a framework's arrays
   become ``TensorData`` and are restored in place (or, for immutable arrays, replaced).
 * :class:`StatefulAdapter` (``torch_stateful.py``, ``stateful.py``): objects with
   ``state_dict()``/``load_state_dict()``; an adapter may check a saved state dict against
@@ -14,7 +14,10 @@ Adapters never import their framework until a value of it is seen (``sys.modules
 
 from __future__ import annotations
 
+from typing import cast
+
 from trainhooks.checkpoint.state.adapters.base import ArrayAdapter, ArraySpec, StatefulAdapter
+from trainhooks.checkpoint.state.adapters.dtensor import DTensorAdapter
 from trainhooks.checkpoint.state.adapters.jax import JaxAdapter
 from trainhooks.checkpoint.state.adapters.numpy import NumpyAdapter
 from trainhooks.checkpoint.state.adapters.stateful import GenericStatefulAdapter
@@ -33,7 +36,14 @@ __all__ = [
 ]
 
 
-ARRAY_ADAPTERS: tuple[ArrayAdapter, ...] = (NumpyAdapter(), TorchAdapter(), JaxAdapter())
+# DTensorAdapter before TorchAdapter: a DTensor is a torch.Tensor too.
+ARRAY_ADAPTERS: tuple[ArrayAdapter, ...] = (
+    NumpyAdapter(),
+    # its to_tensor_data gives LocalBoxes (one rank's regions), which write.py takes apart
+    cast(ArrayAdapter, DTensorAdapter()),
+    TorchAdapter(),
+    JaxAdapter(),
+)
 STATEFUL_ADAPTERS: tuple[StatefulAdapter, ...] = (
     ModuleAdapter(),
     OptimizerAdapter(),
