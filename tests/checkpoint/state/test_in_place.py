@@ -118,3 +118,21 @@ def test_a_module_of_another_dtype_is_converted_by_load_state_dict(tmp_path: Pat
     double = model_and_adam(seed=2)[0].double()
     th.Saver().restore(th.Session({"model": double}), prefix)
     assert all(torch.equal(a, b) for a, b in zip(double.state_dict().values(), expected))
+
+
+def test_a_hyperparameter_the_checkpoint_lacks_is_dropped_as_load_state_dict_drops_it(
+    tmp_path: Path,
+) -> None:
+    model, optimizer = model_and_adam()
+    train(model, optimizer, 2)
+    sess = th.Session({"model": model, "optimizer": optimizer})
+    saver = th.Saver()
+    prefix = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=2)
+    reference = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reference.load_state_dict(optimizer.state_dict())
+
+    optimizer.param_groups[0]["initial_lr"] = 0.123  # as a scheduler built later adds it
+    saver.restore(sess, prefix)
+
+    assert "initial_lr" not in optimizer.param_groups[0]
+    assert optimizer.param_groups[0].keys() == reference.param_groups[0].keys()
