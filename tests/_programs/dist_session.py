@@ -46,6 +46,7 @@ def main() -> int:
     p.add_argument("--chief-only-hook", action="store_true", help="... in chief_only_hooks=")
     p.add_argument("--listener-stop-at", type=int, default=None)
     p.add_argument("--chief-unset-elsewhere", action="store_true", help="with --chief")
+    p.add_argument("--diverge", action="store_true", help="each rank's weights its own")
     p.add_argument("--timeout", type=float, default=15.0)
     p.add_argument("--master", action="store_true", help="let the session initialize the job")
     p.add_argument("--chief", type=int, default=None, help="is_chief=True on this rank only")
@@ -111,6 +112,9 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if args.diverge:  # an init seeded per rank: DDP would hide it, the replica check not
+        with torch.no_grad():
+            model[0].weight.add_(rank)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer}
     if args.per_rank_rng:
         # Each rank draws its own noise from torch's global generator, seeded per rank.
@@ -204,6 +208,7 @@ def train(args: argparse.Namespace, rank: int, world: int, rendezvous: str) -> d
         "checks": sess.job.checks,
         "digest": digest.hexdigest(),
         "draws": torch.rand(3).tolist(),  # where this rank's global generator ended
+        "replicas_differ": sess.job.replicas_differ,
     }
 
 

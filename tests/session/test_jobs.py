@@ -209,6 +209,15 @@ def test_a_rank_that_stops_alone_never_puts_its_save_into_another_step(tmp_path:
     assert listed_steps(tmp_path / "run") == [0, 4]
 
 
+def test_replicas_that_differ_after_start_up_are_named(tmp_path: Path) -> None:
+    same = ok(job(tmp_path / "same", 2, "--steps", "2", "--save-steps", "2"))
+    differ = ok(job(tmp_path / "differ", 2, "--steps", "2", "--save-steps", "2", "--diverge"))
+
+    assert [r["replicas_differ"] for r in same] == [[], []]
+    assert [r["replicas_differ"] for r in differ] == [["model"], ["model"]]
+    assert "State entries ['model'] differ between the ranks" in differ[0]["stderr"]
+
+
 def test_a_chief_that_never_arrives_ends_the_others_with_tfs_deadline_error(
     tmp_path: Path,
 ) -> None:

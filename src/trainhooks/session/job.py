@@ -182,6 +182,8 @@ class Job:
         self._next_check = 0
         self._last_check: tuple[int, float] | None = None
         self.checks = 0
+        #: the state entries whose replicas differed at start-up (``check_replicas``)
+        self.replicas_differ: list[str] = []
 
     @property
     def is_chief(self) -> bool:
@@ -245,6 +247,39 @@ class Job:
         set_timeout = getattr(self._dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is not None:
             set_timeout(timedelta(seconds=self._timeout_secs), self._control)
+
+    def check_replicas(self, state: Mapping[str, Any] | None) -> list[str]:
+        """Compare a digest of each replicated entry across ranks; warn about differences.
+
+        After the restore (or ``init_fn``) every rank should hold the same replica of the
+        state entries that are not per rank: a rank that restored something else, or an
+        ``init_fn`` seeded per rank, makes the replicas drift apart silently (DDP only
+        broadcasts the module's parameters). Entries holding DTensors (their shards
+        differ by design), ``PerRank`` and ``RNGState`` entries, and accelerator state
+        (it would need a copy to the host) are left out. Every rank calls it at once.
+
+        Returns:
+          The names of the entries that differ (logged as a WARNING on the chief).
+        """
+        mine = _entry_digests(state)
+        group = TorchProcessGroup(
+            self._timeout_secs, coordinator=self.chief_rank, group=self._control
+        )
+        everyone = _in_job_order(group.all_gather(mine), self.world_size, self.chief_rank)
+        differ = [
+            name
+            for name, digest in mine.items()
+            if any(theirs.get(name) != digest for _, theirs in everyone)
+        ]
+        self.replicas_differ = differ
+        if differ and self.is_chief:
+            logger.warning(
+                "State entries %s differ between the ranks of the job after the restore or "
+                "init_fn: every rank must hold the same replica. Values that differ per rank "
+                "by design belong in th.PerRank(...).",
+                differ,
+            )
+        return differ
 
     # -- agreements at step boundaries --------------------------------------------
 
@@ -322,6 +357,38 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job(rank={self.rank}, world_size={self.world_size}, chief_rank={self.chief_rank})"
+
+
+def _entry_digests(state: Mapping[str, Any] | None) -> dict[str, str]:
+    """A digest per replicated, host-resident entry of ``state``: its tree and bytes."""
+    import json
+
+    import xxhash
+
+    from trainhooks.checkpoint.per_rank import PerRank
+    from trainhooks.checkpoint.rng import RNGState
+    from trainhooks.checkpoint.saving.sharded_write import split_sharded
+    from trainhooks.checkpoint.state.tree import flatten_state
+
+    torch = sys.modules.get("torch")
+    if state is None or (torch is not None and torch.cuda.is_initialized()):
+        return {}
+    digests: dict[str, str] = {}
+    for name in sorted(state, key=str):
+        value = state[name]
+        if isinstance(value, (PerRank, RNGState)):
+            continue
+        try:
+            flat = flatten_state({name: value})
+            if split_sharded(flat.tensors)[1]:
+                continue
+            digest = xxhash.xxh3_128(json.dumps(flat.tree, sort_keys=True).encode())
+            for tensor in flat.tensors.values():
+                digest.update(tensor.buffer)
+        except Exception:  # an entry the check cannot read is not checked
+            continue
+        digests[str(name)] = digest.hexdigest()
+    return digests
 
 
 def _in_job_order(values: list[Any], world_size: int, chief_rank: int) -> list[tuple[int, Any]]:

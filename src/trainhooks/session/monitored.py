@@ -162,6 +162,8 @@ class _MonitoredSession:
                 else self._coordinated_creator.create_session()
             )
             if self._job is not None:
+                tf_sess = self._coordinated_creator.tf_sess
+                self._job.check_replicas(tf_sess.state if tf_sess is not None else None)
                 self._job.wait_ready(
                     getattr(creator, "max_wait_secs", DEFAULT_MAX_WAIT_SECS),
                     what="restored or initialized",

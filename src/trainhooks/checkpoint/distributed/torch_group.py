@@ -45,6 +45,8 @@ class TorchProcessGroup:
       coordinator: the job rank that coordinates (chooses, commits, keeps the state
         file): the chief. In this group it is rank 0, the others following in job
         order, so :attr:`rank` is the job rank only when the coordinator is job rank 0.
+      group: a gloo process group of every rank to use instead of creating one (one
+        thread at a time must use it).
 
     Raises:
       RuntimeError: torch.distributed is not initialized.
@@ -54,7 +56,9 @@ class TorchProcessGroup:
         >>> saver = Saver(process_group=group)  # doctest: +SKIP
     """
 
-    def __init__(self, timeout_secs: float = DEFAULT_TIMEOUT_SECS, *, coordinator: int = 0) -> None:
+    def __init__(
+        self, timeout_secs: float = DEFAULT_TIMEOUT_SECS, *, coordinator: int = 0, group: Any = None
+    ) -> None:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
@@ -64,7 +68,11 @@ class TorchProcessGroup:
             )
         self._dist = dist
         self._timeout_secs = float(timeout_secs)
-        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_secs))
+        self._group = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_secs))
+            if group is None
+            else group
+        )
         self._world_size = dist.get_world_size()
         if not 0 <= coordinator < self._world_size:
             raise ValueError(
