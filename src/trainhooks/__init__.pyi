@@ -102,6 +102,9 @@ from .hooks.listeners.evaluation import (
 from .hooks.listeners.keep_best import (
     KeepBestListener as KeepBestListener,
 )
+from .hooks.listeners.upload import (
+    UploadListener as UploadListener,
+)
 from .hooks.profiler import (
     ProfilerHook as ProfilerHook,
 )

@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--hang", action="store_true")
     p.add_argument("--kill-at-save", type=int, default=None)
     p.add_argument("--timeout", type=float, default=15.0)
+    # Save and restore there instead of DIR (e.g. s3://bucket/run); DIR keeps the results.
+    p.add_argument("--checkpoint-dir", default=None)
     # This rank cannot read the checkpoint directory (a mount missing on its machine):
     # every open of a path below it fails with EACCES, as the kernel would say.
     p.add_argument("--unreadable-rank", type=int, default=None)
@@ -134,7 +136,8 @@ def train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
         storage=storage,
         process_group=TorchProcessGroup(timeout_secs=args.timeout),
     )
-    restored = saver.restore_latest(session, args.dir)
+    checkpoint_dir = args.checkpoint_dir or args.dir
+    restored = saver.restore_latest(session, checkpoint_dir)
     start = session.global_step
     saves = 0
     for step in range(start + 1, args.steps + 1):
@@ -158,7 +161,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
             if killer is not None:
                 killer.saves = saves
             began = time.monotonic()
-            saver.save(session, os.path.join(args.dir, "model.ckpt"), global_step=step)
+            saver.save(session, os.path.join(checkpoint_dir, "model.ckpt"), global_step=step)
             if args.async_save:
                 saver.wait()
             if time.monotonic() - began > args.timeout + 10:

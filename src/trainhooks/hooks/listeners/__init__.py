@@ -1,4 +1,4 @@
-"""Three ready-made ``CheckpointSaverListener``s: back up, evaluate, keep the best.
+"""Four ready-made ``CheckpointSaverListener``s: back up, upload, evaluate, keep the best.
 
 Each one learns the checkpoint directory and the path of the checkpoint just
 committed from the :class:`~trainhooks.CheckpointSaverHook` it is given to
@@ -6,6 +6,8 @@ committed from the :class:`~trainhooks.CheckpointSaverHook` it is given to
 once the checkpoint is complete.
 
 * :class:`BackupListener` (``backup.py``) mirrors every checkpoint into a second directory.
+* :class:`UploadListener` (``upload.py``) uploads every checkpoint to object storage in
+  the background (``remote_copy.py`` copies one with the store's own commit).
 * :class:`EvaluationListener` (``evaluation.py``) runs an evaluation on new checkpoints
   and can stop training.
 * :class:`KeepBestListener` (``keep_best.py``) keeps the best N checkpoints by a metric,
@@ -20,6 +22,7 @@ deleted last (``durable.py``).
 from trainhooks.hooks.listeners.backup import BackupListener
 from trainhooks.hooks.listeners.evaluation import Evaluation, EvaluationListener
 from trainhooks.hooks.listeners.keep_best import BestCheckpoint, KeepBestListener
+from trainhooks.hooks.listeners.upload import UploadListener
 
 __all__ = [
     "BackupListener",
@@ -27,4 +30,5 @@ __all__ = [
     "Evaluation",
     "EvaluationListener",
     "KeepBestListener",
+    "UploadListener",
 ]
