@@ -84,8 +84,16 @@ class ShardedRestore:
         code = torch_dtype_code(target.dtype)
         if found is None or found != storage_spec(code, tuple(int(n) for n in target.shape)):
             return None
-        data = read_region(self.ckpt, name, local_box(target))
-        return LocalPiece(found[0], found[1], data.buffer, target)
+        box = local_box(target)
+        entry = self.ckpt.manifest.sharded.get(name)
+        if entry is not None and box in entry.boxes:
+            # Saved on the same mesh: the box is this rank's region as it stands in the
+            # (checked) mapping, copied into the DTensor once by apply(); read_region
+            # would copy it once more first.
+            buffer = self.ckpt.tensor_data(box_tensor_name(name, box)).buffer
+        else:
+            buffer = read_region(self.ckpt, name, box).buffer
+        return LocalPiece(found[0], found[1], buffer, target)
 
 
 def _dtensors_in(state: Mapping[str, Any]) -> dict[str, Any]:
