@@ -6,7 +6,9 @@
    optimizer of DTensor parameters has no moments yet to restore into; as torch's own
    checkpointing does, it takes one step of zero gradients at learning rate 0 (which
    changes no parameter) so that its moments exist, sharded like their parameters,
-   when the checkpoint holds optimizer state for it.
+   when the checkpoint holds optimizer state for it. A restore that then fails
+   (a checksum, a mismatch) takes those moments back (:meth:`ShardedRestore.undo`): the
+   optimizer is left as it was, without state, not with zero moments and a step count.
 2. For each of them, the region of the global tensor this rank holds on the restoring
    job's mesh (``adapters.dtensor.local_box``), read from the saved boxes that overlap
    it, each checksummed as it is read (``format/sharded_read.py``). The saving job's
@@ -54,6 +56,7 @@ class ShardedRestore:
     def __init__(self, ckpt: MappedCheckpoint, state: Mapping[str, Any]) -> None:
         self.ckpt = ckpt
         self.targets: dict[str, Any] = {}
+        self._given_state: list[Any] = []  # fresh optimizers given their moments here
         sharded = ckpt.manifest.sharded
         box_files = {
             ckpt.manifest.tensors[box_tensor_name(name, box)].file
@@ -71,7 +74,15 @@ class ShardedRestore:
             fresh = _has_dtensor_params(value) and not value.state
             if fresh and any(n.startswith(f"{entry}/state/") for n in names):
                 init_optimizer_state(value)
+                self._given_state.append(value)
         self.targets = _dtensors_in(state)
+
+    def undo(self) -> None:
+        """Take back the state given to fresh optimizers (the restore failed): they are
+        fresh again. Their parameters were not changed (a step at learning rate 0)."""
+        for optimizer in self._given_state:
+            optimizer.state.clear()
+        self._given_state = []
 
     def piece(self, name: str) -> LocalPiece | None:
         """This rank's region of tensor ``name`` for the DTensor restored from it; None
