@@ -17,8 +17,9 @@
 3. Which data files hold no box: the restore checksums them in full before anything is
    written, as it always does; the boxes are checksummed when read.
 
-The region goes to the restore as an ``adapters.dtensor.LocalPiece``, which the DTensor
-adapter copies into the DTensor's local tensor in place once everything was checked.
+The region goes to the restore as an ``adapters.dtensor.LocalPiece``: the checked bytes
+of the saved boxes that overlap it, which the DTensor adapter copies into the DTensor's
+local tensor in place (one copy) once everything was checked.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from trainhooks.checkpoint.format.boxes import box_tensor_name, logical_tensors
 from trainhooks.checkpoint.format.dtypes import storage_spec, torch_dtype_code
 from trainhooks.checkpoint.format.mapped_checkpoint import MappedCheckpoint
-from trainhooks.checkpoint.format.sharded_read import read_region, stored_spec
+from trainhooks.checkpoint.format.sharded_read import region_parts, stored_spec
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.state import tree
 from trainhooks.checkpoint.state.adapters.dtensor import LocalPiece, is_dtensor, local_box
@@ -95,16 +96,8 @@ class ShardedRestore:
         code = torch_dtype_code(target.dtype)
         if found is None or found != storage_spec(code, tuple(int(n) for n in target.shape)):
             return None
-        box = local_box(target)
-        entry = self.ckpt.manifest.sharded.get(name)
-        if entry is not None and box in entry.boxes:
-            # Saved on the same mesh: the box is this rank's region as it stands in the
-            # (checked) mapping, copied into the DTensor once by apply(); read_region
-            # would copy it once more first.
-            buffer = self.ckpt.tensor_data(box_tensor_name(name, box)).buffer
-        else:
-            buffer = read_region(self.ckpt, name, box).buffer
-        return LocalPiece(found[0], found[1], buffer, target)
+        _, region, parts = region_parts(self.ckpt, name, local_box(target))
+        return LocalPiece(found[0], found[1], region, parts, target)
 
 
 def _dtensors_in(state: Mapping[str, Any]) -> dict[str, Any]:
