@@ -104,3 +104,26 @@ def test_a_fresh_optimizer_is_left_fresh_when_the_checkpoint_fails_verification(
     model(torch.randn(4, 6)).square().mean().backward()
     optimizer.step()
     assert all(float(s["step"]) == 1.0 for s in optimizer.state.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "complex64", "int64"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_a_region_goes_into_the_local_tensor_whatever_its_layout_and_dtype(
+    tmp_path: Path, mesh: Any, dtype: str, contiguous: bool
+) -> None:
+    # Contiguous local tensors take the copy straight into their memory; others go
+    # through a buffer and copy_: both must put the same values in place.
+    from torch.distributed.tensor import DTensor, Replicate
+
+    kind = getattr(torch, dtype)
+    saved = (torch.arange(12) - 5).reshape(4, 3).to(kind) * (1 + 1j if kind.is_complex else 1)
+    prefix = th.Saver().save(th.Session({"w": saved}), str(tmp_path / "m"), global_step=1)
+    assert prefix is not None
+    local = torch.zeros(4, 3, dtype=kind) if contiguous else torch.zeros(3, 4, dtype=kind).t()
+    target = DTensor.from_local(local, mesh, [Replicate()])
+    assert target.to_local().is_contiguous() is contiguous
+
+    th.Saver().restore(th.Session({"w": target}), prefix)
+
+    assert target.to_local().data_ptr() == local.data_ptr()  # in place
+    assert torch.equal(target.to_local(), saved)
