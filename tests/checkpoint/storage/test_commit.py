@@ -240,6 +240,15 @@ def test_delete_checkpoint(tmp_path: Path) -> None:
     assert (user_dir / "accuracy.txt").read_text() == "0.9"
 
 
+def test_delete_checkpoint_deletes_the_shard_files_of_a_sharded_checkpoint(tmp_path: Path) -> None:
+    # what a save in a job of 2 with DTensors leaves beside the chief's files
+    write_checkpoint(tmp_path / "m-1", state_for(1), global_step=1)
+    for rank in (0, 1):
+        (tmp_path / "m-1" / f"shards-{rank:05d}-of-00002.safetensors").write_bytes(b"boxes")
+    delete_checkpoint(tmp_path / "m-1")
+    assert os.listdir(tmp_path) == []
+
+
 def test_storage_protocol_is_satisfied_by_local_storage(tmp_path: Path) -> None:
     storage: Storage = LocalStorage()
     assert isinstance(storage, Storage)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from trainhooks import errors
 from trainhooks.checkpoint.distributed.group import ProcessGroup
+from trainhooks.checkpoint.format.mapped_checkpoint import MappedCheckpoint
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.gc_pause import paused_gc
@@ -103,33 +104,47 @@ def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool)
         state = var_list.state_of(session)
         # DTensors read only their own regions (checksummed as read); the rest is checked here
         sharded = ShardedRestore(reader, state)
-        # Checksums (threads that release the GIL) run while the state is checked against
-        # the tree; nothing is written before they pass (restore_state's before_apply).
-        verified = pool.submit(reader.verify, files=sharded.verify_files)
-        saved_tree = reader.tree
-        if not isinstance(saved_tree, Mapping):
-            verified.result()
-            raise errors.DataLossError(f"Checkpoint {prefix}: the manifest holds no state tree")
-
-        def get_tensor(name: str) -> TensorData:
-            verified.result()  # tensor_data would checksum on its own otherwise
-            try:
-                piece = sharded.piece(name)
-                return reader.tensor_data(name) if piece is None else piece  # type: ignore[return-value]
-            except errors.NotFoundError:
-                raise KeyError(name) from None
-
-        report = tree.restore_state_report(
-            state,
-            saved_tree,
-            get_tensor,
-            strict=strict,
-            locate=reader.locator(unchecked=True),
-            before_apply=verified.result,
-        )
+        try:
+            report = _restore_state(reader, state, sharded, pool, strict)
+        except BaseException:
+            sharded.undo()
+            raise
         var_list.write_back(session, state)
         session.global_step = reader.global_step
     return report
+
+
+def _restore_state(
+    reader: MappedCheckpoint,
+    state: Any,
+    sharded: ShardedRestore,
+    pool: ThreadPoolExecutor,
+    strict: bool,
+) -> RestoreReport:
+    # Checksums (threads that release the GIL) run while the state is checked against
+    # the tree; nothing is written before they pass (restore_state's before_apply).
+    verified = pool.submit(reader.verify, files=sharded.verify_files)
+    saved_tree = reader.tree
+    if not isinstance(saved_tree, Mapping):
+        verified.result()
+        raise errors.DataLossError(f"Checkpoint {reader.prefix}: the manifest holds no state tree")
+
+    def get_tensor(name: str) -> TensorData:
+        verified.result()  # tensor_data would checksum on its own otherwise
+        try:
+            piece = sharded.piece(name)
+            return reader.tensor_data(name) if piece is None else piece  # type: ignore[return-value]
+        except errors.NotFoundError:
+            raise KeyError(name) from None
+
+    return tree.restore_state_report(
+        state,
+        saved_tree,
+        get_tensor,
+        strict=strict,
+        locate=reader.locator(unchecked=True),
+        before_apply=verified.result,
+    )
 
 
 class RestoredLatest(NamedTuple):

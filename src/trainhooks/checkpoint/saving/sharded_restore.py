@@ -6,7 +6,9 @@
    optimizer of DTensor parameters has no moments yet to restore into; as torch's own
    checkpointing does, it takes one step of zero gradients at learning rate 0 (which
    changes no parameter) so that its moments exist, sharded like their parameters,
-   when the checkpoint holds optimizer state for it.
+   when the checkpoint holds optimizer state for it. A restore that then fails
+   (a checksum, a mismatch) takes those moments back (:meth:`ShardedRestore.undo`): the
+   optimizer is left as it was, without state, not with zero moments and a step count.
 2. For each of them, the region of the global tensor this rank holds on the restoring
    job's mesh (``adapters.dtensor.local_box``), read from the saved boxes that overlap
    it, each checksummed as it is read (``format/sharded_read.py``). The saving job's
@@ -15,8 +17,9 @@
 3. Which data files hold no box: the restore checksums them in full before anything is
    written, as it always does; the boxes are checksummed when read.
 
-The region goes to the restore as an ``adapters.dtensor.LocalPiece``, which the DTensor
-adapter copies into the DTensor's local tensor in place once everything was checked.
+The region goes to the restore as an ``adapters.dtensor.LocalPiece``: the checked bytes
+of the saved boxes that overlap it, which the DTensor adapter copies into the DTensor's
+local tensor in place (one copy) once everything was checked.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 from trainhooks.checkpoint.format.boxes import box_tensor_name, logical_tensors
 from trainhooks.checkpoint.format.dtypes import storage_spec, torch_dtype_code
 from trainhooks.checkpoint.format.mapped_checkpoint import MappedCheckpoint
-from trainhooks.checkpoint.format.sharded_read import read_region, stored_spec
+from trainhooks.checkpoint.format.sharded_read import region_parts, stored_spec
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.state import tree
 from trainhooks.checkpoint.state.adapters.dtensor import LocalPiece, is_dtensor, local_box
@@ -54,6 +57,7 @@ class ShardedRestore:
     def __init__(self, ckpt: MappedCheckpoint, state: Mapping[str, Any]) -> None:
         self.ckpt = ckpt
         self.targets: dict[str, Any] = {}
+        self._given_state: list[Any] = []  # fresh optimizers given their moments here
         sharded = ckpt.manifest.sharded
         box_files = {
             ckpt.manifest.tensors[box_tensor_name(name, box)].file
@@ -71,7 +75,15 @@ class ShardedRestore:
             fresh = _has_dtensor_params(value) and not value.state
             if fresh and any(n.startswith(f"{entry}/state/") for n in names):
                 init_optimizer_state(value)
+                self._given_state.append(value)
         self.targets = _dtensors_in(state)
+
+    def undo(self) -> None:
+        """Take back the state given to fresh optimizers (the restore failed): they are
+        fresh again. Their parameters were not changed (a step at learning rate 0)."""
+        for optimizer in self._given_state:
+            optimizer.state.clear()
+        self._given_state = []
 
     def piece(self, name: str) -> LocalPiece | None:
         """This rank's region of tensor ``name`` for the DTensor restored from it; None
@@ -84,8 +96,8 @@ class ShardedRestore:
         code = torch_dtype_code(target.dtype)
         if found is None or found != storage_spec(code, tuple(int(n) for n in target.shape)):
             return None
-        data = read_region(self.ckpt, name, local_box(target))
-        return LocalPiece(found[0], found[1], data.buffer, target)
+        _, region, parts = region_parts(self.ckpt, name, local_box(target))
+        return LocalPiece(found[0], found[1], region, parts, target)
 
 
 def _dtensors_in(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 _LEFTOVER = re.compile(r"(?P<prefix>.+)\.(?P<kind>tmp|old)-[0-9a-f]{12}")
 _CHECKPOINT_ENTRY = re.compile(
-    r"manifest\.json|data-\d{5,}-of-\d{5,}(?:\.[0-9a-f]{12})?\.safetensors"
+    r"manifest\.json|(?:data|shards)-\d{5,}-of-\d{5,}(?:\.[0-9a-f]{12})?\.safetensors"
 )
 _TOKENED = re.compile(r"data-.*\.(?P<token>[0-9a-f]{12})\.safetensors")
 

@@ -18,15 +18,14 @@ that tensor's region.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from trainhooks.checkpoint.format import dtypes
-from trainhooks.checkpoint.format.boxes import Box
+from trainhooks.checkpoint.format.boxes import Box, copy_overlap
 from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE, TensorData
 from trainhooks.checkpoint.state.adapters.base import ArraySpec
 from trainhooks.checkpoint.state.adapters.torch import TorchAdapter
@@ -82,42 +81,71 @@ class LocalBoxes:
         return sum(data.buffer.nbytes for _, data in self.boxes)
 
 
+class _RegionSize(NamedTuple):
+    nbytes: int
+
+
 class LocalPiece:
     """A sharded tensor as one rank restores it: the global dtype code and shape (what
-    the tree says), the bytes of this rank's region only, and the DTensor they go into.
+    the tree says), this rank's ``region`` of it, the saved boxes that overlap the region
+    with their checked bytes (``parts``), and the DTensor they go into.
 
-    It stands where the restore expects a ``TensorData`` (``nbytes`` is the bytes it
-    holds); :meth:`apply` copies them into the target's local tensor, in place.
+    It stands where the restore expects a ``TensorData`` (``nbytes`` is the region's
+    bytes); :meth:`apply` copies the parts' overlaps into the target's local tensor, in
+    place.
     """
 
-    __slots__ = ("buffer", "dtype", "shape", "target")
+    __slots__ = ("dtype", "parts", "region", "shape", "target")
 
-    def __init__(self, dtype: str, shape: tuple[int, ...], buffer: memoryview, target: Any) -> None:
-        self.dtype, self.shape, self.buffer, self.target = dtype, shape, buffer, target
+    def __init__(
+        self,
+        dtype: str,
+        shape: tuple[int, ...],
+        region: Box,
+        parts: list[tuple[Box, memoryview]],
+        target: Any,
+    ) -> None:
+        self.dtype, self.shape, self.region, self.parts = dtype, shape, region, parts
+        self.target = target
 
     @property
     def nbytes(self) -> int:
         """Bytes of this rank's region (not of the global tensor)."""
-        return self.buffer.nbytes
+        return self.region.volume * DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def buffer(self) -> _RegionSize:
+        """What the restore asks of a ``TensorData``'s bytes: only their size (the bytes
+        are the parts', put in place by :meth:`apply`)."""
+        return _RegionSize(self.nbytes)
 
     def apply(self) -> Any:
         """Copy the region into the target DTensor's local tensor; returns the target."""
-        import warnings
-
         import torch
 
         local = self.target.to_local()
-        if self.buffer.nbytes != local.numel() * local.element_size():
+        if self.nbytes != local.numel() * local.element_size():
             raise ValueError(
-                f"a region of {self.buffer.nbytes} bytes does not fit a local tensor of "
+                f"a region of {self.nbytes} bytes does not fit a local tensor of "
                 f"{list(local.shape)} {local.dtype}"
             )
-        if self.buffer.nbytes:
-            with warnings.catch_warnings():  # a read-only mapping, only ever read from
-                warnings.simplefilter("ignore", UserWarning)
-                source = torch.frombuffer(self.buffer, dtype=torch.uint8)
-            with torch.no_grad():
-                local.copy_(source.view(local.dtype).reshape(local.shape))
+        if not self.nbytes:
+            return self.target
+        itemsize = DTYPE_ITEMSIZE[self.dtype]
+        # Straight into the local tensor's memory where it is one contiguous run of
+        # plain bytes (FSDP2's shards and moments are): one copy, no buffer to allocate
+        # (its page faults cost more than the copy); else through a buffer and copy_.
+        direct = local.is_contiguous() and not local.is_conj() and not local.is_neg()
+        with torch.no_grad():
+            if direct:
+                out = local.detach().reshape(-1).view(torch.uint8).numpy()
+            else:
+                out = np.empty(self.nbytes, np.uint8)
+            for box, buffer in self.parts:
+                copy_overlap(buffer, box, out, self.region, itemsize)
+            if not direct:
+                source = torch.from_numpy(out).view(local.dtype).reshape(local.shape)
+                local.copy_(source)
         return self.target
 
 
@@ -204,12 +232,8 @@ def _split(box: Box, data: TensorData) -> list[tuple[Box, TensorData]]:
 
 
 def _piece_of_whole(target: Any, data: TensorData) -> LocalPiece:
-    """The target's region cut out of the whole tensor ``data`` (global shape)."""
-    from trainhooks.checkpoint.format.boxes import copy_overlap
-
-    box = local_box(target)
-    itemsize = DTYPE_ITEMSIZE[data.dtype]
-    out = np.empty(math.prod(box.sizes) * itemsize, np.uint8)
+    """The target's region of the whole tensor ``data`` (global shape)."""
     whole = Box((0,) * len(data.shape), tuple(data.shape))
-    copy_overlap(data.buffer, whole, out, box, itemsize)
-    return LocalPiece(data.dtype, tuple(data.shape), out.data, target)
+    return LocalPiece(
+        data.dtype, tuple(data.shape), local_box(target), [(whole, data.buffer)], target
+    )

@@ -23,6 +23,24 @@ __all__ = ["TorchAdapter"]
 logger = logging.getLogger(__name__)
 
 
+#: Why a ShardedTensor (what FSDP1's sharded state dicts hold) is refused, and what to
+#: pass instead; a ShardedTensor answers few tensor methods, so it is caught first.
+SHARDED_TENSOR_PROBLEM = (
+    "is a ShardedTensor (FSDP1's sharded state dict), which trainhooks does not checkpoint: "
+    "shard the model with FSDP2 (torch.distributed.fsdp.fully_shard), whose parameters and "
+    "optimizer state are DTensors that every rank saves its part of; or give FSDP1 a "
+    "device_mesh= so that its sharded state dicts hold DTensors; or checkpoint a full state "
+    "dict (FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT), or get_state_dict("
+    "model, optimizer, options=StateDictOptions(full_state_dict=True)) from "
+    "torch.distributed.checkpoint.state_dict)"
+)
+
+
+def _is_sharded_tensor(value: object) -> bool:
+    module = sys.modules.get("torch.distributed._shard.sharded_tensor.api")
+    return module is not None and isinstance(value, module.ShardedTensor)
+
+
 def _device_copy(target: Any, data: TensorData) -> bool:
     """Copy ``data`` (checked bytes in host memory: the checkpoint's mapping) straight into
     the accelerator tensor ``target``; False (nothing done) where it cannot.
@@ -63,6 +81,8 @@ class TorchAdapter:
     def spec(self, value: Any) -> ArraySpec:
         import torch
 
+        if _is_sharded_tensor(value):
+            raise TypeError(SHARDED_TENSOR_PROBLEM)
         if value.layout != torch.strided or value.is_nested:
             raise TypeError(
                 f"a tensor with layout {value.layout} cannot be checkpointed: pass "
