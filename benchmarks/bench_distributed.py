@@ -313,31 +313,41 @@ def worker(args: argparse.Namespace) -> int:
 # ---- the parent ------------------------------------------------------------------------
 
 
-def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:
-    d = tempfile.mkdtemp(prefix=f"bench-dist-{world}-", dir=args.dir)
-    run_id = uuid.uuid4().hex
-    env = dict(os.environ, OMP_NUM_THREADS="1", RUN_ID=run_id, WORLD_SIZE=str(world))
+def run_ranks(cmd: list[str], world: int, directory: str, timeout: float) -> list[dict[str, Any]]:
+    """Start ``cmd`` once per rank of a job of ``world`` and return every rank's result.
+
+    Each rank gets ``RANK``, ``WORLD_SIZE``, a ``RUN_ID`` and ``src/`` on its path, and
+    writes ``<directory>/result-<rank>.json``; a rank that wrote none, or wrote an error,
+    fails the job with every rank's message.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", RUN_ID=uuid.uuid4().hex, WORLD_SIZE=str(world))
     src = os.path.join(ROOT, "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(world)]
+    for p in procs:
+        p.wait(timeout=timeout)
+    ranks = []
+    for r in range(world):
+        path = os.path.join(directory, f"result-{r}.json")
+        if not os.path.exists(path):
+            raise RuntimeError(f"world {world}: rank {r} wrote no result")
+        with open(path) as f:
+            ranks.append(json.load(f))
+    errors = [f"rank {x['rank']}: {x['error']}\n{x['traceback']}" for x in ranks if "error" in x]
+    if errors:
+        raise RuntimeError(f"world {world}:\n" + "\n".join(errors))
+    return ranks
+
+
+def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    d = tempfile.mkdtemp(prefix=f"bench-dist-{world}-", dir=args.dir)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--dir", d]
     cmd += ["--mib", str(args.mib), "--state", args.state, "--repeat", str(args.repeat)]
     started = time.perf_counter()
     try:
-        procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(world)]
-        for p in procs:
-            p.wait(timeout=args.timeout)
-        ranks = []
-        for r in range(world):
-            path = os.path.join(d, f"result-{r}.json")
-            if not os.path.exists(path):
-                raise RuntimeError(f"world {world}: rank {r} wrote no result")
-            with open(path) as f:
-                ranks.append(json.load(f))
+        ranks = run_ranks(cmd, world, d, args.timeout)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    errors = [f"rank {x['rank']}: {x['error']}\n{x['traceback']}" for x in ranks if "error" in x]
-    if errors:
-        raise RuntimeError(f"world {world}:\n" + "\n".join(errors))
     # One round's time is the slowest rank's.
     times = {
         m: {

@@ -47,14 +47,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from typing import Any
 
-from bench_restore import evict  # the benchmarks run as scripts from this folder
+from bench_distributed import run_ranks  # the benchmarks run as scripts from this folder
+from bench_restore import evict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -320,29 +319,14 @@ def worker(args: argparse.Namespace) -> int:
 
 def run_job(args: argparse.Namespace, world: int, extra: list[str]) -> dict[str, Any]:
     d = tempfile.mkdtemp(prefix=f"bench-sharded-{world}-", dir=args.dir)
-    env = dict(os.environ, OMP_NUM_THREADS="1", RUN_ID=uuid.uuid4().hex, WORLD_SIZE=str(world))
-    src = os.path.join(ROOT, "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--rendezvous", d]
     cmd += ["--mib", str(args.mib), "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
     cmd += extra
     started = time.perf_counter()
     try:
-        procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(world)]
-        for p in procs:
-            p.wait(timeout=args.timeout)
-        ranks = []
-        for r in range(world):
-            path = os.path.join(d, f"result-{r}.json")
-            if not os.path.exists(path):
-                raise RuntimeError(f"world {world}: rank {r} wrote no result")
-            with open(path) as f:
-                ranks.append(json.load(f))
+        ranks = run_ranks(cmd, world, d, args.timeout)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    errors = [f"rank {x['rank']}: {x['error']}\n{x['traceback']}" for x in ranks if "error" in x]
-    if errors:
-        raise RuntimeError(f"world {world}:\n" + "\n".join(errors))
     # One round's time is the slowest rank's; the warm-up rounds are left out.
     times = {
         m: {
