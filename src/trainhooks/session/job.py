@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainhooks import errors
 from trainhooks.checkpoint.distributed.torch_group import DEFAULT_TIMEOUT_SECS, TorchProcessGroup
+from trainhooks.checkpoint.replicas import replica_digests
 
 if TYPE_CHECKING:
     from trainhooks.session.preemption import PreemptionWatcher
@@ -261,7 +262,7 @@ class Job:
         Returns:
           The names of the entries that differ (logged as a WARNING on the chief).
         """
-        mine = _entry_digests(state)
+        mine = replica_digests(state)
         group = TorchProcessGroup(
             self._timeout_secs, coordinator=self.chief_rank, group=self._control
         )
@@ -357,38 +358,6 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job(rank={self.rank}, world_size={self.world_size}, chief_rank={self.chief_rank})"
-
-
-def _entry_digests(state: Mapping[str, Any] | None) -> dict[str, str]:
-    """A digest per replicated, host-resident entry of ``state``: its tree and bytes."""
-    import json
-
-    import xxhash
-
-    from trainhooks.checkpoint.per_rank import PerRank
-    from trainhooks.checkpoint.rng import RNGState
-    from trainhooks.checkpoint.saving.sharded_write import split_sharded
-    from trainhooks.checkpoint.state.tree import flatten_state
-
-    torch = sys.modules.get("torch")
-    if state is None or (torch is not None and torch.cuda.is_initialized()):
-        return {}
-    digests: dict[str, str] = {}
-    for name in sorted(state, key=str):
-        value = state[name]
-        if isinstance(value, (PerRank, RNGState)):
-            continue
-        try:
-            flat = flatten_state({name: value})
-            if split_sharded(flat.tensors)[1]:
-                continue
-            digest = xxhash.xxh3_128(json.dumps(flat.tree, sort_keys=True).encode())
-            for tensor in flat.tensors.values():
-                digest.update(tensor.buffer)
-        except Exception:  # an entry the check cannot read is not checked
-            continue
-        digests[str(name)] = digest.hexdigest()
-    return digests
 
 
 def _in_job_order(values: list[Any], world_size: int, chief_rank: int) -> list[tuple[int, Any]]:
