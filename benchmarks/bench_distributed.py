@@ -276,20 +276,11 @@ def warnings_off() -> None:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from datetime import timedelta
 
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{args.dir}/rendezvous-{os.environ['RUN_ID']}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=300),
-    )
+    rank = join_job(args.dir)
     out: dict[str, Any] = {"rank": rank}
     try:
         job = Rank(args)
@@ -337,6 +328,23 @@ def run_ranks(cmd: list[str], world: int, directory: str, timeout: float) -> lis
     if errors:
         raise RuntimeError(f"world {world}:\n" + "\n".join(errors))
     return ranks
+
+
+def join_job(directory: str) -> int:
+    """In a rank started by :func:`run_ranks`: join the gloo job; returns this rank."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{directory}/rendezvous-{os.environ['RUN_ID']}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
+    return rank
 
 
 def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench_distributed import run_ranks  # the benchmarks run as scripts from this folder
+from bench_distributed import join_job, run_ranks  # the benchmarks run as scripts from this folder
 from bench_restore import evict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -273,21 +273,12 @@ def warnings_off() -> None:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from datetime import timedelta
 
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
     warnings_off()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{args.rendezvous}/rendezvous-{os.environ['RUN_ID']}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=300),
-    )
+    rank = join_job(args.rendezvous)
     out: dict[str, Any] = {"rank": rank}
     try:
         job = Rank(args)
