@@ -216,7 +216,13 @@ class Storage(Protocol):
         ...
 
     def list_dir(self, path: str) -> list[str]:
-        """The entry names in directory ``path`` (a prefix, on an object store)."""
+        """The entry names in directory ``path`` (a prefix, on an object store).
+
+        Every name that holds something is listed. On an object store a prefix whose
+        objects were all deleted a moment ago may still be listed (SeaweedFS keeps such
+        folders): callers check what a name holds (``is_checkpoint``), never that it
+        is listed.
+        """
         ...
 
     def fsync_dir(self, path: str) -> None:
