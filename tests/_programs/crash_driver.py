@@ -86,12 +86,13 @@ def check_directory(directory: str) -> int:
     return step
 
 
-def _start(directory: str, mode: str) -> subprocess.Popen[str]:
+def _start(directory: str, mode: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, PROGRAM, directory, "--mode", mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -141,6 +142,7 @@ def crash_loop(
     seed: int = 0,
     max_delay_secs: float = 0.08,
     early_kill_fraction: float = 0.2,
+    env: dict[str, str] | None = None,
 ) -> SoakResult:
     """Start, SIGKILL and check ``kills`` times; raise AssertionError on any damage.
 
@@ -154,6 +156,8 @@ def crash_loop(
         completed steps.
       early_kill_fraction: the fraction of kills that land during start-up instead
         (imports, restore, leftover removal, the first save).
+      env: variables set for the training process on top of this one's (where an
+        ``s3://`` directory's server is, say).
     """
     directory = os.fspath(directory)
     if "://" not in directory:
@@ -162,7 +166,7 @@ def crash_loop(
     result = SoakResult()
     last_step = -1
     for _ in range(kills):
-        with _start(directory, mode) as proc:
+        with _start(directory, mode, env) as proc:
             _kill_at_random(proc, rng, result, max_delay_secs, early_kill_fraction)
         result.kills += 1
         step = check_directory(directory)
@@ -171,7 +175,7 @@ def crash_loop(
         last_step = step
         result.steps_at_kill.append(step)
     # A last clean start must find no leftovers and resume from the last step.
-    with _start(directory, mode) as proc:
+    with _start(directory, mode, env) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         proc.kill()

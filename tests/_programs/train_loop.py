@@ -62,18 +62,20 @@ def state_at(step: int) -> dict[str, Any]:
 
 def leftovers(directory: str) -> list[str]:
     """Entries an interrupted save left in ``directory``: on an object store (``s3://``),
-    checkpoint prefixes without a manifest and unfinished uploads."""
+    checkpoint prefixes that hold files but no manifest, and unfinished uploads."""
     if "://" not in directory:
         return sorted(n for n in os.listdir(directory) if _LEFTOVER.fullmatch(n))
     from trainhooks.checkpoint.storage import storage_for
 
     storage: Any = storage_for(directory)
-    found = [
-        name
-        for name in storage.list_dir(directory)
-        if name.startswith("model.ckpt-")
-        and "manifest.json" not in storage.list_dir(os.path.join(directory, name))
-    ]
+    found = []
+    for name in storage.list_dir(directory):
+        if name.startswith("model.ckpt-"):
+            # An emptied prefix (a deleted checkpoint's, which some stores still list)
+            # holds nothing to leave over.
+            entries = storage.list_dir(os.path.join(directory, name))
+            if entries and "manifest.json" not in entries:
+                found.append(name)
     bucket, _, key = directory[len("s3://") :].partition("/")
     uploads = storage.client.s3.list_multipart_uploads(Bucket=bucket, Prefix=key + "/")
     return sorted(found + [u["Key"] for u in uploads.get("Uploads", ())])

@@ -2,18 +2,18 @@
 stalled transfers, a store that keeps failing, and objects damaged at rest.
 
 A real fault-injecting proxy (``tests/helpers/fault_proxy.py``) sits between the
-client and the local S3 server; nothing committed may ever be lost, and what a save
-reports must be what happened.
+client and a local S3 server (moto, and SeaweedFS); nothing committed may ever be
+lost, and what a save reports must be what happened.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import boto3
 import numpy as np
 import pytest
 from tests.helpers.fault_proxy import FaultProxy, nth
+from tests.helpers.seaweedfs import KEYS, S3Store
 
 import trainhooks as th
 from trainhooks.checkpoint.storage.resolve import register_storage
@@ -25,28 +25,34 @@ _QUICK = RetryPolicy(max_attempts=6, timeout=30, base_delay=0.01, max_delay=0.05
 
 
 @pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_endpoint, stall_seconds=2.5)
+def proxy(s3_store: S3Store) -> Iterator[FaultProxy]:
+    p = FaultProxy(s3_store.endpoint, stall_seconds=2.5)
     yield p
     p.stop()
 
 
-def _through(proxy: FaultProxy, bucket: str, retry: RetryPolicy = _QUICK) -> S3Storage:
-    """Make every path in ``bucket`` go through the proxy."""
+def _through(proxy: FaultProxy, url: str, retry: RetryPolicy = _QUICK) -> S3Storage:
+    """Make every path under ``url`` go through the proxy."""
     storage = S3Storage(
-        {"endpoint_url": proxy.endpoint, "read_timeout": 1, "connect_timeout": 1},
+        {
+            "endpoint_url": proxy.endpoint,
+            "read_timeout": 1,
+            "connect_timeout": 1,
+            "region_name": "us-east-1",
+            **KEYS,
+        },
         part_bytes=5 * _MIB,
         range_bytes=2 * _MIB,
         retry=retry,
     )
-    register_storage(bucket, storage)
+    register_storage(url, storage)
     return storage
 
 
 @pytest.fixture
-def unregister(s3_bucket: str) -> Iterator[None]:
+def unregister(s3_store: S3Store) -> Iterator[None]:
     yield
-    register_storage(s3_bucket, None)
+    register_storage(s3_store.url, None)
 
 
 def _state(seed: int) -> dict[str, np.ndarray]:
@@ -88,10 +94,10 @@ def _restores(run: str, want: dict[str, np.ndarray]) -> str:
     ],
 )
 def test_a_save_through_transient_faults_commits_whole(
-    proxy: FaultProxy, s3_bucket: str, unregister: None, method: str, fragment: str, fault: str
+    proxy: FaultProxy, s3_store: S3Store, unregister: None, method: str, fragment: str, fault: str
 ) -> None:
-    run = f"{s3_bucket}/run"
-    _through(proxy, s3_bucket)
+    run = f"{s3_store.url}/run"
+    _through(proxy, s3_store.url)
     proxy.rule = nth(method, fragment, fault, times=2)
     want = _save(run, 1, seed=1)
     met = [f for *_, f in proxy.seen if f]
@@ -108,10 +114,10 @@ def test_a_save_through_transient_faults_commits_whole(
 
 @pytest.mark.parametrize("fault", ["truncate", "drop", "slowdown", "stall"])
 def test_a_restore_through_faulty_ranged_reads_gets_every_byte(
-    proxy: FaultProxy, s3_bucket: str, unregister: None, fault: str
+    proxy: FaultProxy, s3_store: S3Store, unregister: None, fault: str
 ) -> None:
-    run = f"{s3_bucket}/run"
-    _through(proxy, s3_bucket)
+    run = f"{s3_store.url}/run"
+    _through(proxy, s3_store.url)
     want = _save(run, 1, seed=2)
     proxy.rule = nth("GET", "safetensors", fault, times=2, skip=1)
     assert _restores(run, want) == f"{run}/model.ckpt-1"
@@ -119,10 +125,10 @@ def test_a_restore_through_faulty_ranged_reads_gets_every_byte(
 
 
 def test_a_store_that_keeps_failing_fails_the_save_and_keeps_every_committed_one(
-    proxy: FaultProxy, s3_bucket: str, s3_endpoint: str, unregister: None
+    proxy: FaultProxy, s3_store: S3Store, unregister: None
 ) -> None:
-    run = f"{s3_bucket}/run"
-    _through(proxy, s3_bucket, RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02))
+    run = f"{s3_store.url}/run"
+    _through(proxy, s3_store.url, RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02))
     want = _save(run, 1, seed=3)
     proxy.rule = lambda method, path: "slowdown" if "partNumber=2" in path else None
     with pytest.raises(OSError, match="UploadPart failed after 3 attempts") as info:
@@ -131,23 +137,24 @@ def test_a_store_that_keeps_failing_fails_the_save_and_keeps_every_committed_one
     proxy.rule = lambda method, path: None
     assert th.latest_checkpoint(run) == f"{run}/model.ckpt-1"
     assert _restores(run, want) == f"{run}/model.ckpt-1"
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = s3_bucket[len("s3://") :]
-    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
-    assert not [k for k in keys if k.startswith("run/model.ckpt-2/")]
+    client = s3_store.client()
+    bucket, prefix = s3_store.split()
+    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    assert uploads.get("Uploads", []) == []
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    assert not [k for k in keys if k.startswith(f"{prefix}run/model.ckpt-2/")]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_object_is_detected_and_the_previous_checkpoint_restored(
-    s3_bucket: str, s3_endpoint: str, damage: str
+    s3_store: S3Store, damage: str
 ) -> None:
-    run = f"{s3_bucket}/run"
+    run = f"{s3_store.url}/run"
     older = _save(run, 1, seed=5)
     _save(run, 2, seed=6)
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = s3_bucket[len("s3://") :]
-    listing = client.list_objects_v2(Bucket=bucket, Prefix="run/model.ckpt-2/data-")
+    client = s3_store.client()
+    bucket, prefix = s3_store.split()
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}run/model.ckpt-2/data-")
     key = listing["Contents"][0]["Key"]
     data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     if damage == "flip":
