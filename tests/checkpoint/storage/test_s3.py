@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import boto3
 import numpy as np
@@ -168,6 +170,59 @@ def test_two_savers_in_two_processes_never_save_into_one_prefix(s3_bucket: str) 
     assert out.startswith(f"locked: Checkpoint directory {run} is locked for writing by process")
     saver.close()
     assert th.latest_checkpoint(run) == f"{run}/model.ckpt-1"
+
+
+_STALLING_SAVER = """
+import sys, numpy as np, trainhooks as th
+from trainhooks.checkpoint.storage import register_storage
+from trainhooks.checkpoint.storage.lock import CheckpointDirLockedError
+from trainhooks.checkpoint.storage.s3 import S3Storage
+run = sys.argv[1]
+register_storage(run, S3Storage(lease_seconds=2))
+saver = th.Saver()
+saver.save(th.Session({"w": np.zeros(4)}), run + "/model.ckpt", global_step=1)
+print("saved 1", flush=True)
+sys.stdin.readline()  # stopped (SIGSTOP) around here, resumed, then told to go on
+try:
+    saver.save(th.Session({"w": np.ones(4)}), run + "/model.ckpt", global_step=2)
+    print("saved 2", flush=True)
+except CheckpointDirLockedError as e:
+    print("locked:", e, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_that_stalled_past_its_lease_commits_nothing_after_the_takeover(
+    s3_bucket: str,
+) -> None:
+    # A real stall: the first writer's process is stopped with SIGSTOP for longer than
+    # its 2 s lease, a second writer takes the directory over and saves, and the first
+    # is resumed in the middle of its work. Its next save must not commit.
+    run = f"{s3_bucket}/run"
+    first = subprocess.Popen(
+        [sys.executable, "-c", _STALLING_SAVER, run],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert first.stdin is not None and first.stdout is not None
+    try:
+        assert first.stdout.readline() == "saved 1\n"
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(4.5)  # past the 2 s lease by the store's clock (whole seconds)
+        second = th.Saver()
+        second.save(th.Session({"w": np.full(4, 5.0)}), f"{run}/model.ckpt", global_step=5)
+        os.kill(first.pid, signal.SIGCONT)
+        out, _ = first.communicate("go on\n", timeout=60)
+    finally:
+        first.kill()
+    assert out.startswith(f"locked: Lost the writer lease of checkpoint directory {run}"), out
+    assert f"process {os.getpid()}" in out  # the new holder is named
+    assert th.latest_checkpoint(run) == f"{run}/model.ckpt-5"
+    assert not storage_for(run).exists(f"{run}/model.ckpt-2/manifest.json")
+    second.save(th.Session({"w": np.full(4, 6.0)}), f"{run}/model.ckpt", global_step=6)
+    second.close()
+    assert th.latest_checkpoint(run) == f"{run}/model.ckpt-6"
 
 
 # -- leftovers of crashed saves ----------------------------------------------------------

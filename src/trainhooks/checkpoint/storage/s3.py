@@ -279,7 +279,16 @@ class S3Storage:
         if_absent: bool = False,
         if_version: str | None = None,
     ) -> None:
+        # A put through the Storage interface may be a commit (a manifest, the state
+        # file): it is made only while this process still holds the lease it writes under.
+        self._confirm_leases(path)
         self.put_object(path, data, if_absent=if_absent, if_version=if_version)
+
+    def _confirm_leases(self, path: str) -> None:
+        with self._lock:
+            held = [obj for key, (obj, _) in self._leases.items() if path.startswith(key + "/")]
+        for obj in held:
+            obj.confirm()
 
     def put_object(
         self, path: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None

@@ -17,10 +17,15 @@ host, pid and time to live. It is
   two processes cannot both take over;
 * **released** by deleting it, conditionally on the ETag it last wrote.
 
-A process that stalls past the time to live and resumes has lost its lease without
-knowing it until its next renewal fails (logged as an error). What it can still do is
-bounded: its data objects have names no other save uses, and its manifest and state
-file puts are compare-and-swaps that fail if another writer committed meanwhile.
+A process that stalls past the time to live (stopped, swapped out, a long GC pause)
+may have lost its lease to another writer without knowing it. So before every commit
+(the manifest's put, the state file's) the storage calls :meth:`LeaseObject.confirm`:
+if the lease was last confirmed more than half its time to live ago, by this process's
+monotonic clock, it is renewed there and then; a renewal that finds another holder
+fails the commit with :class:`CheckpointDirLockedError`, and every later one too. What
+is left is a stall of more than the time to live between that check and the put just
+after it; even then the data objects have names no other save uses, and the manifest
+and state file puts are create-only or compare-and-swaps.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +83,8 @@ class LeaseObject:
             "seconds": seconds,
         }
         self._etag: str | None = None
+        self._confirmed = 0.0  # monotonic time at which the last successful put was sent
+        self._renewing = threading.Lock()  # one compare-and-swap of ours at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
@@ -86,10 +94,12 @@ class LeaseObject:
 
     def acquire(self) -> None:
         """Take the lease, or raise ``CheckpointDirLockedError`` naming the holder."""
+        sent = time.monotonic()
         try:
             self._etag = self._put(self.path, self._body(), if_absent=True)
         except FileExistsError:
             self._take_over()
+        self._confirmed = sent
         logger.debug("Took the writer lease of %s.", self.directory)
         self._thread = threading.Thread(target=self._renew, name="trainhooks-s3-lease", daemon=True)
         self._thread.start()
@@ -120,6 +130,18 @@ class LeaseObject:
     def _renew(self) -> None:
         while not self._stop.wait(self._seconds / 3):
             try:
+                if not self._renew_once():
+                    return
+            except OSError as e:  # the store is unreachable: try again at the next renewal
+                logger.warning("Could not renew the writer lease of %s: %s", self.directory, e)
+
+    def _renew_once(self) -> bool:
+        """Renew by compare-and-swap; False (and ``lost``) if another process holds it now."""
+        with self._renewing:
+            if self.lost:
+                return False
+            sent = time.monotonic()
+            try:
                 self._etag = self._put(self.path, self._body(), if_version=self._etag)
             except PreconditionFailed:
                 self.lost = True
@@ -129,9 +151,34 @@ class LeaseObject:
                     self.directory,
                     self._seconds,
                 )
-                return
-            except OSError as e:  # the store is unreachable: try again at the next renewal
-                logger.warning("Could not renew the writer lease of %s: %s", self.directory, e)
+                return False
+            self._confirmed = sent
+            return True
+
+    def confirm(self) -> None:
+        """Make sure the lease is still this process's, just before a commit.
+
+        Free while renewals keep up; after a stall of more than half the time to live,
+        one compare-and-swap renewal.
+
+        Raises:
+          CheckpointDirLockedError: another process took the lease over (this one
+            stalled past its time to live); every later call raises it too.
+          OSError: the store could not be asked.
+        """
+        if not self.lost and time.monotonic() - self._confirmed <= self._seconds / 2:
+            return
+        if self.lost or not self._renew_once():
+            current = self._read(self.path)
+            holder = _parse(current[0]) if current is not None else {}
+            raise CheckpointDirLockedError(
+                f"Lost the writer lease of checkpoint directory {self.directory}: this "
+                f"process was not heard from for longer than the lease's "
+                f"{self._seconds:.0f} s, and {_who(holder)} holds it now ({self.path}). "
+                "Nothing more is committed from this process; the other one writes there.",
+                self.directory,
+                holder.get("pid") if isinstance(holder.get("pid"), int) else None,
+            )
 
     def release(self) -> None:
         """Stop renewing and delete the lease object (if it is still ours)."""
