@@ -86,9 +86,11 @@ def check_directory(directory: str) -> int:
     return step
 
 
-def _start(directory: str, mode: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _start(
+    directory: str, mode: str, env: dict[str, str] | None = None, *extra: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, PROGRAM, directory, "--mode", mode],
+        [sys.executable, PROGRAM, directory, "--mode", mode, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -182,4 +184,44 @@ def crash_loop(
         proc.communicate()
     assert line.split()[1:] == [str(last_step), "leftovers=0"] or last_step < 0, line
     result.final_step = max(last_step, 0)
+    return result
+
+
+def upload_crash_loop(
+    directory: str | Path, target: str, kills: int, *, seed: int = 0
+) -> SoakResult:
+    """:func:`crash_loop` for a process that uploads each checkpoint (``UploadListener``).
+
+    Each kill lands while uploads run in the background (one starts at every step).
+    After each, both the local directory and ``target`` are checked as
+    :func:`check_directory` checks one (every listed checkpoint verifies, the latest
+    restores bit for bit), and neither's latest step goes back. A last run to its end
+    must upload its final checkpoint and leave ``target`` with no manifest-less prefix
+    and no unfinished upload.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    rng = random.Random(seed)
+    result = SoakResult()
+    last = {directory: -1, target: -1}
+    for _ in range(kills):
+        # Steps of 20 ms and kills up to 2 s in (the first upload starts about 0.5 s
+        # after "ready", then one runs all the time): uploads commit between kills,
+        # and kills cut others off part-way.
+        with _start(directory, "mts", None, "--upload", target, "--step-secs", "0.02") as proc:
+            _kill_at_random(proc, rng, result, 2.0, 0.1)
+        result.kills += 1
+        for where in (directory, target):
+            step = check_directory(where)
+            assert step >= last[where], f"{where}: the latest went back to {step}"
+            last[where] = step
+        result.restores_checked += last[target] >= 0
+        result.steps_at_kill.append(last[target])
+    final = last[directory] + 3
+    with _start(directory, "mts", None, "--upload", target, "--steps", str(final)) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert check_directory(target) == final, out
+    assert train_loop.leftovers(target) == []
+    result.final_step = final
     return result

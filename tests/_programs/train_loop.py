@@ -8,6 +8,10 @@ check any restored checkpoint bit for bit. Modes:
 * ``async``: a raw ``Session`` with ``Saver(async_save=True)`` saving every step in
   the background.
 
+With ``--upload TARGET`` (``mts`` only) the checkpoint hook carries an
+``UploadListener(TARGET, keep=3)``: checkpoints are saved to ``DIR`` and uploaded to
+``TARGET`` in the background.
+
 Lines on stdout (flushed): ``ready <step> leftovers=<n>`` once the first save after
 start-up is committed (``n`` = ``*.tmp-*``/``*.old-*`` entries left in the directory),
 ``step <k>`` after each completed step, ``hanging`` when ``--hang-at`` blocks a step, ``end <k>`` from a hook's ``end``, ``closed``
@@ -104,14 +108,23 @@ def run_mts(args: argparse.Namespace) -> None:
         if args.step_secs:
             time.sleep(args.step_secs)  # stands for compute; lets a signal land mid-step
 
+    hooks: list[Any] = [th.StopAtStepHook(last_step=args.steps), EndReporter()]
+    if args.upload:
+        listener = th.UploadListener(args.upload, keep=3)
+        saver = th.Saver(max_to_keep=3)
+        hooks.append(
+            th.CheckpointSaverHook(
+                args.dir, save_steps=args.save_steps, saver=saver, listeners=[listener]
+            )
+        )
     before = signal.getsignal(signal.SIGTERM)
     with th.MonitoredTrainingSession(
         checkpoint_dir=args.dir,
         state=state,
-        save_checkpoint_steps=args.save_steps,
+        save_checkpoint_steps=None if args.upload else args.save_steps,
         save_summaries_steps=0,
         log_step_count_steps=0,
-        hooks=[th.StopAtStepHook(last_step=args.steps), EndReporter()],
+        hooks=hooks,
         preemption_grace_period_secs=args.grace,
     ) as sess:
         _say(f"ready {state['meta']['count']} leftovers={len(leftovers(args.dir))}")
@@ -153,6 +166,7 @@ def main() -> None:
     parser.add_argument("--step-secs", type=float, default=0.0)
     parser.add_argument("--hang-at", type=int, default=None)
     parser.add_argument("--grace", type=float, default=25.0)
+    parser.add_argument("--upload", default=None, help="upload each checkpoint there too")
     args = parser.parse_args()
     if "://" not in args.dir:
         os.makedirs(args.dir, exist_ok=True)

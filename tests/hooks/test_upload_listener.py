@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import boto3
 import numpy as np
 import pytest
 from tests.helpers.fault_proxy import FaultProxy, Rule, nth
+from tests.helpers.paths import PROGRAMS
 from tests.helpers.s3_server import s3_bucket, s3_endpoint
 
 import trainhooks as th
@@ -27,6 +29,10 @@ from trainhooks.checkpoint.storage.s3_client import RetryPolicy
 from trainhooks.hooks.listeners.remote_copy import HOLDING_DIR
 from trainhooks.session.hooked import HookedSession
 from trainhooks.session.session import Session
+
+sys.path.insert(0, str(PROGRAMS))  # tests/_programs/*.py are imported by name
+
+import crash_driver
 
 __all__ = ["s3_bucket", "s3_endpoint"]
 
@@ -246,3 +252,16 @@ def test_a_store_that_is_down_never_stops_training(
 def test_an_upload_listener_needs_a_hook() -> None:
     with pytest.raises(RuntimeError, match="not attached to a CheckpointSaverHook"):
         th.UploadListener("s3://bucket/run").begin()
+
+
+@pytest.mark.slow
+def test_sigkill_while_uploading_never_loses_a_committed_copy(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    # A real training process saving every step locally and uploading each checkpoint in
+    # the background, SIGKILLed at random moments: the uploaded copies stay whole and
+    # restorable, and a last run leaves the store clean with its final checkpoint.
+    result = crash_driver.upload_crash_loop(tmp_path / "ckpt", f"{s3_bucket}/run", 8, seed=21)
+    assert result.kills == 8
+    assert result.restores_checked >= 5, result.summary()
+    assert len(set(result.steps_at_kill)) >= 3, result.steps_at_kill  # uploads went on
