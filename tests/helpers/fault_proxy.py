@@ -9,7 +9,9 @@ faults are what a real network and a busy store do:
 * ``"drop_after"``: forward, then close without answering (the outcome is unknown to
   the client: the server applied the request);
 * ``"truncate"``: forward, then send the response's headers and half of its body;
-* ``"stall"``: wait ``stall_seconds`` before forwarding (past the client's timeout).
+* ``"stall"``: wait ``stall_seconds`` before forwarding (past the client's timeout);
+* ``"stall_body"``: forward, send the headers and half of the body, then wait
+  ``stall_seconds`` and close (a transfer that stops in the middle).
 
 ``proxy.seen`` records ``(method, path, fault)`` for every request, for assertions.
 """
@@ -86,9 +88,11 @@ class FaultProxy:
                 if not head:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if fault == "truncate":
+                if fault in ("truncate", "stall_body"):
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
+                    if fault == "stall_body":
+                        time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
                 self.wfile.write(data)

@@ -112,7 +112,7 @@ def test_a_save_through_transient_faults_commits_whole(
     assert _restores(run, want) == f"{run}/model.ckpt-1"
 
 
-@pytest.mark.parametrize("fault", ["truncate", "drop", "slowdown", "stall"])
+@pytest.mark.parametrize("fault", ["truncate", "drop", "slowdown", "stall", "stall_body"])
 def test_a_restore_through_faulty_ranged_reads_gets_every_byte(
     proxy: FaultProxy, s3_store: S3Store, unregister: None, fault: str
 ) -> None:

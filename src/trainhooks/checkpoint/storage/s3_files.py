@@ -17,6 +17,7 @@ the object was opened (``If-Match``), so a reader never mixes two versions of an
 from __future__ import annotations
 
 import errno
+import http.client
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -266,13 +267,12 @@ class S3ReadFile:
                 IfMatch=self._etag,
             )
             body = response["Body"]
-            got = 0
             try:
-                while got < len(out):
-                    n = body.readinto(out[got:])
-                    if not n:
-                        break
-                    got += n
+                got = _fill(body, out)
+            except (OSError, http.client.HTTPException) as e:
+                # The body stopped part-way (reset, timed out): a dropped transfer,
+                # retried like botocore's own streaming errors.
+                raise botocore.exceptions.ResponseStreamingError(error=e) from e
             finally:
                 body.close()
             if got != len(out):
@@ -293,3 +293,35 @@ class S3ReadFile:
 
     def close(self) -> None:
         self._data = None  # views handed out keep the buffer alive
+
+
+def _fill(body: Any, out: memoryview) -> int:
+    """Read a ``GetObject`` body into ``out``; returns the number of bytes read.
+
+    botocore's ``StreamingBody.readinto`` goes through urllib3 (2.x), which reads each
+    piece into a new ``bytes`` and copies it: twice the memory traffic, and a
+    page-faulting allocation per read. A plain body (no content encoding) is read with
+    ``http.client``'s own ``readinto`` instead, from the socket straight into ``out``
+    (measured on the local servers, one 256 MiB GET: 0.53 s through urllib3, 0.28 s
+    this way); once it is read whole the connection goes back to urllib3's pool, as
+    urllib3 itself does. Any other body is read through botocore.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    direct = (
+        fp is not None
+        and callable(getattr(fp, "readinto", None))
+        and callable(getattr(fp, "isclosed", None))
+        and callable(getattr(raw, "release_conn", None))
+        and not getattr(raw, "headers", {}).get("content-encoding")
+    )
+    readinto = fp.readinto if direct else body.readinto
+    got = 0
+    while got < len(out):
+        n = readinto(out[got:])
+        if not n:
+            break
+        got += n
+    if direct and fp.isclosed():
+        raw.release_conn()  # read to its end: the connection may serve the next request
+    return got
