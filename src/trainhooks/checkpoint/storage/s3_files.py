@@ -306,8 +306,8 @@ def _fill(body: Any, out: memoryview) -> int:
     this way); once it is read whole the connection goes back to urllib3's pool, as
     urllib3 itself does. Any other body is read through botocore.
     """
-    raw = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp: Any = getattr(raw, "_fp", None)
     direct = (
         fp is not None
         and callable(getattr(fp, "readinto", None))
