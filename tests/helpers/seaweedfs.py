@@ -16,6 +16,7 @@ under it resolve to SeaweedFS while every other ``s3://`` path still goes to mot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,6 +99,9 @@ def start_seaweedfs(data_dir: str | os.PathLike[str]) -> tuple[subprocess.Popen[
         "-volume.max=0",  # as many volumes as the disk holds (the default is 8)
         "-s3.port.iceberg=0",  # no catalogs: their fixed ports clash between workers
         "-s3.port.lance=0",
+        # Its sockets in its own directory, removed with it (not left in /tmp).
+        f"-filer.localSocket={data / 'filer.sock'}",
+        f"-s3.localSocket={data / 's3.sock'}",
         *(f"-{name}={port}" for name, port in ports.items()),
     ]
     server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -126,6 +130,13 @@ def stop_seaweedfs(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGKILL)
     server.wait()
+    # Its gRPC sockets are always made in /tmp, named by role and port.
+    for arg in server.args[2:]:  # type: ignore[index]
+        name, _, port = str(arg).lstrip("-").partition("=")
+        if name.endswith(".port.grpc"):
+            role = name.split(".")[0]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/tmp/seaweedfs-{role}-grpc-{port}.sock")
 
 
 @pytest.fixture(scope="session")
