@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from trainhooks.checkpoint.format.bulk_json import is_plain
 from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.manifest import (
     Chunk,
@@ -126,9 +127,7 @@ def _header_text(
     for key in set(zip(codes, shapes)):
         dims = ",".join(map(str, key[1]))
         middles[key] = f':{{"dtype":"{key[0]}","shape":[{dims}],"data_offsets":['
-    joined = "".join(names)
-    plain = joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
-    del joined
+    plain = is_plain("".join(names))
     pieces = []
     step = 4096
     offset = 0

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from trainhooks.checkpoint.format import bulk_json
+
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "FORMAT_NAME",
@@ -188,9 +190,11 @@ class TensorIndex(Mapping[str, TensorEntry]):
 
 
 def encode_json(value: Any, what: str) -> str:
-    """Compact JSON for ``value``; ValueError naming ``what`` if it is not JSON-serialisable."""
+    """Compact JSON for ``value``; ValueError naming ``what`` if it is not JSON-serialisable.
+
+    The text is ``json.dumps``'s, built in bulk for long lists (``bulk_json.py``)."""
     try:
-        return json.dumps(value, separators=(",", ":"))
+        return bulk_json.dumps(value)
     except (TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
 
@@ -234,7 +238,7 @@ def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[by
 
         sharded = encode_sharded(manifest.sharded)
         pieces.append(b',"sharded":' + json.dumps(sharded, separators=(",", ":")).encode())
-    pieces.append(b',"files":' + json.dumps(files, separators=(",", ":")).encode() + b"}")
+    pieces.append(b',"files":' + bulk_json.dumps(files).encode() + b"}")
     length = sum(map(len, pieces))
     if length + SEAL_LENGTH > MAX_MANIFEST_BYTES:
         raise ValueError(
