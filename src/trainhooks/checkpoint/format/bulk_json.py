@@ -103,22 +103,25 @@ def _long_list(items: Sequence[Any]) -> str:
     # Shared items (the tree's leaf nodes): one encoding each. A sample first, since
     # telling 100k distinct items apart costs more than encoding them.
     if len(set(map(id, items[:_LONG]))) * 2 <= _LONG:
-        by_id = {id(v): v for v in items}
-        if 2 * len(by_id) <= len(items):
+        ids = list(map(id, items))
+        distinct = set(ids)
+        if 2 * len(distinct) <= len(items):
+            if len(distinct) <= _LONG:  # a few kinds of arrays: find each in C
+                by_id = {i: items[ids.index(i)] for i in distinct}
+            else:
+                by_id = {id(v): v for v in items}
             encoded = {i: dumps(v) for i, v in by_id.items()}
-            return "[" + ",".join(map(encoded.__getitem__, map(id, items))) + "]"
+            return "[" + ",".join(map(encoded.__getitem__, ids)) + "]"
     types = set(map(type, items))
     if types == {str}:
         return string_array(items)
     if types == {tuple}:
         # Tuples of ints (shapes): equal ones have the same text, so a value is a key.
         try:
-            distinct = set(items)
+            kinds = set(items)
         except TypeError:  # a tuple holding a list
             return _dumps(items)
-        if 2 * len(distinct) <= len(items) and set(map(type, chain.from_iterable(distinct))) <= {
-            int
-        }:
-            text = {t: _dumps(t) for t in distinct}
+        if 2 * len(kinds) <= len(items) and set(map(type, chain.from_iterable(kinds))) <= {int}:
+            text = {t: _dumps(t) for t in kinds}
             return "[" + ",".join(map(text.__getitem__, items)) + "]"
     return _dumps(items)  # distinct items: json.dumps's C loop is as fast as any

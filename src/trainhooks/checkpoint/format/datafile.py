@@ -288,7 +288,7 @@ def _write_data_file(
                     pending, used = [], 0
                 block = buffer[used : used + nbytes]
                 columns.gather(
-                    list(order[first : first + count]), file_sizes[first : first + count], block
+                    order[first : first + count], file_sizes[first : first + count], block
                 )
                 digest = checksum(block.data)
                 pending.append(block.data)
