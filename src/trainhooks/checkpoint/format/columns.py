@@ -121,6 +121,28 @@ class TensorColumns(Mapping[str, TensorData]):
             return np.ascontiguousarray(source).reshape(-1).view(np.uint8).data
         return source.buffer  # type: ignore[union-attr]
 
+    def joined(self, order: Sequence[int], nbytes: int) -> bytes | None:
+        """The bytes of tensors ``order`` (``nbytes`` in all) back to back, when every one is
+        a plain C-contiguous array; None otherwise (then :meth:`gather` them).
+
+        ``bytes.join`` reads each array's buffer in C: half the time of ``np.concatenate``
+        for 1 KiB arrays, with no dtype to agree on. A strided array has no such buffer.
+        """
+        picked = self._picked(order)
+        if not picked or set(map(type, picked)) != {_NDARRAY}:
+            return None
+        try:
+            data = b"".join(picked)  # type: ignore[arg-type]
+        except TypeError:  # not C-contiguous
+            return None
+        return data if len(data) == nbytes else None
+
+    def _picked(self, order: Sequence[int]) -> list[Source]:
+        sources = self.sources
+        if type(order) is range and order.step == 1:
+            return sources[order.start : order.stop]
+        return [sources[i] for i in order]
+
     def gather(self, order: Sequence[int], sizes: list[int], out: np.ndarray[Any, Any]) -> int:
         """Copy the bytes of tensors ``order`` (of ``sizes`` bytes) back to back into ``out``.
 
@@ -129,10 +151,7 @@ class TensorColumns(Mapping[str, TensorData]):
         operations, or none when all are arrays of one dtype. Returns the bytes written.
         """
         sources = self.sources
-        if type(order) is range and order.step == 1:
-            picked = sources[order.start : order.stop]
-        else:
-            picked = [sources[i] for i in order]
+        picked = self._picked(order)
         # The common case in bulk: plain arrays of one dtype (a state of 100k small tensors)
         # take one concatenate and no per-tensor step; the loop below is the general case.
         if picked and set(map(type, picked)) == {_NDARRAY}:

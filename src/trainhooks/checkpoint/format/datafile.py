@@ -244,8 +244,8 @@ def write_data_file(
     it, and describe it.
 
     Each run of small tensors (see ``manifest.plan_chunks``) is gathered from its sources
-    into a reused buffer of ``_BATCH_BYTES``, checksummed there and written with the runs
-    next to it in one call; a tensor of a run of its own is checksummed and written
+    (joined in C when they are plain contiguous arrays, else into a reused buffer of
+    ``_BATCH_BYTES``), checksummed there and written with the runs next to it in one call; a tensor of a run of its own is checksummed and written
     straight from its memory. The memory a save needs beyond the state is that buffer
     and the header. ``sizes`` are every tensor's bytes (by position in ``columns``);
     ``layout`` is :func:`plan_data_file`'s for them, if it is known.
@@ -264,7 +264,7 @@ def _write_data_file(
     position = data_start = layout.data_start
     chunks: list[Chunk] = []
     buffer: np.ndarray[Any, Any] | None = None
-    pending: list[memoryview] = []
+    pending: list[memoryview | bytes] = []
     used = 0
     first = 0
     f = storage.create(path)
@@ -281,17 +281,22 @@ def _write_data_file(
                 f.write([view])
                 del view
             else:  # fast path: a run of small tensors is gathered, hashed and written at once
-                if buffer is None:
-                    buffer = np.empty(_BATCH_BYTES, np.uint8)
                 if used + nbytes > _BATCH_BYTES:
                     f.write(pending)
                     pending, used = [], 0
-                block = buffer[used : used + nbytes]
-                columns.gather(
-                    order[first : first + count], file_sizes[first : first + count], block
-                )
-                digest = checksum(block.data)
-                pending.append(block.data)
+                run = order[first : first + count]
+                data: memoryview | bytes
+                joined = columns.joined(run, nbytes)
+                if joined is not None:
+                    data = joined
+                else:  # not all plain contiguous arrays: gathered into the reused buffer
+                    if buffer is None:
+                        buffer = np.empty(_BATCH_BYTES, np.uint8)
+                    block = buffer[used : used + nbytes]
+                    columns.gather(run, file_sizes[first : first + count], block)
+                    data = block.data
+                digest = checksum(data)
+                pending.append(data)
                 used += nbytes
             chunks.append(Chunk(first, count, position, position + nbytes, digest))
             first += count
