@@ -114,3 +114,19 @@ def test_a_circular_list_is_refused() -> None:
     value.append(value)
     with pytest.raises((ValueError, RecursionError)):
         dumps([value] * _LONG)
+
+
+def test_texts_keep_the_encoding_of_the_lists_named_there() -> None:
+    leaf = ["numpy", "F32", [2]]
+    keys = [f"k{i}" for i in range(_LONG)]
+    nodes = [leaf] * _LONG
+    tree = {"dict": keys, "values": nodes, "other": [leaf] * _LONG}
+    texts: dict[int, Any] = {id(keys): (keys, None), id(nodes): (nodes, None)}
+    assert dumps(tree, texts) == reference(tree)
+    assert texts[id(keys)] == (keys, reference(keys))
+    assert texts[id(nodes)][1] == reference(nodes)
+    assert len(texts) == 2  # a list not named there is not kept
+    texts[id(nodes)] = (nodes, "[KEPT]")
+    assert dumps(tree, texts) == reference(tree).replace(reference(nodes), "[KEPT]", 1)
+    equal = list(nodes)  # an equal list, another object: encoded afresh
+    assert dumps({"values": equal}, texts) == reference({"values": equal})

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-__all__ = ["dumps", "is_plain", "string_array"]
+__all__ = ["Texts", "dumps", "is_plain", "string_array"]
 
 _SEPARATORS = (",", ":")
 #: Lists shorter than this are walked (when they hold containers) or left to ``json.dumps``.
@@ -62,13 +62,20 @@ def string_array(strings: Sequence[str]) -> str:
     return _dumps(list(strings))
 
 
-def dumps(value: Any) -> str:
+#: Long lists that never change once made, by id, each with its text once encoded (None
+#: before): ``{id(items): (items, text)}``. Holding the list keeps its id its own.
+Texts = dict[int, tuple[Any, "str | None"]]
+
+
+def dumps(value: Any, texts: Texts | None = None) -> str:
     """``json.dumps(value, separators=(",", ":"))``, with long lists encoded in bulk.
 
     Dicts with str keys and lists are walked; a long list is joined from one encoding per
     distinct item (by identity, or by value for tuples of ints such as shapes) when its
     items repeat, or from its strings when it holds only strings; everything else is
-    ``json.dumps``'s own.
+    ``json.dumps``'s own. A long list that is in ``texts`` (that very object) is encoded
+    once, its text kept there for the next call: pass only lists that are never modified
+    (a flatten memo's, ``saving/layout.py``).
 
     Raises:
       TypeError, ValueError, RecursionError: as ``json.dumps`` (an unsupported value, a
@@ -83,12 +90,20 @@ def dumps(value: Any) -> str:
     if kind is dict:
         if set(map(type, value)) - {str}:
             return _dumps(value)  # json.dumps's own rendering of non-str keys
-        return "{" + ",".join([f"{_key(k)}:{dumps(v)}" for k, v in value.items()]) + "}"
+        items = value.items()
+        return "{" + ",".join([f"{_key(k)}:{dumps(v, texts)}" for k, v in items]) + "}"
     if kind is list or kind is tuple:
         if len(value) >= _LONG:
-            return _long_list(value)
+            known = None if texts is None else texts.get(id(value))
+            if texts is None or known is None or known[0] is not value:
+                return _long_list(value, texts)
+            text = known[1]
+            if text is None:
+                text = _long_list(value, texts)
+                texts[id(value)] = (value, text)
+            return text
         if any(type(v) in _CONTAINERS for v in value):
-            return "[" + ",".join(map(dumps, value)) + "]"
+            return "[" + ",".join([dumps(v, texts) for v in value]) + "]"
     return _dumps(value)
 
 
@@ -99,7 +114,7 @@ def _key(key: str) -> str:
     return f'"{key}"' if is_plain(key) else _dumps(key)
 
 
-def _long_list(items: Sequence[Any]) -> str:
+def _long_list(items: Sequence[Any], texts: Texts | None) -> str:
     # Shared items (the tree's leaf nodes): one encoding each. A sample first, since
     # telling 100k distinct items apart costs more than encoding them.
     if len(set(map(id, items[:_LONG]))) * 2 <= _LONG:
@@ -110,7 +125,7 @@ def _long_list(items: Sequence[Any]) -> str:
                 by_id = {i: items[ids.index(i)] for i in distinct}
             else:
                 by_id = {id(v): v for v in items}
-            encoded = {i: dumps(v) for i, v in by_id.items()}
+            encoded = {i: dumps(v, texts) for i, v in by_id.items()}
             return "[" + ",".join(map(encoded.__getitem__, ids)) + "]"
     types = set(map(type, items))
     if types == {str}:

@@ -189,12 +189,13 @@ class TensorIndex(Mapping[str, TensorEntry]):
         return name in self._index
 
 
-def encode_json(value: Any, what: str) -> str:
+def encode_json(value: Any, what: str, texts: bulk_json.Texts | None = None) -> str:
     """Compact JSON for ``value``; ValueError naming ``what`` if it is not JSON-serialisable.
 
-    The text is ``json.dumps``'s, built in bulk for long lists (``bulk_json.py``)."""
+    The text is ``json.dumps``'s, built in bulk for long lists (``bulk_json.py``, which
+    says what ``texts`` may hold)."""
     try:
-        return bulk_json.dumps(value)
+        return bulk_json.dumps(value, texts)
     except (TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
 

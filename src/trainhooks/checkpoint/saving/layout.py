@@ -14,11 +14,13 @@ Nothing here holds an array: the sources of each save are its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from trainhooks.checkpoint.format.bulk_json import Texts
 from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.datafile import FileLayout, plan_data_file, plan_files
 from trainhooks.checkpoint.format.manifest import FileEntry
+from trainhooks.checkpoint.state.tree_flatten import PlainDict
 
 __all__ = ["Layout", "SaveCache", "plan_layout"]
 
@@ -69,9 +71,10 @@ def plan_layout(
 class SaveCache:
     """A saver's memory of its last save's structure (see the module docstring).
 
-    ``flatten`` is ``tree.flatten_state``'s memo (dicts of plain arrays); :meth:`layout`
-    returns the data files' plan; ``manifest_heads`` is ``manifest.encode_manifest``'s
-    memo of each file's entry. One save at a time uses it (a saver's saves are serial).
+    ``flatten`` is ``tree.flatten_state``'s memo (dicts of plain arrays), whose lists
+    the state tree shares, and :meth:`tree_texts` their JSON; :meth:`layout` returns
+    the data files' plan; ``manifest_heads`` is ``manifest.encode_manifest``'s memo of
+    each file's entry. One save at a time uses it (a saver's saves are serial).
 
     Example:
         >>> import numpy as np
@@ -82,9 +85,21 @@ class SaveCache:
     """
 
     def __init__(self) -> None:
-        self.flatten: dict[str, Any] = {}
+        self.flatten: dict[str, PlainDict] = {}
         self.manifest_heads: dict[int, tuple[FileEntry, bytes]] = {}
         self._last: Layout | None = None
+        self._texts: Texts = {}
+
+    def tree_texts(self) -> Texts:
+        """``bulk_json.dumps``'s ``texts`` for the lists of the flatten memo, which are never
+        modified: the text of a list the last save's tree had too is kept."""
+        old, new = self._texts, {}
+        for plan in self.flatten.values():
+            for items in (plan.keys, plan.nodes):
+                known = old.get(id(items))
+                new[id(items)] = known if known is not None and known[0] is items else (items, None)
+        self._texts = new
+        return new
 
     def layout(self, flat: TensorColumns, max_file_bytes: int, world_size: int) -> Layout | None:
         """The last save's layout if ``flat`` has its names, dtype codes and shapes (and the
@@ -112,3 +127,4 @@ class SaveCache:
         self.flatten.clear()
         self.manifest_heads.clear()
         self._last = None
+        self._texts = {}

@@ -123,7 +123,8 @@ def write_checkpoint(
         tensors = check_flat(_Flat(columns, flat.tree), global_step, names_checked=checked)
         user_metadata = dict(metadata or {})
         encode_json(user_metadata, "metadata")  # fail before writing anything
-        tree_json = encode_json(flat.tree, "the state tree")
+        texts = None if cache is None else cache.tree_texts()
+        tree_json = encode_json(flat.tree, "the state tree", texts)
     if layout is None:
         with paused_gc():
             layout = plan_layout(columns, tensors, max_shard_bytes, group.world_size)
