@@ -5,8 +5,9 @@ the tensors, sizing them, planning the data files, encoding their headers and th
 manifest's columns (~1 us per tensor each). A training loop saves the same structure
 over and over, so a :class:`SaveCache` (one per ``Saver``) keeps all of that and a save
 whose tensors have the same names, dtype codes and shapes as the last one (compared
-whole: ~10 ms for 100k tensors, in C) reuses it. Only the bytes, their checksums and
-the tree are taken afresh; a state that changed in any other way is planned anew.
+whole: ~10 ms for 100k tensors, in C) reuses it. Only the bytes and their checksums are
+taken afresh, and the tree is walked again (its lists that the flatten memo shares keep
+their JSON); a state whose tensors changed in any other way is planned anew.
 
 Nothing here holds an array: the sources of each save are its own.
 """
