@@ -1,4 +1,4 @@
-"""``datafile._write_data_file`` (runs of small tensors gathered into one buffer, hashed
+"""``datafile.write_data_file`` (runs of small tensors gathered into one buffer, hashed
 and written in one call) against its plain reference, which writes and hashes the
 tensors one at a time: the same file, byte for byte, and the same manifest entry.
 """
@@ -102,7 +102,7 @@ def columns_and_order(draw: st.DrawFn) -> tuple[TensorColumns, Sequence[int]]:
 def test_gathered_writes_agree_with_the_reference(case: Any) -> None:
     columns, order = case
     with small_runs():
-        fast = write(datafile._write_data_file, columns, order)
+        fast = write(datafile.write_data_file, columns, order)
         assert fast == write(datafile._write_data_file_reference, columns, order)
 
 
@@ -118,5 +118,5 @@ def test_default_sizes_agree_with_the_reference() -> None:
         list(arrays),
     )
     for order in (range(len(arrays)), list(range(len(arrays)))[::-1]):
-        fast = write(datafile._write_data_file, columns, order)
+        fast = write(datafile.write_data_file, columns, order)
         assert fast == write(datafile._write_data_file_reference, columns, order)

@@ -35,6 +35,7 @@ from trainhooks.checkpoint.saving.directories import (
     track_background_writer,
     wait_for_saves_into,
 )
+from trainhooks.checkpoint.saving.layout import SaveCache
 from trainhooks.checkpoint.saving.restore import (
     RestoreReport,
     restore_checkpoint,
@@ -162,6 +163,7 @@ class Saver:
         self._storage = storage
         self._clock = clock
         self._pool = SnapshotPool()
+        self._cache = SaveCache()  # the last save's structure, for the next one (layout.py)
         if background_priority not in ("idle", "normal"):
             raise ValueError(
                 f"background_priority must be 'idle' or 'normal', got {background_priority!r}."
@@ -185,6 +187,7 @@ class Saver:
             pad_step_number=self._pad_step_number,
             # In a job, only the coordinator claims the directory and keeps its books.
             directories=self._directories if group.rank == 0 else None,
+            memo=self._cache.flatten,
         )
 
     @property
@@ -406,6 +409,7 @@ class Saver:
             self._writer.close()
         finally:
             self._pool.clear()
+            self._cache.clear()
             self._directories.release_all()
 
     def _write_and_record(self, job: SaveJob) -> CommittedSave:
@@ -416,6 +420,7 @@ class Saver:
             max_shard_bytes=self._max_shard_bytes,
             save_relative_paths=self._save_relative_paths,
             group=self._group,
+            cache=self._cache,
         )
 
     # ---- restore --------------------------------------------------------------------

@@ -118,3 +118,26 @@ def test_from_mapping_builds_columns_from_tensor_data() -> None:
 def test_columns_of_different_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="2 names, 1 codes, 2 shapes and 2 sources"):
         TensorColumns(["a", "b"], ["F32"], [(1,), (1,)], [np.ones(1), np.ones(1)])
+
+
+def test_joined_is_the_bytes_of_plain_contiguous_arrays_only() -> None:
+    arrays = [
+        np.arange(3, dtype=np.float32),
+        np.array(7, dtype=np.int16),
+        np.array([True, False]),
+        np.zeros((2, 0), np.float64),
+    ]
+    cols = TensorColumns(
+        [f"t{i}" for i in range(len(arrays))],
+        ["F32", "I16", "BOOL", "F64"],
+        [a.shape for a in arrays],
+        list(arrays),
+    )
+    whole = b"".join(raw(a) for a in arrays)
+    assert cols.joined(range(4), len(whole)) == whole
+    assert cols.joined([2, 0], 14) == raw(arrays[2]) + raw(arrays[0])
+    assert cols.joined(range(4), len(whole) + 1) is None  # not the size the plan says
+    strided = TensorColumns(["s"], ["F32"], [(2,)], [np.arange(4, dtype=np.float32)[::2]])
+    assert strided.joined(range(1), 8) is None
+    data = TensorColumns(["d"], ["F32"], [(1,)], [TensorData("F32", (1,), memoryview(b"abcd"))])
+    assert data.joined(range(1), 4) is None

@@ -281,14 +281,13 @@ def test_a_crashed_save_is_never_listed_and_is_cleaned_at_the_next_start(
     prefix = os.path.join(root, "model.ckpt-3")
     flat, _ = _flat(3)
     # A save that wrote its data files and died before its commit.
-    from trainhooks.checkpoint.format.datafile import plan_files
     from trainhooks.checkpoint.format.flat_check import check_flat
+    from trainhooks.checkpoint.saving.layout import plan_layout
 
     tensors = check_flat(flat, 3)
-    sizes = tensors.nbytes()
-    groups = plan_files(tensors, sizes, 4096)
+    layout = plan_layout(tensors, tensors, 4096, 1)
     staging = begin_staging(storage, prefix)
-    write_data_files(storage, staging, tensors, sizes, groups, range(len(groups)))
+    write_data_files(storage, staging, tensors, layout, range(len(layout.groups)))
     assert not is_checkpoint(prefix, storage=storage)
     with pytest.raises(th.errors.NotFoundError if storage.can_rename else th.errors.DataLossError):
         open_checkpoint(prefix, storage=storage)
@@ -411,19 +410,18 @@ def test_two_saves_racing_on_one_prefix_commit_one_whole_checkpoint(backend: Bac
     storage.makedirs(root)
     prefix = os.path.join(root, "model.ckpt-6")
     write_checkpoint(prefix, _flat(1)[0], global_step=6, storage=storage)
-    from trainhooks.checkpoint.format.datafile import plan_files
     from trainhooks.checkpoint.format.flat_check import check_flat
     from trainhooks.checkpoint.format.manifest import Manifest
+    from trainhooks.checkpoint.saving.layout import plan_layout
     from trainhooks.checkpoint.saving.write import commit_checkpoint
 
     staged = []
     for seed in (2, 3):  # two saves of the same step, begun before either commits
         flat, arrays = _flat(seed)
         tensors = check_flat(flat, 6)
-        sizes = tensors.nbytes()
-        groups = plan_files(tensors, sizes, 1 << 30)
+        layout = plan_layout(tensors, tensors, 1 << 30, 1)
         staging = begin_staging(storage, prefix)
-        files = write_data_files(storage, staging, tensors, sizes, groups, range(len(groups)))
+        files = write_data_files(storage, staging, tensors, layout, range(len(layout.groups)))
         staged.append((staging, Manifest(6, 0.0, flat.tree, {}, files, {}), arrays))
     first, second = staged
     commit_checkpoint(storage, first[0], first[1])

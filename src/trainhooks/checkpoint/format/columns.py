@@ -15,7 +15,8 @@ tensor's ``TensorData`` on demand, so code that wants one tensor still gets one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import Any, Union
 
 import numpy as np
@@ -47,6 +48,7 @@ GATHER_DTYPES: dict[np.dtype[Any], str] = {
     )
 }
 _NDARRAY = np.ndarray
+_DTYPE = attrgetter("dtype")
 
 
 class TensorColumns(Mapping[str, TensorData]):
@@ -119,14 +121,46 @@ class TensorColumns(Mapping[str, TensorData]):
             return np.ascontiguousarray(source).reshape(-1).view(np.uint8).data
         return source.buffer  # type: ignore[union-attr]
 
-    def gather(self, order: list[int], sizes: list[int], out: np.ndarray[Any, Any]) -> int:
+    def joined(self, order: Sequence[int], nbytes: int) -> bytes | None:
+        """The bytes of tensors ``order`` (``nbytes`` in all) back to back, when every one is
+        a plain C-contiguous array; None otherwise (then :meth:`gather` them).
+
+        ``bytes.join`` reads each array's buffer in C: half the time of ``np.concatenate``
+        for 1 KiB arrays, with no dtype to agree on. A strided array has no such buffer.
+        """
+        picked = self._picked(order)
+        if not picked or set(map(type, picked)) != {_NDARRAY}:
+            return None
+        try:
+            data = b"".join(picked)  # type: ignore[arg-type]
+        except TypeError:  # not C-contiguous
+            return None
+        return data if len(data) == nbytes else None
+
+    def _picked(self, order: Sequence[int]) -> list[Source]:
+        sources = self.sources
+        if type(order) is range and order.step == 1:
+            return sources[order.start : order.stop]
+        return [sources[i] for i in order]
+
+    def gather(self, order: Sequence[int], sizes: list[int], out: np.ndarray[Any, Any]) -> int:
         """Copy the bytes of tensors ``order`` (of ``sizes`` bytes) back to back into ``out``.
 
         ``out`` is a uint8 array. Runs of arrays of one dtype go through one
         ``np.concatenate`` each (a C loop), so the per-tensor cost is a few list
-        operations. Returns the bytes written.
+        operations, or none when all are arrays of one dtype. Returns the bytes written.
         """
         sources = self.sources
+        picked = self._picked(order)
+        # The common case in bulk: plain arrays of one dtype (a state of 100k small tensors)
+        # take one concatenate and no per-tensor step; the loop below is the general case.
+        if picked and set(map(type, picked)) == {_NDARRAY}:
+            dtypes = set(map(_DTYPE, picked))
+            if len(dtypes) == 1:
+                n = sum(sizes)
+                arrays: list[np.ndarray[Any, Any]] = picked  # type: ignore[assignment]
+                np.concatenate(arrays, axis=None, out=out[:n].view(dtypes.pop()))
+                return n
         position = 0
         j, count = 0, len(order)
         while j < count:

@@ -22,10 +22,11 @@ import struct
 from collections.abc import Sequence
 from itertools import accumulate
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from trainhooks.checkpoint.format.bulk_json import is_plain
 from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.manifest import (
     Chunk,
@@ -42,10 +43,12 @@ __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_MAX_FILE_BYTES",
     "MAX_HEADER_BYTES",
+    "FileLayout",
     "check_header",
     "data_file_name",
     "encode_header",
     "header_pieces",
+    "plan_data_file",
     "plan_files",
     "read_header",
     "verify_header",
@@ -126,9 +129,7 @@ def _header_text(
     for key in set(zip(codes, shapes)):
         dims = ",".join(map(str, key[1]))
         middles[key] = f':{{"dtype":"{key[0]}","shape":[{dims}],"data_offsets":['
-    joined = "".join(names)
-    plain = joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
-    del joined
+    plain = is_plain("".join(names))
     pieces = []
     step = 4096
     offset = 0
@@ -194,46 +195,82 @@ def encode_header(
     return b"".join(header_pieces(names, codes, shapes, sizes)[0])
 
 
+class FileLayout(NamedTuple):
+    """A data file as its tensors' names, dtype codes and shapes make it: all but the bytes.
+
+    The same from one save to the next while the tensors are (``saving/layout.py`` keeps
+    it): ``names``, ``dtypes``, ``shapes`` and ``sizes`` of the file's tensors in file
+    order, its ``header`` pieces (:func:`header_pieces`), ``data_start``, and ``runs``, the
+    tensor count of each checksum run (``manifest.plan_chunks``).
+    """
+
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: list[int]
+    header: list[bytes]
+    data_start: int
+    runs: list[int]
+
+
+def plan_data_file(
+    columns: TensorColumns, order: Sequence[int], sizes: Sequence[int]
+) -> FileLayout:
+    """The layout of the data file holding tensors ``order`` of ``columns`` (``sizes`` bytes
+    each, by position in ``columns``), in that order."""
+    with paused_gc():  # 100k tensors make 100k strings here; none of them is garbage
+        if order == range(len(columns)):  # one file in given order: no per-tensor picking
+            names, dtypes = tuple(columns.names), tuple(columns.codes)
+            shapes, file_sizes = tuple(columns.shapes), list(sizes)
+        else:
+            names = tuple(columns.names[i] for i in order)
+            dtypes = tuple(columns.codes[i] for i in order)
+            shapes = tuple(columns.shapes[i] for i in order)
+            file_sizes = [sizes[i] for i in order]
+        header, data_start = header_pieces(names, dtypes, shapes, file_sizes)
+        runs = plan_chunks(file_sizes, CHUNK_BYTES)
+    return FileLayout(names, dtypes, shapes, file_sizes, header, data_start, runs)
+
+
 def write_data_file(
-    storage: Storage, path: str, columns: TensorColumns, order: Sequence[int], sizes: Sequence[int]
+    storage: Storage,
+    path: str,
+    columns: TensorColumns,
+    order: Sequence[int],
+    sizes: Sequence[int],
+    layout: FileLayout | None = None,
 ) -> FileEntry:
     """Write tensors ``order`` of ``columns`` as a safetensors file at ``path`` (new), fsync
     it, and describe it.
 
     Each run of small tensors (see ``manifest.plan_chunks``) is gathered from its sources
-    into a reused buffer of ``_BATCH_BYTES``, checksummed there and written with the runs
-    next to it in one call; a tensor of a run of its own is checksummed and written
+    (joined in C when they are plain contiguous arrays, else into a reused buffer of
+    ``_BATCH_BYTES``), checksummed there and written with the runs next to it in one call; a tensor of a run of its own is checksummed and written
     straight from its memory. The memory a save needs beyond the state is that buffer
-    and the header. ``sizes`` are every tensor's bytes (by position in ``columns``).
+    and the header. ``sizes`` are every tensor's bytes (by position in ``columns``);
+    ``layout`` is :func:`plan_data_file`'s for them, if it is known.
     Returns the file's manifest entry: its tensors as columns and their checksums.
     """
-    with paused_gc():  # 100k tensors make 100k strings here; none of them is garbage
-        return _write_data_file(storage, path, columns, order, sizes)
+    if layout is None:
+        layout = plan_data_file(columns, order, sizes)
+    with paused_gc():
+        return _write_data_file(storage, path, columns, order, layout)
 
 
 def _write_data_file(
-    storage: Storage, path: str, columns: TensorColumns, order: Sequence[int], sizes: Sequence[int]
+    storage: Storage, path: str, columns: TensorColumns, order: Sequence[int], layout: FileLayout
 ) -> FileEntry:
-    if order == range(len(columns)):  # one file in given order: no per-tensor picking
-        names, dtypes = tuple(columns.names), tuple(columns.codes)
-        shapes, file_sizes = tuple(columns.shapes), list(sizes)
-    else:
-        names = tuple(columns.names[i] for i in order)
-        dtypes = tuple(columns.codes[i] for i in order)
-        shapes = tuple(columns.shapes[i] for i in order)
-        file_sizes = [sizes[i] for i in order]
-    header, position = header_pieces(names, dtypes, shapes, file_sizes)
-    data_start = position
+    file_sizes = layout.sizes
+    position = data_start = layout.data_start
     chunks: list[Chunk] = []
     buffer: np.ndarray[Any, Any] | None = None
-    pending: list[memoryview] = []
+    pending: list[memoryview | bytes] = []
     used = 0
     first = 0
     f = storage.create(path)
     try:
-        f.write(header)
-        del header
-        for count in plan_chunks(file_sizes, CHUNK_BYTES):
+        f.write(layout.header)
+        for count in layout.runs:
             nbytes = sum(file_sizes[first : first + count])
             if count == 1 and nbytes > _GATHER_MAX:
                 view = columns.bytes_of(order[first])
@@ -244,17 +281,22 @@ def _write_data_file(
                 f.write([view])
                 del view
             else:  # fast path: a run of small tensors is gathered, hashed and written at once
-                if buffer is None:
-                    buffer = np.empty(_BATCH_BYTES, np.uint8)
                 if used + nbytes > _BATCH_BYTES:
                     f.write(pending)
                     pending, used = [], 0
-                block = buffer[used : used + nbytes]
-                columns.gather(
-                    list(order[first : first + count]), file_sizes[first : first + count], block
-                )
-                digest = checksum(block.data)
-                pending.append(block.data)
+                run = order[first : first + count]
+                data: memoryview | bytes
+                joined = columns.joined(run, nbytes)
+                if joined is not None:
+                    data = joined
+                else:  # not all plain contiguous arrays: gathered into the reused buffer
+                    if buffer is None:
+                        buffer = np.empty(_BATCH_BYTES, np.uint8)
+                    block = buffer[used : used + nbytes]
+                    columns.gather(run, file_sizes[first : first + count], block)
+                    data = block.data
+                digest = checksum(data)
+                pending.append(data)
                 used += nbytes
             chunks.append(Chunk(first, count, position, position + nbytes, digest))
             first += count
@@ -264,7 +306,9 @@ def _write_data_file(
         f.fsync()
     finally:
         f.close()
-    return FileEntry(position, data_start, names, dtypes, shapes, tuple(chunks))
+    return FileEntry(
+        position, data_start, layout.names, layout.dtypes, layout.shapes, tuple(chunks)
+    )
 
 
 def _write_data_file_reference(

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from trainhooks.checkpoint.format import bulk_json
+
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "FORMAT_NAME",
@@ -187,34 +189,35 @@ class TensorIndex(Mapping[str, TensorEntry]):
         return name in self._index
 
 
-def encode_json(value: Any, what: str) -> str:
-    """Compact JSON for ``value``; ValueError naming ``what`` if it is not JSON-serialisable."""
+def encode_json(value: Any, what: str, texts: bulk_json.Texts | None = None) -> str:
+    """Compact JSON for ``value``; ValueError naming ``what`` if it is not JSON-serialisable.
+
+    The text is ``json.dumps``'s, built in bulk for long lists (``bulk_json.py``, which
+    says what ``texts`` may hold)."""
     try:
-        return json.dumps(value, separators=(",", ":"))
+        return bulk_json.dumps(value, texts)
     except (TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
 
 
-def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[bytes]:
+def encode_manifest(
+    manifest: Manifest,
+    tree_json: str | None = None,
+    heads: dict[int, tuple[FileEntry, bytes]] | None = None,
+) -> list[bytes]:
     """Serialise ``manifest`` as compact UTF-8 JSON with its checksum sealed in.
 
     Returns the file's bytes as pieces to write in order (a 100k-tensor manifest is
     ~7 MB; joining would copy it twice more). ``tree_json`` is ``manifest.tree`` already
     encoded by :func:`encode_json`, if it was. Each file's tensors are written from the
     columns of its :class:`FileEntry` (``manifest.tensors`` is the index a decoded
-    manifest adds).
+    manifest adds). ``heads`` keeps each file's text but its checksums from one call to
+    the next (a saver's): a file whose columns are the same tuples is not encoded again.
     """
-    files = {
-        name: {
-            "size": f.size,
-            "data_start": f.data_start,
-            "tensors": f.names,
-            "dtypes": f.dtypes,
-            "shapes": f.shapes,
-            "checksums": [[c.tensor_count, c.checksum] for c in f.chunks],
-        }
-        for name, f in manifest.files.items()
-    }
+    files: list[bytes] = []  # the files' entries as pieces: a head holds 100k names
+    for name, f in manifest.files.items():
+        comma = b"," if files else b""
+        files += [comma + bulk_json.dumps(name).encode() + b":", _file_head(f, heads), _tail(f)]
     head = json.dumps(
         {
             "format": FORMAT_NAME,
@@ -234,7 +237,8 @@ def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[by
 
         sharded = encode_sharded(manifest.sharded)
         pieces.append(b',"sharded":' + json.dumps(sharded, separators=(",", ":")).encode())
-    pieces.append(b',"files":' + json.dumps(files, separators=(",", ":")).encode() + b"}")
+    pieces += [b',"files":{', *files, b"}}"]
+    del files
     length = sum(map(len, pieces))
     if length + SEAL_LENGTH > MAX_MANIFEST_BYTES:
         raise ValueError(
@@ -248,6 +252,34 @@ def encode_manifest(manifest: Manifest, tree_json: str | None = None) -> list[by
     pieces[-1] = pieces[-1][:-1]  # the seal goes inside the object: see seal_manifest
     pieces.append(SEAL_KEY + hasher.hexdigest().encode("ascii") + b'"}')
     return pieces
+
+
+def _file_head(f: FileEntry, heads: dict[int, tuple[FileEntry, bytes]] | None) -> bytes:
+    """A file's entry up to its checksums: ``{"size":...,"checksums":``."""
+    if heads is not None:
+        known = heads.get(id(f.names))
+        if known is not None:  # it holds the tuples it was made from: their ids are theirs
+            k = known[0]
+            if (
+                k.names is f.names
+                and k.dtypes is f.dtypes
+                and k.shapes is f.shapes
+                and (k.size, k.data_start) == (f.size, f.data_start)
+            ):
+                return known[1]
+    columns = (bulk_json.dumps(f.names), bulk_json.dumps(f.dtypes), bulk_json.dumps(f.shapes))
+    head = (
+        f'{{"size":{f.size},"data_start":{f.data_start},"tensors":{columns[0]},'
+        f'"dtypes":{columns[1]},"shapes":{columns[2]},"checksums":'
+    ).encode()
+    if heads is not None:
+        heads[id(f.names)] = (f, head)
+    return head
+
+
+def _tail(f: FileEntry) -> bytes:
+    """A file's entry from its checksums on."""
+    return (bulk_json.dumps([[c.tensor_count, c.checksum] for c in f.chunks]) + "}").encode()
 
 
 def seal_manifest(text: bytes) -> bytes:

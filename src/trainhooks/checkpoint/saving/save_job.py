@@ -10,7 +10,7 @@ the state file never names an incomplete or deleted checkpoint.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from trainhooks.checkpoint.distributed.group import SINGLE_PROCESS, ProcessGroup
 from trainhooks.checkpoint.format.datafile import DEFAULT_MAX_FILE_BYTES
@@ -21,6 +21,7 @@ from trainhooks.checkpoint.management.state_file import (
     update_checkpoint_state,
 )
 from trainhooks.checkpoint.saving.directories import DirectoryClaims
+from trainhooks.checkpoint.saving.layout import SaveCache
 from trainhooks.checkpoint.saving.snapshot import SnapshotPool
 from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.saving.write import write_checkpoint
@@ -64,6 +65,7 @@ def take_snapshot(
     pad_step_number: bool,
     directories: DirectoryClaims | None,
     pool: SnapshotPool | None,
+    memo: dict[str, Any] | None = None,
 ) -> SaveJob | None:
     """Name the checkpoint and flatten the state: the part of a save on the training thread.
 
@@ -80,6 +82,7 @@ def take_snapshot(
       pad_step_number: name the checkpoint ``<save_path>-%08d``.
       directories: the saver's directory claims.
       pool: the saver's snapshot buffers, or None to alias the state.
+      memo: the saver's ``flatten_state`` memo (``SaveCache.flatten``), or None.
 
     Returns:
       The job, or None for an empty ``var_list`` (nothing to save).
@@ -115,7 +118,7 @@ def take_snapshot(
     if directories is not None:  # None: a rank of a job that only writes data files
         directories.claim(save_dir or os.curdir)
     state = var_list.state_of(session)
-    flat = tree.flatten_state(state) if pool is None else pool.take(state)
+    flat = tree.flatten_state(state, memo=memo) if pool is None else pool.take(state)
     return SaveJob(prefix, save_dir, latest_filename, write_state, int(session.global_step), flat)
 
 
@@ -127,6 +130,7 @@ def write_and_record(
     max_shard_bytes: int | None,
     save_relative_paths: bool,
     group: ProcessGroup = SINGLE_PROCESS,
+    cache: SaveCache | None = None,
 ) -> CommittedSave:
     """Write and commit ``job``'s checkpoint directory, then list it and apply retention.
 
@@ -140,6 +144,7 @@ def write_and_record(
       save_relative_paths: write relative paths into the state file.
       group: the processes that write this checkpoint together; only its coordinator
         (rank 0) lists it in the state file and applies retention.
+      cache: the saver's memory of its last save's structure (``layout.py``), or None.
 
     Returns:
       The committed save.
@@ -159,6 +164,7 @@ def write_and_record(
         storage=storage,
         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_FILE_BYTES,
         group=group,
+        cache=cache,
     )
     if job.write_state and group.rank == 0:
         try:

@@ -30,7 +30,6 @@ from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.datafile import (
     DEFAULT_MAX_FILE_BYTES,
     data_file_name,
-    plan_files,
     write_data_file,
 )
 from trainhooks.checkpoint.format.flat_check import FlatStateLike, check_flat
@@ -42,6 +41,7 @@ from trainhooks.checkpoint.format.manifest import (
     encode_manifest,
 )
 from trainhooks.checkpoint.gc_pause import paused_gc
+from trainhooks.checkpoint.saving.layout import Layout, SaveCache, plan_layout
 from trainhooks.checkpoint.saving.sharded_write import (
     BoxReport,
     merge_boxes,
@@ -76,6 +76,7 @@ def write_checkpoint(
     num_threads: int | None = None,
     clock: Clock = wall_clock,
     group: ProcessGroup = SINGLE_PROCESS,
+    cache: SaveCache | None = None,
 ) -> None:
     """Write ``flat`` as a checkpoint directory at ``prefix`` and return once it is durable.
 
@@ -94,6 +95,8 @@ def write_checkpoint(
       clock: the time source for the manifest's wall time.
       group: the processes that write this checkpoint together (every rank calls this
         with the same arguments); data file ``i`` is written by rank ``i % world_size``.
+      cache: the saver's memory of its last save (``layout.py``): a state of the same
+        tensor names, dtypes and shapes reuses its plan, headers and manifest columns.
 
     Raises:
       NotFoundError: the parent directory of ``prefix`` does not exist.
@@ -114,17 +117,21 @@ def write_checkpoint(
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     with paused_gc():
         plain, sharded = split_sharded(flat.tensors)
-        tensors = check_flat(_Flat(plain, flat.tree) if sharded else flat, global_step)
+        columns = TensorColumns.from_mapping(plain)
+        layout = None if cache is None else cache.layout(columns, max_shard_bytes, group.world_size)
+        checked = layout is not None  # the same names as a save checked before
+        tensors = check_flat(_Flat(columns, flat.tree), global_step, names_checked=checked)
         user_metadata = dict(metadata or {})
         encode_json(user_metadata, "metadata")  # fail before writing anything
-        tree_json = encode_json(flat.tree, "the state tree")
-    with paused_gc():
-        sizes = tensors.nbytes()
-        if group.world_size > 1:
-            # At least one data file per rank, so that every rank writes about 1/N.
-            share = -(-sum(sizes) // group.world_size)
-            max_shard_bytes = max(1, min(max_shard_bytes, share))
-        groups = plan_files(tensors, sizes, max_shard_bytes)
+        texts = None if cache is None else cache.tree_texts()
+        tree_json = encode_json(flat.tree, "the state tree", texts)
+    if layout is None:
+        with paused_gc():
+            layout = plan_layout(columns, tensors, max_shard_bytes, group.world_size)
+        if cache is not None:
+            cache.keep(layout)
+    sizes, groups = layout.sizes, layout.groups
+    heads = None if cache is None else cache.manifest_heads
     if group.world_size == 1:
         _check_target(storage, prefix)
     try:
@@ -132,7 +139,7 @@ def write_checkpoint(
             staging = begin_staging(storage, prefix)
             try:
                 files = write_data_files(
-                    storage, staging, tensors, sizes, groups, range(len(groups)), num_threads
+                    storage, staging, tensors, layout, range(len(groups)), num_threads
                 )
                 table = {}
                 if sharded:
@@ -143,15 +150,14 @@ def write_checkpoint(
                 abort_staging(storage, staging)
                 raise
             manifest = Manifest(global_step, clock(), flat.tree, user_metadata, files, {}, table)
-            commit_checkpoint(storage, staging, manifest, tree_json)
+            commit_checkpoint(storage, staging, manifest, tree_json, heads)
         else:
             _write_in_group(
                 group,
                 storage,
                 prefix,
                 tensors,
-                sizes,
-                groups,
+                layout,
                 num_threads,
                 tree_json,
                 lambda files, table: Manifest(
@@ -197,8 +203,7 @@ def _write_in_group(
     storage: Storage,
     prefix: str,
     tensors: TensorColumns,
-    sizes: list[int],
-    groups: list[Sequence[int]],
+    layout: Layout,
     num_threads: int | None,
     tree_json: str,
     make_manifest: Any,
@@ -224,7 +229,7 @@ def _write_in_group(
     if "error" in begun:
         raise OSError(f"could not start the save: {begun['error']}")
     staging = Staging(*begun["staging"])
-    mine = range(group.rank, len(groups), group.world_size)
+    mine = range(group.rank, len(layout.groups), group.world_size)
     theirs = begun["saving"]
     try:
         if theirs != saving:
@@ -238,7 +243,7 @@ def _write_in_group(
                 )
                 + ": every rank must save at the same step the same state"
             )
-        written = write_data_files(storage, staging, tensors, sizes, groups, mine, num_threads)
+        written = write_data_files(storage, staging, tensors, layout, mine, num_threads)
         boxes: BoxReport = {}
         if sharded:  # this rank's own boxes, in a file of its own
             shard_files, boxes = write_shards(
@@ -285,18 +290,21 @@ def write_data_files(
     storage: Storage,
     staging: Staging,
     tensors: TensorColumns,
-    sizes: list[int],
-    groups: list[Sequence[int]],
+    layout: Layout,
     which: Sequence[int],
     num_threads: int | None = None,
 ) -> dict[str, FileEntry]:
-    """Write data files ``which`` of the plan ``groups`` (in parallel, each fsynced).
+    """Write data files ``which`` of ``layout`` (in parallel, each fsynced).
 
     Returns what was written, by the name the manifest lists each file under.
     """
-    names = [data_file_name(i, len(groups)) for i in which]
+    count = len(layout.groups)
+    names = [data_file_name(i, count) for i in which]
     threads = num_threads or min(len(names), os.cpu_count() or 1)
-    jobs = [(storage, staging.path(n), tensors, groups[i], sizes) for n, i in zip(names, which)]
+    jobs = [
+        (storage, staging.path(n), tensors, layout.groups[i], layout.sizes, layout.file(i, tensors))
+        for n, i in zip(names, which)
+    ]
     if threads <= 1 or len(jobs) <= 1:
         results = [write_data_file(*job) for job in jobs]
     else:
@@ -307,11 +315,16 @@ def write_data_files(
 
 
 def commit_checkpoint(
-    storage: Storage, staging: Staging, manifest: Manifest, tree_json: str | None = None
+    storage: Storage,
+    staging: Staging,
+    manifest: Manifest,
+    tree_json: str | None = None,
+    heads: dict[int, tuple[FileEntry, bytes]] | None = None,
 ) -> None:
-    """Encode ``manifest`` (every data file of the save) and commit the staged checkpoint."""
+    """Encode ``manifest`` (every data file of the save) and commit the staged checkpoint;
+    ``heads`` is ``encode_manifest``'s memo of the files' entries, if there is one."""
     with paused_gc():
-        encoded = encode_manifest(manifest, tree_json)
+        encoded = encode_manifest(manifest, tree_json, heads)
     commit_staging(storage, staging, encoded)
 
 

@@ -45,7 +45,7 @@ from trainhooks import errors
 from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.gc_pause import paused_gc
-from trainhooks.checkpoint.state.tree_flatten import RESERVED_NAMES, Flattener
+from trainhooks.checkpoint.state.tree_flatten import RESERVED_NAMES, Flattener, PlainDict
 from trainhooks.checkpoint.state.tree_nodes import MalformedTree, Mismatch, entry_of
 from trainhooks.checkpoint.state.tree_restore import Locate, Restorer
 
@@ -154,6 +154,7 @@ def flatten_state(
     *,
     copy: bool = False,
     host_copy: Callable[[str, Any], TensorData | None] | None = None,
+    memo: dict[str, PlainDict] | None = None,
 ) -> FlatState:
     """Split ``state`` into named tensors and a JSON tree.
 
@@ -167,9 +168,13 @@ def flatten_state(
         ``TensorData`` that is used instead of the adapter's conversion (e.g. a copy
         into a reused pinned buffer, ``SnapshotPool.copy_leaf``); None falls back to
         the adapter.
+      memo: a dict this function keeps from one call to the next (a saver's): the
+        previous state's dicts of plain NumPy arrays, whose names, dtype codes and tree
+        nodes a dict with the same keys, dtypes and shapes reuses. It holds no array.
 
     Returns:
-      A :class:`FlatState`; its ``tree`` is JSON-serialisable.
+      A :class:`FlatState`; its ``tree`` is JSON-serialisable. With ``memo``, parts of it
+      (the names, the tree's lists) are shared with the previous call's: do not modify.
 
     Raises:
       TypeError: a value has an unsupported type (the message names its path).
@@ -181,9 +186,12 @@ def flatten_state(
         >>> sorted(flat.tensors), flat.tensors["w"].dtype
         (['w'], 'F32')
     """
-    flattener = Flattener(collect=True, copy=copy, host_copy=host_copy)
+    flattener = Flattener(collect=True, copy=copy, host_copy=host_copy, memo=memo)
     with paused_gc():
         root = flattener.root(state)
+    if memo is not None:  # only what this state has: a dict it dropped is forgotten
+        memo.clear()
+        memo.update(flattener.memo_out)
     version = EXTENDED_TREE_VERSION if flattener.extended else TREE_VERSION
     tree = {"version": version, "frameworks": sorted(flattener.frameworks), "root": root}
     f = flattener
