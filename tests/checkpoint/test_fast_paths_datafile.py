@@ -5,6 +5,9 @@ tensors one at a time: the same file, byte for byte, and the same manifest entry
 
 from __future__ import annotations
 
+import itertools
+import json
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -120,3 +123,45 @@ def test_default_sizes_agree_with_the_reference() -> None:
     for order in (range(len(arrays)), list(range(len(arrays)))[::-1]):
         fast = write(datafile.write_data_file, columns, order)
         assert fast == write(datafile._write_data_file_reference, columns, order)
+
+
+# Names a header must quote: plain ASCII, quotes and backslashes, control and non-ASCII.
+header_names = st.lists(
+    st.text(st.sampled_from(['a', '/', '.', '"', "\\", "\n", "\u00e9", "\u4e2d", "\U0001f600"]),
+            min_size=1, max_size=4),
+    unique=True, max_size=12,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(header_names, st.data())
+def test_header_agrees_with_json_dumps(names: list[str], data: st.DataObject) -> None:
+    """The header (entries slotted into one list and joined) against ``json.dumps`` of the
+    same entries: plain names, names that need escaping, 0-d and empty tensors."""
+    count = len(names)
+    codes = data.draw(st.lists(st.sampled_from(["F32", "BF16", "I64", "U8", "BOOL"]),
+                               min_size=count, max_size=count))  # fmt: skip
+    shapes = data.draw(st.lists(st.lists(st.integers(0, 2**40), max_size=3).map(tuple),
+                                min_size=count, max_size=count))  # fmt: skip
+    sizes = data.draw(st.lists(st.integers(0, 2**45), min_size=count, max_size=count))
+    offsets = [0, *itertools.accumulate(sizes)]
+    entries = {
+        n: {"dtype": c, "shape": list(s), "data_offsets": [a, b]}
+        for n, c, s, a, b in zip(names, codes, shapes, offsets, offsets[1:])
+    }
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    header = datafile.encode_header(names, codes, shapes, sizes)
+    (length,) = struct.unpack("<Q", header[:8])
+    assert length == len(header) - 8 and len(header) % 8 == 0
+    assert header[8:].rstrip(b" ") == text
+
+
+@given(st.lists(st.text(max_size=3), max_size=9), st.sampled_from(["", '"']), st.data())
+def test_slotted_entries_agree_with_the_reference(
+    keys: list[str], quote: str, data: st.DataObject
+) -> None:
+    mids = data.draw(st.lists(st.text(max_size=3), min_size=len(keys), max_size=len(keys)))
+    offsets = data.draw(st.lists(st.integers(0, 2**50), min_size=len(keys) + 1,
+                                 max_size=len(keys) + 1))  # fmt: skip
+    fast = datafile._entries(keys, mids, offsets, quote)
+    assert fast == datafile._entries_reference(keys, mids, offsets, quote)

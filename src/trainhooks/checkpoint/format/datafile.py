@@ -20,8 +20,9 @@ import math
 import mmap
 import struct
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, repeat
 from json.encoder import encode_basestring_ascii
+from operator import sub
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -119,37 +120,61 @@ def _header_text(
     names: Sequence[str],
     codes: Sequence[str],
     shapes: Sequence[tuple[int, ...]],
-    sizes: Sequence[int],
+    offsets: Sequence[int],
 ) -> list[bytes]:
     """The safetensors header's JSON entries, comma-joined, in pieces of a few thousand.
 
+    ``offsets`` are the tensors' starts relative to the data, then the end of the last.
     Pieces keep the transient strings of a 100k-tensor header to a few hundred KB.
     """
+    plain = is_plain("".join(names))
+    # Plain names need no quoting call: their quotes come with the parts around them.
+    quote = '"' if plain else ""
     middles: dict[tuple[str, tuple[int, ...]], str] = {}
     for key in set(zip(codes, shapes)):
         dims = ",".join(map(str, key[1]))
-        middles[key] = f':{{"dtype":"{key[0]}","shape":[{dims}],"data_offsets":['
-    plain = is_plain("".join(names))
+        middles[key] = f'{quote}:{{"dtype":"{key[0]}","shape":[{dims}],"data_offsets":['
     pieces = []
     step = 4096
-    offset = 0
     for lo in range(0, len(names), step):
         hi = min(lo + step, len(names))
-        mids = map(middles.__getitem__, zip(codes[lo:hi], shapes[lo:hi]))
-        offsets = list(accumulate(sizes[lo:hi], initial=offset))
-        offset = offsets[-1]
-        if plain:  # nothing to escape: no per-name quoting call
-            entries = [
-                f'"{n}"{m}{a},{b}]}}'
-                for n, m, a, b in zip(names[lo:hi], mids, offsets, offsets[1:])
-            ]
-        else:
-            quoted = map(encode_basestring_ascii, names[lo:hi])
-            entries = [
-                f"{q}{m}{a},{b}]}}" for q, m, a, b in zip(quoted, mids, offsets, offsets[1:])
-            ]
-        pieces.append(",".join(entries).encode("utf-8"))
+        keys = names[lo:hi] if plain else list(map(encode_basestring_ascii, names[lo:hi]))
+        mids = list(map(middles.__getitem__, zip(codes[lo:hi], shapes[lo:hi])))
+        text = quote + _entries(keys, mids, offsets[lo : hi + 1], quote)
+        pieces.append(text.encode("utf-8"))
     return pieces
+
+
+def _entries(keys: Sequence[str], mids: list[str], offsets: Sequence[int], quote: str) -> str:
+    """``keys[i] + mids[i] + f"{offsets[i]},{offsets[i + 1]}]}}"``, joined by ``"," + quote``.
+
+    Fast path: the entries' parts are slotted into one list and joined, so each offset is
+    formatted once and no Python runs per entry (two thirds of the time of an f-string per
+    entry: ~15 ms for 100k tensors); :func:`_entries_reference` is the plain statement.
+    """
+    count = len(keys)
+    if not count:
+        return ""
+    digits = list(map(str, offsets))
+    parts = [""] * (6 * count)
+    parts[0::6] = keys
+    parts[1::6] = mids
+    parts[2::6] = digits[:-1]
+    parts[3::6] = [","] * count
+    parts[4::6] = digits[1:]
+    parts[5::6] = ["]}," + quote] * count
+    parts[-1] = "]}"
+    return "".join(parts)
+
+
+def _entries_reference(
+    keys: Sequence[str], mids: list[str], offsets: Sequence[int], quote: str
+) -> str:
+    """:func:`_entries` one entry at a time (``tests/checkpoint/test_fast_paths_datafile.py``
+    compares the two)."""
+    return ("," + quote).join(
+        f"{k}{m}{a},{b}]}}" for k, m, a, b in zip(keys, mids, offsets, offsets[1:])
+    )
 
 
 def header_pieces(
@@ -160,7 +185,18 @@ def header_pieces(
 ) -> tuple[list[bytes], int]:
     """The safetensors header (length prefix included) as pieces to write in order, and its
     total length. See :func:`encode_header`."""
-    pieces = _header_text(names, codes, shapes, sizes)
+    return _header_pieces(names, codes, shapes, list(accumulate(sizes, initial=0)))
+
+
+def _header_pieces(
+    names: Sequence[str],
+    codes: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    offsets: Sequence[int],
+) -> tuple[list[bytes], int]:
+    """:func:`header_pieces` from the tensors' offsets relative to the data (one more than
+    tensors: the last is the end)."""
+    pieces = _header_text(names, codes, shapes, offsets)
     text_len = sum(map(len, pieces)) + max(len(pieces) - 1, 0)
     length = text_len + 2
     length += -(8 + length) % 8  # pad with spaces: tensor data starts 8-byte aligned
@@ -390,9 +426,11 @@ def verify_header(
     never copying a header longer than the one the entry makes (a forged length is
     refused unread). The header must be byte for byte the one this module writes.
     """
-    sizes = [b - a for a, b in zip(file.offsets, file.offsets[1:])]
+    # relative to the data: the offsets' differences are the sizes, with no list of them
+    relative = list(map(sub, file.offsets, repeat(file.data_start)))
     try:
-        canonical = encode_header(file.names, file.dtypes, file.shapes, sizes)
+        pieces = _header_pieces(file.names, file.dtypes, file.shapes, relative)[0]
+        canonical = b"".join(pieces)
     except ValueError as e:
         raise fail(str(e)) from None
     if len(canonical) != file.data_start:
