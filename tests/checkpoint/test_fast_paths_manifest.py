@@ -14,7 +14,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from trainhooks.checkpoint.format.manifest_decode import _decode_file, _decode_file_reference
+from trainhooks.checkpoint.format.manifest import FileEntry
+from trainhooks.checkpoint.format.manifest_decode import (
+    _decode_file,
+    _decode_file_reference,
+    _index,
+)
 from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE
 
 FILE = "data-00000-of-00001.safetensors"
@@ -91,6 +96,13 @@ def file_entries(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
+def decode_and_index(fname: str, entry: Any, fail: Any) -> FileEntry:
+    """The fast path as ``decode_manifest`` runs it: a repeated name is found by the index."""
+    decoded = _decode_file(fname, entry, fail)
+    _index({fname: decoded}, fail)
+    return decoded
+
+
 def outcome(decode: Any, fname: str, entry: Any) -> tuple[str, Any]:
     """The decoded entry, or the message of the error raised."""
     try:
@@ -113,7 +125,7 @@ def outcome(decode: Any, fname: str, entry: Any) -> tuple[str, Any]:
 @example({"tensors": ["a"], "dtypes": ["U8"], "shapes": [[1] * 65],
           "size": 9, "data_start": 8, "checksums": [[1, "0"]]}, FILE)  # fmt: skip
 def test_fast_decode_agrees_with_the_reference(entry: dict[str, Any], fname: str) -> None:
-    fast = outcome(_decode_file, fname, entry)
+    fast = outcome(decode_and_index, fname, entry)
     assert fast == outcome(_decode_file_reference, fname, entry)
     if fast[0] == "decoded":  # one tuple per distinct shape, equal to the saved lists
         shapes = fast[1].shapes

@@ -146,15 +146,8 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
     files_doc = doc.get("files")
     if not isinstance(files_doc, dict) or not files_doc:
         raise fail("'files' is not a non-empty JSON object")
-    files: dict[str, FileEntry] = {}
-    index: dict[str, int] = {}
-    for name, entry in files_doc.items():
-        files[name] = f = _decode_file(name, entry, fail)
-        unique = set(f.names)
-        if len(unique) != len(f.names) or not unique.isdisjoint(index):
-            raise fail(f"duplicate tensor name {first_duplicate(chain(index, f.names))!r}")
-        index.update(zip(f.names, range(len(index), len(index) + len(f.names))))
-    tensors = TensorIndex(files, index)
+    files = {name: _decode_file(name, entry, fail) for name, entry in files_doc.items()}
+    tensors = TensorIndex(files, _index(files, fail))
     sharded = {}
     if "sharded" in doc:
         if version < SHARDED_FORMAT_VERSION:
@@ -166,17 +159,31 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
     return Manifest(global_step, float(wall_time), doc["tree"], metadata, files, tensors, sharded)
 
 
+def _index(files: dict[str, FileEntry], fail: Callable[[str], Exception]) -> dict[str, int]:
+    """Every tensor's position among all, files in order; raises if a name repeats.
+
+    One pass over the names builds the index and finds a repeat: the index is then short.
+    """
+    index: dict[str, int] = {}
+    for f in files.values():
+        known = len(index)
+        index.update(zip(f.names, range(known, known + len(f.names))))
+        if len(index) != known + len(f.names):
+            seen = chain.from_iterable(g.names for g in files.values())
+            raise fail(f"duplicate tensor name {first_duplicate(seen)!r}")
+    return index
+
+
 def _decode_file(fname: str, entry: object, fail: Callable[[str], Exception]) -> FileEntry:
     """Validate one file's columns; a few passes in C over them, Python per distinct shape.
 
     Any check that fails hands over to :func:`_decode_file_reference`, whose plain loops
-    raise the error naming the first bad entry.
+    raise the error naming the first bad entry. A repeated name is left to :func:`_index`.
     """
     size, data_start, names, dtypes, shapes, chunks = _file_columns(fname, entry, fail)
     # fast path: C passes over 100k tensors and a check per distinct shape, not a loop each
     if (
-        set(map(type, names)) - {str}
-        or len(set(names)) != len(names)
+        set(map(type, names)) - {str}  # a repeated name is found as the index is built
         or (shapes and set(map(type, shapes)) != {list})
         # each dimension's type: (1.0,) and (True,) equal (1,) and would pass as it
         or set(map(type, chain.from_iterable(shapes))) - {int}
