@@ -321,6 +321,8 @@ def restore_state_report(
 
 def _report(state: Mapping[str, Any], restorer: Restorer) -> RestoreReport:
     """Sort the skipped places by the top-level entry they lie under."""
+    if not restorer.problem_paths:  # everything restored: no walk over 100k entries
+        return RestoreReport(list(map(str, state)), [], [], [], restorer.problems)
     partial: dict[Any, None] = {}
     whole: dict[Any, None] = {}
     unused: dict[str, None] = {}
