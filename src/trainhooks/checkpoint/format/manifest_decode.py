@@ -17,6 +17,7 @@ from itertools import accumulate, chain
 from operator import mul
 from typing import Any, TypeGuard
 
+from trainhooks.checkpoint.format import bulk_loads
 from trainhooks.checkpoint.format.boxes import decode_sharded
 from trainhooks.checkpoint.format.manifest import (
     CHECKSUM_ALGORITHM,
@@ -72,6 +73,13 @@ def strict_json_loads(raw: bytes | memoryview) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+def _loads(raw: bytes) -> Any:
+    """:func:`strict_json_loads`, its long arrays decoded in bulk where ``bulk_loads`` can."""
+    text = raw.decode("utf-8")
+    doc = bulk_loads.loads(text, _no_duplicates)
+    return strict_json_loads(raw) if doc is None else doc
+
+
 def is_plain_basename(name: object) -> bool:
     """True for a file name that stays inside its directory: no separators, '.', '..', NUL."""
     return (
@@ -110,7 +118,7 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
     if text is None:
         raise fail("checksum mismatch or missing; the file is corrupt or truncated")
     try:
-        doc = strict_json_loads(text)
+        doc = _loads(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise fail(f"not valid JSON ({e}); the file is corrupt or truncated") from None
     if not isinstance(doc, dict):
