@@ -7,20 +7,26 @@ the fast path must decode to the same ``FileEntry`` or raise the same error as
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from trainhooks.checkpoint.format.manifest import FileEntry
+from trainhooks.checkpoint.format.manifest import MANIFEST_NAME, FileEntry, seal_manifest
 from trainhooks.checkpoint.format.manifest_decode import (
     _decode_file,
     _decode_file_reference,
-    _index,
+    _index_file,
+    decode_manifest,
 )
 from trainhooks.checkpoint.format.tensor import DTYPE_ITEMSIZE
+from trainhooks.checkpoint.saver import Saver
+from trainhooks.errors import DataLossError
 
 FILE = "data-00000-of-00001.safetensors"
 DTYPES = sorted(DTYPE_ITEMSIZE)
@@ -99,7 +105,7 @@ def file_entries(draw: st.DrawFn) -> dict[str, Any]:
 def decode_and_index(fname: str, entry: Any, fail: Any) -> FileEntry:
     """The fast path as ``decode_manifest`` runs it: a repeated name is found by the index."""
     decoded = _decode_file(fname, entry, fail)
-    _index({fname: decoded}, fail)
+    _index_file({}, {fname: decoded}, fname, fail)
     return decoded
 
 
@@ -154,3 +160,32 @@ def test_the_first_bad_shape_in_file_order_is_named(shapes: list[Any], error: st
     for decode in (_decode_file, _decode_file_reference):
         with pytest.raises(ValueError, match=error.replace("[", r"\[")):
             decode(FILE, entry, ValueError)
+
+
+def test_a_name_repeated_in_a_later_file_is_named_before_that_files_other_problems(
+    tmp_path: Path,
+) -> None:
+    """Each file's names are indexed before the next file is read, as its checks run."""
+    state = {f"t{i}": np.full(64, i, np.float32) for i in range(8)}
+    prefix = Saver(max_shard_bytes=600).save(_Holder(state), str(tmp_path / "m"), global_step=1)
+    doc = json.loads((Path(prefix) / MANIFEST_NAME).read_bytes())
+    del doc["manifest_checksum"]
+    entries = list(doc["files"].values())
+    assert len(entries) >= 3
+    entries[1]["tensors"][-1] = entries[0]["tensors"][-1]  # a name of the first file
+    saved_dtype = entries[1]["dtypes"][0]
+    entries[1]["dtypes"][0] = "F31"  # and a bad dtype in the same, later file
+    entries[2]["dtypes"][0] = "F31"  # and in the one after
+    raw = seal_manifest(json.dumps(doc, separators=(",", ":")).encode())
+    with pytest.raises(DataLossError, match="unknown dtype 'F31'"):
+        decode_manifest(raw, prefix)
+    entries[1]["dtypes"][0] = saved_dtype  # the repeat is now the first problem
+    raw = seal_manifest(json.dumps(doc, separators=(",", ":")).encode())
+    with pytest.raises(DataLossError, match=f"duplicate tensor name '{entries[0]['tensors'][-1]}'"):
+        decode_manifest(raw, prefix)
+
+
+class _Holder:
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.global_step = 1

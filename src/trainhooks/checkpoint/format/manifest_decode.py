@@ -154,8 +154,12 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
     files_doc = doc.get("files")
     if not isinstance(files_doc, dict) or not files_doc:
         raise fail("'files' is not a non-empty JSON object")
-    files = {name: _decode_file(name, entry, fail) for name, entry in files_doc.items()}
-    tensors = TensorIndex(files, _index(files, fail))
+    files: dict[str, FileEntry] = {}
+    index: dict[str, int] = {}
+    for name, entry in files_doc.items():  # a file's names are indexed before the next is read
+        files[name] = _decode_file(name, entry, fail)
+        _index_file(index, files, name, fail)
+    tensors = TensorIndex(files, index)
     sharded = {}
     if "sharded" in doc:
         if version < SHARDED_FORMAT_VERSION:
@@ -167,26 +171,27 @@ def _decode(raw: bytes, fail: Callable[[str], DataLossError]) -> Manifest:
     return Manifest(global_step, float(wall_time), doc["tree"], metadata, files, tensors, sharded)
 
 
-def _index(files: dict[str, FileEntry], fail: Callable[[str], Exception]) -> dict[str, int]:
-    """Every tensor's position among all, files in order; raises if a name repeats.
+def _index_file(
+    index: dict[str, int], files: dict[str, FileEntry], name: str, fail: Callable[[str], Exception]
+) -> None:
+    """Add the names of ``files[name]`` (the last file decoded) to ``index``, each at its
+    position among all; raise if a name repeats.
 
     One pass over the names builds the index and finds a repeat: the index is then short.
     """
-    index: dict[str, int] = {}
-    for f in files.values():
-        known = len(index)
-        index.update(zip(f.names, range(known, known + len(f.names))))
-        if len(index) != known + len(f.names):
-            seen = chain.from_iterable(g.names for g in files.values())
-            raise fail(f"duplicate tensor name {first_duplicate(seen)!r}")
-    return index
+    names = files[name].names
+    known = len(index)
+    index.update(zip(names, range(known, known + len(names))))
+    if len(index) != known + len(names):
+        seen = chain.from_iterable(f.names for f in files.values())
+        raise fail(f"duplicate tensor name {first_duplicate(seen)!r}")
 
 
 def _decode_file(fname: str, entry: object, fail: Callable[[str], Exception]) -> FileEntry:
     """Validate one file's columns; a few passes in C over them, Python per distinct shape.
 
     Any check that fails hands over to :func:`_decode_file_reference`, whose plain loops
-    raise the error naming the first bad entry. A repeated name is left to :func:`_index`.
+    raise the error naming the first bad entry. A repeated name is left to :func:`_index_file`.
     """
     size, data_start, names, dtypes, shapes, chunks = _file_columns(fname, entry, fail)
     # fast path: C passes over 100k tensors and a check per distinct shape, not a loop each
