@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.helpers import json_values
 
 from trainhooks.checkpoint.format.bulk_json import _LONG, dumps, is_plain, string_array
 from trainhooks.checkpoint.state.tree import flatten_state
@@ -27,21 +28,11 @@ def reference(value: Any) -> str:
 texts = st.text(st.characters(codec="utf-8"), max_size=4) | st.sampled_from(
     ["w", "a/b", 'q"', "b\\s", "\x00", "\x7f", "é", "\u2028", "\ud7ff"]
 )
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**70), 2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0.0, -0.0, 1.0, 1, True]),
-    texts,
-)
+scalars = json_values.scalars(texts)
 
 
 def shared(children: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
-    """A long list drawing its items from a few values, as the tree's leaf nodes are."""
-    return st.tuples(st.lists(children, min_size=1, max_size=3), st.integers(0, 2 * _LONG)).map(
-        lambda pair: [pair[0][i % len(pair[0])] for i in range(pair[1])]
-    )
+    return json_values.shared(children, _LONG)
 
 
 values = st.recursive(
