@@ -177,7 +177,7 @@ class LeaseObject:
                 f"{self._seconds:.0f} s, and {_who(holder)} holds it now ({self.path}). "
                 "Nothing more is committed from this process; the other one writes there.",
                 self.directory,
-                holder.get("pid") if isinstance(holder.get("pid"), int) else None,
+                _pid(holder),
             )
 
     def release(self) -> None:
@@ -213,6 +213,11 @@ def _alive(pid: object) -> bool:
     return True
 
 
+def _pid(holder: dict[str, Any]) -> int | None:
+    pid = holder.get("pid")
+    return pid if isinstance(pid, int) else None
+
+
 def _who(holder: dict[str, Any]) -> str:
     if "pid" in holder and "host" in holder:
         return f"process {holder['pid']} on {holder['host']}"
@@ -222,7 +227,7 @@ def _who(holder: dict[str, Any]) -> str:
 def _locked(
     directory: str, path: str, holder: dict[str, Any], left: float
 ) -> CheckpointDirLockedError:
-    pid = holder.get("pid") if isinstance(holder.get("pid"), int) else None
+    pid = _pid(holder)
     return CheckpointDirLockedError(
         f"Checkpoint directory {directory} is locked for writing by {_who(holder)} "
         f"({path}, a lease that expires in {max(0.0, left):.0f} s unless renewed). Only one "
