@@ -135,6 +135,54 @@ def test_several_data_files_read_side_by_side(tmp_path: Path) -> None:
                 assert bytes(ckpt.tensor_data(name).buffer) == value.tobytes()
 
 
+def test_every_data_file_is_prefetched_before_any_header_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold open asks for all files' first bytes at once, not one header fault at a time."""
+    from trainhooks.checkpoint.format import opening
+    from trainhooks.checkpoint.storage import local
+
+    rng = np.random.default_rng(1)
+    state = {f"w{i}": rng.standard_normal(40_000).astype(np.float32) for i in range(12)}
+    prefix = str(tmp_path / "ckpt-1")
+    write_checkpoint(prefix, flatten_state(state), global_step=1, max_shard_bytes=200_000)
+    _evict(prefix)
+    events: list[tuple[str, str]] = []
+    prefetch, verify_header = local.LocalReadFile.prefetch, opening.verify_header
+
+    def spy_prefetch(self: Any, start: int, length: int) -> None:
+        events.append(("prefetch", os.path.basename(self.path)))
+        assert start == 0 and 0 < length <= self.size
+        prefetch(self, start, length)
+
+    def spy_header(data: Any, size: int, entry: Any, fail: Any) -> None:
+        events.append(("header", ""))
+        verify_header(data, size, entry, fail)
+
+    monkeypatch.setattr(local.LocalReadFile, "prefetch", spy_prefetch)
+    monkeypatch.setattr(opening, "verify_header", spy_header)
+    with open_checkpoint(prefix) as ckpt:
+        files = set(ckpt.manifest.files)
+        ckpt.verify()
+        for name, value in state.items():
+            assert bytes(ckpt.tensor_data(name).buffer) == value.tobytes()
+    assert len(files) > 3
+    first_header = events.index(("header", ""))
+    assert {name for _, name in events[:first_header]} == files
+    assert [kind for kind, _ in events[first_header:]] == ["header"] * len(files)
+
+
+def test_prefetch_is_a_hint_on_every_range(tmp_path: Path) -> None:
+    raw = bytes(range(256)) * 5000
+    (tmp_path / "f").write_bytes(raw)
+    handle = LocalStorage().open_read(str(tmp_path / "f"))
+    for start, length in [(0, len(raw)), (3, 10_000), (len(raw) - 1, 1), (17, 0), (5, 2**40)]:
+        handle.prefetch(start, length)
+    assert bytes(handle.view()) == raw
+    handle.close()
+    handle.prefetch(0, 10)  # closed: nothing to do
+
+
 def test_a_file_written_with_o_direct_restores_from_the_disk(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     state = {"w": rng.standard_normal(6 * 2**20 // 8)}  # 6 MiB: written with O_DIRECT

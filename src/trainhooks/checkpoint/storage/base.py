@@ -65,7 +65,9 @@ class ReadableFile(Protocol):
     A file may also offer ``populate(start, length)``, a hint that the view's bytes in
     that range are about to be read: a local file's mapping faults them in with one call
     (large reads where the page cache lacks them). Readers look it up with ``getattr``
-    and do without it; ``LocalReadFile`` and ``MemoryStorage``'s files have it.
+    and do without it; ``LocalReadFile`` and ``MemoryStorage``'s files have it. Likewise
+    ``prefetch(start, length)`` (``LocalReadFile``) starts reading the range in the
+    background and returns at once.
     """
 
     size: int
