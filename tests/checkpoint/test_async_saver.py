@@ -134,6 +134,60 @@ def test_pool_copy_leaf_copies_host_tensors() -> None:
     assert pool.copy_leaf("s", "not an array") is None
 
 
+_needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch.cuda is not available: no GPU on this machine"
+)
+
+
+@_needs_cuda
+def test_cuda_snapshot_is_ordered_after_the_step_and_before_the_next() -> None:
+    """The side-stream copies see what the step queued, and the loop's next kernels
+    (in place, on the current stream) cannot reach a tensor before it is copied."""
+    pool = SnapshotPool()
+    w = torch.zeros(2**22, device="cuda")  # 16 MiB
+    torch.cuda._sleep(200_000_000)  # a long step: the stream is busy for a while...
+    w.add_(1.0)  # ...then writes the values the snapshot must hold
+    flat = pool.take({"w": w}, wait=False)
+    step_done = torch.cuda.Event()
+    step_done.record()
+    queued_only = not step_done.query()  # take() returned while the step still ran
+    w.add_(100.0)  # the next step, in place, straight after the snapshot
+    pool.synchronize()
+    saved = np.frombuffer(flat.tensors["w"].buffer, np.float32)
+    assert queued_only
+    assert (saved == 1.0).all()
+    torch.cuda.synchronize()
+    assert (w == 101.0).all()
+    # A second take reuses the pinned buffer and copies the new values.
+    again = pool.take({"w": w})
+    assert (np.frombuffer(again.tensors["w"].buffer, np.float32) == 101.0).all()
+    assert pool.nbytes == w.numel() * 4
+
+
+@_needs_cuda
+def test_cuda_model_and_optimizer_saved_in_the_background_as_they_were(tmp_path: Path) -> None:
+    model = torch.nn.Linear(512, 512).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(64, 512, device="cuda")).sum().backward()
+    opt.step()
+    saved = {k: v.cpu() for k, v in model.state_dict().items()}
+    sess = Session({"model": model, "opt": opt}, global_step=1)
+    saver = Saver(async_save=True)
+    prefix = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=1)
+    for _ in range(3):  # in-place updates queued right after save() returned
+        model(torch.randn(64, 512, device="cuda")).sum().backward()
+        opt.step()
+    saver.wait()
+    assert prefix is not None
+    restored = torch.nn.Linear(512, 512).cuda()
+    Saver().restore(
+        Session({"model": restored, "opt": torch.optim.Adam(restored.parameters())}), prefix
+    )
+    for k, v in restored.state_dict().items():
+        assert v.device.type == "cuda" and torch.equal(v.cpu(), saved[k]), k
+    saver.close()
+
+
 # ---- one save in flight, waiting, committed saves --------------------------------------
 
 

@@ -344,7 +344,7 @@ class Saver:
         )
         if pending is None:
             return None
-        self._writer.submit(pending.prefix, lambda: self._write_and_record(pending))
+        self._writer.submit(pending.prefix, lambda: self._write_snapshot(pending))
         return pending.prefix
 
     @property
@@ -411,6 +411,12 @@ class Saver:
             self._pool.clear()
             self._cache.clear()
             self._directories.release_all()
+
+    def _write_snapshot(self, job: SaveJob) -> CommittedSave:
+        """The background half of an ``async_save``: once the snapshot's device copies
+        have landed in the pool's buffers, write and record it."""
+        self._pool.synchronize()
+        return self._write_and_record(job)
 
     def _write_and_record(self, job: SaveJob) -> CommittedSave:
         return write_and_record(

@@ -72,7 +72,8 @@ def take_snapshot(
     Without ``pool`` the buffers alias the live arrays, so the job must be written before
     training continues. A background save passes its saver's :class:`SnapshotPool`: the
     tensors are copied into it (a snapshot the loop may run on from) and the job is
-    written elsewhere, one at a time. The directory is claimed (writer lock, leftovers
+    written elsewhere, one at a time, after ``pool.synchronize()`` (CUDA tensors' copies
+    are queued, not awaited, here). The directory is claimed (writer lock, leftovers
     removed) before the state is read.
 
     Args:
@@ -118,7 +119,9 @@ def take_snapshot(
     if directories is not None:  # None: a rank of a job that only writes data files
         directories.claim(save_dir or os.curdir)
     state = var_list.state_of(session)
-    flat = tree.flatten_state(state, memo=memo) if pool is None else pool.take(state)
+    # A pool's device copies may still be in flight: the writer waits for them
+    # (SnapshotPool.synchronize) before it reads the buffers.
+    flat = tree.flatten_state(state, memo=memo) if pool is None else pool.take(state, wait=False)
     return SaveJob(prefix, save_dir, latest_filename, write_state, int(session.global_step), flat)
 
 

@@ -14,9 +14,14 @@ Copies use ``np.copyto``, which releases the GIL. Tensors on an accelerator are 
 copied to fresh host memory by ``tree.flatten_state``; the pool keeps those copies
 instead of copying them a second time. With ``torch.cuda`` available,
 :meth:`SnapshotPool.copy_leaf` copies a CUDA tensor into a reused pinned buffer with a
-non-blocking copy and :meth:`SnapshotPool.synchronize` waits once for all of them; it
-is the per-leaf callback for a flatten that hands leaves to the pool (see
-``docs/internals.md``).
+non-blocking copy on a side stream of the pool's (one per device), ordered after the
+work already queued on the current stream (the step's kernels); once every leaf is
+issued, the current stream is made to wait for those copies, so the kernels the loop
+queues next (an optimizer step updating parameters in place) cannot change a tensor
+before it is copied. ``take(state, wait=False)`` returns without blocking the host on
+the copies: the background writer calls :meth:`SnapshotPool.synchronize` before it
+reads the buffers. Work the user queues on streams of their own is theirs to order
+(``docs/internals.md``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ class SnapshotPool:
     def __init__(self) -> None:
         self._host: dict[str, tuple[_Key, np.ndarray[Any, Any]]] = {}
         self._pinned: dict[str, tuple[_Key, Any]] = {}
-        self._pending_device_copies = False
+        self._streams: dict[Any, Any] = {}  # device -> the pool's side stream on it
+        self._issued: set[Any] = set()  # devices with copies issued by the current take
+        self._copies_done: list[Any] = []  # one CUDA event per device, recorded by take
 
     @property
     def nbytes(self) -> int:
@@ -61,14 +68,17 @@ class SnapshotPool:
         pinned = sum(buf.numel() * buf.element_size() for _, buf in self._pinned.values())
         return host + pinned
 
-    def take(self, state: Mapping[str, Any]) -> tree.FlatState:
+    def take(self, state: Mapping[str, Any], *, wait: bool = True) -> tree.FlatState:
         """Flatten ``state`` and copy every tensor into the pool's buffers.
 
         The result never aliases the state: the caller may modify the state as soon as
-        this returns. It does alias the pool, so it is valid until the next ``take``.
+        this returns (CUDA tensors through the current stream, which waits for the
+        copies). It does alias the pool, so it is valid until the next ``take``.
 
         Args:
           state: the training state (``docs/format.md``).
+          wait: block until the device-to-host copies have landed. False returns as soon
+            as they are queued; call :meth:`synchronize` before reading the buffers.
 
         Returns:
           A ``FlatState`` over the pool's buffers, for ``format.write_checkpoint``.
@@ -76,8 +86,13 @@ class SnapshotPool:
         Raises:
           TypeError, ValueError: as ``tree.flatten_state`` for a state it cannot save.
         """
-        flat = tree.flatten_state(state, copy=True, host_copy=self.copy_leaf)
-        self.synchronize()
+        self.synchronize()  # the previous snapshot's copies, should a caller not have
+        try:
+            flat = tree.flatten_state(state, copy=True, host_copy=self.copy_leaf)
+        finally:
+            self._order_after_copies()
+        if wait:
+            self.synchronize()
         for name in set(self._host) - set(flat.tensors):  # entries the state no longer has
             del self._host[name]
         for name in set(self._pinned) - set(flat.tensors):
@@ -87,8 +102,9 @@ class SnapshotPool:
     def copy_leaf(self, name: str, value: Any) -> TensorData | None:
         """Copy one array leaf into the pool: the per-leaf form of :meth:`take`.
 
-        CUDA tensors go to a reused pinned buffer with a non-blocking copy (call
-        :meth:`synchronize` once after the last leaf); host arrays are copied at once.
+        CUDA tensors go to a reused pinned buffer with a non-blocking copy on the pool's
+        side stream (call :meth:`synchronize` once after the last leaf, before reading
+        the buffers); host arrays are copied at once.
 
         Args:
           name: the tensor's name in the flattened state.
@@ -117,12 +133,26 @@ class SnapshotPool:
         return self._copy_bytes(name, dtypes.numpy_to_tensor_data(value))
 
     def synchronize(self) -> None:
-        """Wait for the non-blocking device copies issued by :meth:`copy_leaf`."""
-        if self._pending_device_copies:
-            import torch
+        """Wait until the device-to-host copies of the last :meth:`take` (or the
+        :meth:`copy_leaf` calls since) have landed."""
+        self._order_after_copies()
+        done, self._copies_done = self._copies_done, []
+        for event in done:
+            event.synchronize()
 
-            torch.cuda.synchronize()
-            self._pending_device_copies = False
+    def _order_after_copies(self) -> None:
+        """Mark the end of the copies issued on each device, and make the device's
+        current stream wait for them: what the loop queues next runs after the copy."""
+        if not self._issued:
+            return
+        import torch
+
+        for device in self._issued:
+            event = torch.cuda.Event()
+            event.record(self._streams[device])
+            torch.cuda.current_stream(device).wait_event(event)
+            self._copies_done.append(event)
+        self._issued = set()
 
     def clear(self) -> None:
         """Release every buffer (the next snapshot allocates again)."""
@@ -145,13 +175,25 @@ class SnapshotPool:
 
         from trainhooks.checkpoint.format import dtypes
 
+        resolved = value.is_conj() or value.is_neg()  # resolving queues a kernel
         source = value.detach().resolve_conj().resolve_neg()
+        device = source.device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        if device not in self._issued or resolved:
+            # After the step's kernels (and the resolve's, queued just now).
+            stream.wait_stream(torch.cuda.current_stream(device))
+            self._issued.add(device)
         key = (str(source.dtype), tuple(int(n) for n in source.shape))
         entry = self._pinned.get(name)
         if entry is None or entry[0] != key:
             pinned = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
             entry = (key, pinned)
             self._pinned[name] = entry
-        entry[1].copy_(source, non_blocking=True)
-        self._pending_device_copies = True
+        with torch.cuda.stream(stream):
+            entry[1].copy_(source, non_blocking=True)
+        # The caching allocator must not hand the source's memory to the current stream
+        # (a temporary freed by the loop) before the side stream has read it.
+        source.record_stream(stream)
         return dtypes.torch_to_tensor_data(entry[1], copy=False)
