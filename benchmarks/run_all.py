@@ -24,6 +24,9 @@ rounds, every restore ending in the state's existing arrays. Its goals: for the 
 state, restores within 1.2x of the floor and every column at or below every peer; for
 the small one, save within 1.5x and restores within 2x of the floor.
 
+Last, ``bench_cuda.py`` (CUDA state against the floor, ``torch.save``, safetensors and
+DCP, ``async_save`` included) where ``torch.cuda`` is available; elsewhere it says so.
+
 The machine's load average before and after goes into the JSON, and the throughput
 line says how many cores other processes used during the saves: on a shared machine,
 compare only quiet runs.
@@ -104,6 +107,23 @@ def run_restore(state: str, args: argparse.Namespace) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
+    """``bench_cuda.py`` in a subprocess: its table printed, its JSON returned."""
+    cmd = [sys.executable, str(HERE / "bench_cuda.py"), "--json"]
+    cmd += ["--repeat", str(args.restore_repeat)]
+    if args.dir:
+        cmd += ["--dir", args.dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-2000:]}
+    lines = out.stdout.strip().splitlines()
+    if lines and lines[-1].startswith("{"):
+        print("\n".join(lines[:-1]), flush=True)
+        return dict(json.loads(lines[-1]))
+    print("\n".join(lines), flush=True)
+    return {"skipped": " ".join(lines)}
+
+
 def summarize(result: dict[str, Any]) -> dict[str, float]:
     if "saves" in result:
         saves = result["saves"]
@@ -162,6 +182,7 @@ def main() -> int:
         help="bench_restore.py's states ('' to skip it)",
     )
     p.add_argument("--skip-async", action="store_true", help="only the save/restore comparison")
+    p.add_argument("--skip-cuda", action="store_true", help="leave out bench_cuda.py")
     args = p.parse_args()
     if args.skip_async:
         args.methods = ""
@@ -207,6 +228,10 @@ def main() -> int:
         print("\n".join(bench_restore.table(result)), flush=True)
         checked += bench_restore.goals(result)
     print()
+    cuda = {"skipped": "--skip-cuda"} if args.skip_cuda else run_cuda(args)
+    if "error" in cuda:
+        print(f"CUDA comparison failed: {cuda['error']}", flush=True)
+    print()
     for name, measured, limit, met in checked:
         print(f"goal {name:<32} {measured:6.2f} (limit {limit}) {'met' if met else 'NOT MET'}")
     os.makedirs(args.out, exist_ok=True)
@@ -224,6 +249,7 @@ def main() -> int:
         "goals": [{"goal": g, "measured": m, "limit": lim, "met": ok} for g, m, lim, ok in checked],
         "raw": results,
         "restore": restores,
+        "cuda": cuda,
     }
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
