@@ -56,19 +56,9 @@ from typing import Any
 
 import torch
 
+from bench_restore import evict, files_under, fsync_path  # this directory
+
 MIB = 2**20
-
-
-def files_under(directory: str) -> list[str]:
-    return [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def durable(directory: str) -> None:
@@ -77,17 +67,6 @@ def durable(directory: str) -> None:
         fsync_path(path)
     for root, _, _ in os.walk(directory):
         fsync_path(root)
-
-
-def evict(directory: str) -> None:
-    """Drop every file under ``directory`` from the page cache (written back first)."""
-    for path in files_under(directory):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def sync(device: torch.device) -> None:
