@@ -145,6 +145,8 @@ def test_cuda_snapshot_is_ordered_after_the_step_and_before_the_next() -> None:
     (in place, on the current stream) cannot reach a tensor before it is copied."""
     pool = SnapshotPool()
     w = torch.zeros(2**22, device="cuda")  # 16 MiB
+    pool.take({"w": w})  # pinned buffer and side stream made once, outside what is checked
+    torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # a long step: the stream is busy for a while...
     w.add_(1.0)  # ...then writes the values the snapshot must hold
     flat = pool.take({"w": w}, wait=False)
@@ -158,33 +160,71 @@ def test_cuda_snapshot_is_ordered_after_the_step_and_before_the_next() -> None:
     assert (saved == 1.0).all()
     torch.cuda.synchronize()
     assert (w == 101.0).all()
-    # A second take reuses the pinned buffer and copies the new values.
-    again = pool.take({"w": w})
+    again = pool.take({"w": w})  # the same pinned buffer, the new values
     assert (np.frombuffer(again.tensors["w"].buffer, np.float32) == 101.0).all()
     assert pool.nbytes == w.numel() * 4
 
 
 @_needs_cuda
+def test_cuda_snapshot_waits_for_tensors_a_state_dict_computes() -> None:
+    """A ``state_dict()`` called during the walk queues kernels after earlier leaves were
+    seen: the copies must still come after them."""
+
+    class Ema:
+        def __init__(self) -> None:
+            self.avg = torch.zeros(2**22, device="cuda")
+
+        def state_dict(self) -> dict[str, Any]:
+            torch.cuda._sleep(200_000_000)
+            return {"avg": self.avg + 1.0}  # computed on the device, after "a" was seen
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.avg.copy_(state["avg"])
+
+    flat = SnapshotPool().take({"a": torch.zeros(4, device="cuda"), "ema": Ema()})
+    assert (np.frombuffer(flat.tensors["ema/avg"].buffer, np.float32) == 1.0).all()
+
+
+@_needs_cuda
+def test_cuda_sources_of_every_layout_are_copied_exactly() -> None:
+    base = torch.randn(64, 48, device="cuda")
+    state = {
+        "transposed": base.t(),  # not contiguous: converted on the device
+        "strided": base[::2, ::3],
+        "conj": torch.randn(5, 3, dtype=torch.complex64, device="cuda").conj(),
+        "neg": torch.randn(7, device="cuda")._neg_view(),
+        "bf16": torch.randn(33, device="cuda").to(torch.bfloat16),
+    }
+    expected = {k: v.resolve_conj().resolve_neg().contiguous().cpu() for k, v in state.items()}
+    flat = SnapshotPool().take(state)
+    for name, want in expected.items():
+        got = flat.tensors[name]
+        assert got.shape == tuple(want.shape)
+        assert bytes(got.buffer) == want.view(torch.uint8).numpy().tobytes(), name
+
+
+@_needs_cuda
 def test_cuda_model_and_optimizer_saved_in_the_background_as_they_were(tmp_path: Path) -> None:
-    model = torch.nn.Linear(512, 512).cuda()
+    model = torch.nn.Linear(2048, 2048).cuda()  # 16 MiB of weights, twice that of Adam state
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    model(torch.randn(64, 512, device="cuda")).sum().backward()
+    model(torch.randn(64, 2048, device="cuda")).sum().backward()
     opt.step()
-    saved = {k: v.cpu() for k, v in model.state_dict().items()}
+    saved = {k: v.clone() for k, v in model.state_dict().items()}  # queued: no host sync
     sess = Session({"model": model, "opt": opt}, global_step=1)
     saver = Saver(async_save=True)
+    torch.cuda._sleep(200_000_000)  # the copies queue behind a busy stream...
     prefix = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=1)
-    for _ in range(3):  # in-place updates queued right after save() returned
-        model(torch.randn(64, 512, device="cuda")).sum().backward()
+    for _ in range(3):  # ...and in-place updates queue right after save() returned
+        model(torch.randn(64, 2048, device="cuda")).sum().backward()
         opt.step()
     saver.wait()
     assert prefix is not None
-    restored = torch.nn.Linear(512, 512).cuda()
-    Saver().restore(
-        Session({"model": restored, "opt": torch.optim.Adam(restored.parameters())}), prefix
-    )
+    restored = torch.nn.Linear(2048, 2048).cuda()
+    restored_opt = torch.optim.Adam(restored.parameters())
+    Saver().restore(Session({"model": restored, "opt": restored_opt}), prefix)
     for k, v in restored.state_dict().items():
-        assert v.device.type == "cuda" and torch.equal(v.cpu(), saved[k]), k
+        assert v.device.type == "cuda" and torch.equal(v, saved[k]), k
+        assert not torch.equal(v, model.state_dict()[k]), k  # the training did move on
     saver.close()
 
 

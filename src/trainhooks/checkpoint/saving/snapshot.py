@@ -13,15 +13,16 @@ waits for the save in flight before it takes the next snapshot.
 Copies use ``np.copyto``, which releases the GIL. Tensors on an accelerator are already
 copied to fresh host memory by ``tree.flatten_state``; the pool keeps those copies
 instead of copying them a second time. With ``torch.cuda`` available,
-:meth:`SnapshotPool.copy_leaf` copies a CUDA tensor into a reused pinned buffer with a
-non-blocking copy on a side stream of the pool's (one per device), ordered after the
-work already queued on the current stream (the step's kernels); once every leaf is
-issued, the current stream is made to wait for those copies, so the kernels the loop
-queues next (an optimizer step updating parameters in place) cannot change a tensor
-before it is copied. ``take(state, wait=False)`` returns without blocking the host on
-the copies: the background writer calls :meth:`SnapshotPool.synchronize` before it
-reads the buffers. Work the user queues on streams of their own is theirs to order
-(``docs/internals.md``).
+:meth:`SnapshotPool.copy_leaf` assigns a CUDA tensor a reused pinned buffer; once the
+walk over the state is done (a ``state_dict()`` may queue kernels that compute the
+tensors it returns), the copies are issued, non-blocking, on a side stream of the
+pool's (one per device) that first waits for everything queued on the current stream,
+and the current stream is made to wait for an event recorded after them, so the
+kernels the loop queues next (an optimizer step updating parameters in place) cannot
+change a tensor before it is copied. ``take(state, wait=False)`` returns without
+blocking the host on the copies: the background writer calls
+:meth:`SnapshotPool.synchronize` before it reads the buffers. Work the user queues on
+streams of their own is theirs to order (``docs/internals.md``).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class SnapshotPool:
         self._host: dict[str, tuple[_Key, np.ndarray[Any, Any]]] = {}
         self._pinned: dict[str, tuple[_Key, Any]] = {}
         self._streams: dict[Any, Any] = {}  # device -> the pool's side stream on it
-        self._issued: set[Any] = set()  # devices with copies issued by the current take
-        self._copies_done: list[Any] = []  # one CUDA event per device, recorded by take
+        # device -> (source, pinned buffer): the copies to issue once the walk is done
+        self._queued: dict[Any, list[tuple[Any, Any]]] = {}
+        self._copies_done: list[tuple[Any, Any]] = []  # (device, event) per device
 
     @property
     def nbytes(self) -> int:
@@ -89,8 +91,10 @@ class SnapshotPool:
         self.synchronize()  # the previous snapshot's copies, should a caller not have
         try:
             flat = tree.flatten_state(state, copy=True, host_copy=self.copy_leaf)
-        finally:
-            self._order_after_copies()
+        except BaseException:
+            self._queued = {}  # nothing of a snapshot that failed is copied
+            raise
+        self._order_after_copies()
         if wait:
             self.synchronize()
         for name in set(self._host) - set(flat.tensors):  # entries the state no longer has
@@ -102,9 +106,10 @@ class SnapshotPool:
     def copy_leaf(self, name: str, value: Any) -> TensorData | None:
         """Copy one array leaf into the pool: the per-leaf form of :meth:`take`.
 
-        CUDA tensors go to a reused pinned buffer with a non-blocking copy on the pool's
-        side stream (call :meth:`synchronize` once after the last leaf, before reading
-        the buffers); host arrays are copied at once.
+        CUDA tensors are given a reused pinned buffer, copied into by a non-blocking copy
+        on the pool's side stream once the walk is done (:meth:`take`; call
+        :meth:`synchronize` after the last leaf, before reading the buffers); host arrays
+        are copied at once.
 
         Args:
           name: the tensor's name in the flattened state.
@@ -137,22 +142,41 @@ class SnapshotPool:
         :meth:`copy_leaf` calls since) have landed."""
         self._order_after_copies()
         done, self._copies_done = self._copies_done, []
-        for event in done:
-            event.synchronize()
-
-    def _order_after_copies(self) -> None:
-        """Mark the end of the copies issued on each device, and make the device's
-        current stream wait for them: what the loop queues next runs after the copy."""
-        if not self._issued:
+        if not done:
             return
         import torch
 
-        for device in self._issued:
-            event = torch.cuda.Event()
-            event.record(self._streams[device])
-            torch.cuda.current_stream(device).wait_event(event)
-            self._copies_done.append(event)
-        self._issued = set()
+        for device, event in done:
+            # A new thread's current device is 0: without the guard, the background
+            # writer's first CUDA call would create a context on GPU 0.
+            with torch.cuda.device(device):
+                event.synchronize()
+
+    def _order_after_copies(self) -> None:
+        """Issue the queued copies on each device's side stream, after everything the
+        current stream holds (the step's kernels, a ``state_dict()``'s), and make the
+        current stream wait for them: what the loop queues next runs after the copy."""
+        if not self._queued:
+            return
+        import torch
+
+        queued, self._queued = self._queued, {}
+        for device, pairs in queued.items():
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
+            current = torch.cuda.current_stream(device)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                for source, pinned in pairs:
+                    pinned.copy_(source, non_blocking=True)
+                    # The caching allocator must not hand the source's memory to the
+                    # current stream (a temporary freed by the loop) before it is read.
+                    source.record_stream(stream)
+            event = torch.cuda.Event(blocking=True)  # a waiting writer sleeps, not spins
+            event.record(stream)
+            current.wait_event(event)
+            self._copies_done.append((device, event))
 
     def clear(self) -> None:
         """Release every buffer (the next snapshot allocates again)."""
@@ -175,25 +199,13 @@ class SnapshotPool:
 
         from trainhooks.checkpoint.format import dtypes
 
-        resolved = value.is_conj() or value.is_neg()  # resolving queues a kernel
+        # Resolving queues a kernel on the current stream; the side stream waits for it.
         source = value.detach().resolve_conj().resolve_neg()
-        device = source.device
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device)
-        if device not in self._issued or resolved:
-            # After the step's kernels (and the resolve's, queued just now).
-            stream.wait_stream(torch.cuda.current_stream(device))
-            self._issued.add(device)
         key = (str(source.dtype), tuple(int(n) for n in source.shape))
         entry = self._pinned.get(name)
         if entry is None or entry[0] != key:
             pinned = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
             entry = (key, pinned)
             self._pinned[name] = entry
-        with torch.cuda.stream(stream):
-            entry[1].copy_(source, non_blocking=True)
-        # The caching allocator must not hand the source's memory to the current stream
-        # (a temporary freed by the loop) before the side stream has read it.
-        source.record_stream(stream)
+        self._queued.setdefault(source.device, []).append((source, entry[1]))
         return dtypes.torch_to_tensor_data(entry[1], copy=False)
