@@ -276,10 +276,12 @@ class LocalReadFile:
     def prefetch(self, start: int, length: int) -> None:
         """Start reading ``[start, start + length)`` into the page cache; returns at once.
 
-        ``posix_fadvise(WILLNEED)``: a hint, so a kernel without it changes nothing.
+        ``posix_fadvise(WILLNEED)``: a hint, so a kernel or file system without it (an
+        error) changes nothing.
         """
         if hasattr(os, "posix_fadvise") and self.fd is not None and length > 0:
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_WILLNEED)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def populate(self, start: int, length: int) -> None:
         """Make ``[start, start + length)`` of :meth:`view`'s mapping resident: a hint.
