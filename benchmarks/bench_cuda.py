@@ -8,7 +8,8 @@ Without CUDA (and no ``--device cpu``) it prints why and exits 0: nothing in the
 needs a GPU. The state is ``--tensors`` float32 tensors on the device; every restore
 ends with the saved values in those same tensors (the user's), on the device. One
 process runs every method in rounds, round ``r`` starting at the ``r``-th method
-(rotating order). In each round each method:
+(rotating order), after one untimed round of saves (first allocations: pinned buffers).
+In each round each method:
 
 1. **saves** synchronously (timed; durable: every file it wrote and its directory
    fsynced);
@@ -56,7 +57,7 @@ from typing import Any
 
 import torch
 
-from bench_restore import evict, files_under, fsync_path  # this directory
+from bench_restore import evict, files_under, fsync_path, preadv_all, writev_all  # this directory
 
 MIB = 2**20
 
@@ -89,10 +90,16 @@ class Method:
     def restore(self) -> None:
         raise NotImplementedError
 
+    def prepare_background(self) -> None:
+        """Untimed work before :meth:`background` (removing the last checkpoint)."""
+
     def background(self) -> tuple[Callable[[], None], Callable[[], None]] | None:
         """Start a background save; returns (wait until the state may change, wait
         until committed), or None when the method has no background save."""
         return None
+
+    def close(self) -> None:
+        """Release what the method holds (threads, buffers)."""
 
 
 class Floor(Method):
@@ -111,9 +118,7 @@ class Floor(Method):
         sync(self.device)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            views = self._views()
-            if os.writev(fd, views) != sum(v.nbytes for v in views):
-                raise OSError("short write")
+            writev_all(fd, self._views())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -122,14 +127,13 @@ class Floor(Method):
     def restore(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            views = self._views()
-            if os.preadv(fd, views, 0) != sum(v.nbytes for v in views):
-                raise OSError("short read")
+            preadv_all(fd, self._views())
         finally:
             os.close(fd)
         with torch.no_grad():
             for h, t in zip(self.host, self.state.values()):
                 t.copy_(h, non_blocking=True)
+        sync(self.device)
 
 
 class _Holder:
@@ -157,6 +161,10 @@ class Trainhooks(Method):
     def background(self) -> tuple[Callable[[], None], Callable[[], None]]:
         self.async_saver.save(self.holder, self.prefix, global_step=100)
         return (lambda: None), self.async_saver.wait
+
+    def close(self) -> None:
+        self.async_saver.close()
+        self.saver.close()
 
 
 class TorchSave(Method):
@@ -203,7 +211,8 @@ class DCP(Method):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        warnings.filterwarnings("ignore")  # "no process group: single-process checkpoint"
+        # "torch.distributed is disabled ...": a single-process checkpoint, as meant
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
         self.dcp = dcp
         self.dir = os.path.join(where, "dcp")
         pin = self.device.type == "cuda"
@@ -225,8 +234,11 @@ class DCP(Method):
         with torch.no_grad():
             self.dcp.load(self.state, checkpoint_id=self.dir)  # in place
 
+    def prepare_background(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)  # not timed: trainhooks replaces its
+        # last checkpoint on the writer thread, and DCP will not write into one
+
     def background(self) -> tuple[Callable[[], None], Callable[[], None]]:
-        shutil.rmtree(self.dir, ignore_errors=True)
         response = self.dcp.async_save(self.state, checkpoint_id=self.dir, async_stager=self.stager)
         from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
@@ -240,6 +252,9 @@ class DCP(Method):
             durable(self.dir)
 
         return (lambda: staged.result() if staged is not None else None), committed
+
+    def close(self) -> None:
+        self.stager.close()
 
 
 FACTORIES: dict[str, Callable[[dict[str, torch.Tensor], str], Method]] = {
@@ -266,6 +281,8 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DCP's stager and writer use the current device
     state = make_state(device, args.mib, args.tensors)
     expected = {k: v.clone() for k, v in state.items()}
     names = [m for m in args.methods.split(",") if m]
@@ -275,8 +292,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="bench-cuda-", dir=args.dir)
     columns = ("save", "cold", "warm", "host_returns", "stall", "total")
     times: dict[str, dict[str, list[float]]] = {m: {c: [] for c in columns} for m in names}
+    methods: dict[str, Method] = {}
     try:
-        methods = {m: FACTORIES[m](state, os.path.join(root, m)) for m in names}
+        methods.update({m: FACTORIES[m](state, os.path.join(root, m)) for m in names})
+        for method in methods.values():  # untimed: first allocations (pinned buffers)
+            method.save()
+            method.prepare_background()
+            warm_up = method.background()
+            if warm_up is not None:
+                warm_up[0]()
+                warm_up[1]()
         for r in range(args.repeat):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
@@ -299,6 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for k, v in state.items():
                         if not torch.equal(v, expected[k]):
                             raise AssertionError(f"{name}: {kind} restore of {k} is wrong")
+                method.prepare_background()
                 sync(device)
                 start = time.perf_counter()
                 waits = method.background()
@@ -324,6 +350,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     file=sys.stderr,
                 )
     finally:
+        for method in methods.values():
+            method.close()  # background saves finish before their files go
         shutil.rmtree(root, ignore_errors=True)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

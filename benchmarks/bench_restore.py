@@ -91,6 +91,39 @@ def fsync_path(path: str) -> None:
 Pair = tuple[Callable[[], None], Callable[[], None]]
 
 
+def _rest(batch: list[memoryview], done: int) -> list[memoryview]:
+    """What of ``batch`` is left after the first ``done`` bytes moved."""
+    rest = list(batch)
+    while rest and done >= rest[0].nbytes:
+        done -= rest.pop(0).nbytes
+    if rest and done:
+        rest[0] = rest[0].cast("B")[done:]
+    return rest
+
+
+def writev_all(fd: int, views: list[memoryview]) -> None:
+    """``os.writev`` of every view, 1024 per call, going on after a short write (Linux
+    moves at most 0x7ffff000 bytes per call)."""
+    for i in range(0, len(views), 1024):
+        batch = views[i : i + 1024]
+        while batch:
+            done = os.writev(fd, batch)
+            batch = [] if done == sum(v.nbytes for v in batch) else _rest(batch, done)
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int = 0) -> None:
+    """``os.preadv`` into every view from ``offset``, 1024 per call, going on after a
+    short read; the file ending early is an error."""
+    for i in range(0, len(views), 1024):
+        batch = views[i : i + 1024]
+        while batch:
+            done = os.preadv(fd, batch, offset)
+            if done == 0:
+                raise OSError("short read: the file ends early")
+            offset += done
+            batch = [] if done == sum(v.nbytes for v in batch) else _rest(batch, done)
+
+
 def floor(state: dict[str, Any], d: str) -> Pair:
     path = os.path.join(d, "raw.bin")
     arrays = list(state.values())
@@ -99,10 +132,7 @@ def floor(state: dict[str, Any], d: str) -> Pair:
         views = list(map(memoryview, arrays))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for i in range(0, len(views), 1024):
-                batch = views[i : i + 1024]
-                if os.writev(fd, batch) != sum(v.nbytes for v in batch):
-                    raise OSError("short write")
+            writev_all(fd, views)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -112,13 +142,7 @@ def floor(state: dict[str, Any], d: str) -> Pair:
         views = list(map(memoryview, arrays))  # the state's own memory
         fd = os.open(path, os.O_RDONLY)
         try:
-            offset = 0
-            for i in range(0, len(views), 1024):
-                batch = views[i : i + 1024]
-                got = os.preadv(fd, batch, offset)
-                if got != sum(v.nbytes for v in batch):
-                    raise OSError("short read")
-                offset += got
+            preadv_all(fd, views)
         finally:
             os.close(fd)
 
