@@ -172,6 +172,21 @@ def test_every_data_file_is_prefetched_before_any_header_is_read(
     assert [kind for kind, _ in events[first_header:]] == ["header"] * len(files)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_missing_data_file_closes_the_files_opened_before_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    state = {f"w{i}": rng.standard_normal(40_000).astype(np.float32) for i in range(12)}
+    prefix = str(tmp_path / "ckpt-1")
+    write_checkpoint(prefix, flatten_state(state), global_step=1, max_shard_bytes=200_000)
+    files = sorted(f for f in os.listdir(prefix) if f.startswith("data-"))
+    assert len(files) > 3
+    os.unlink(os.path.join(prefix, files[2]))  # the files before it are opened first
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(errors.DataLossError, match=f"{files[2]} is missing"):
+        open_checkpoint(prefix)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_prefetch_is_a_hint_on_every_range(tmp_path: Path) -> None:
     raw = bytes(range(256)) * 5000
     (tmp_path / "f").write_bytes(raw)
