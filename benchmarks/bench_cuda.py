@@ -90,6 +90,12 @@ class Method:
     def restore(self) -> None:
         raise NotImplementedError
 
+    def fill(self, loaded: dict[str, torch.Tensor]) -> None:
+        """Copy what a library loaded into the state's own tensors (the user's)."""
+        with torch.no_grad():
+            for k, t in self.state.items():
+                t.copy_(loaded[k])
+
     def prepare_background(self) -> None:
         """Untimed work before :meth:`background` (removing the last checkpoint)."""
 
@@ -178,10 +184,7 @@ class TorchSave(Method):
         fsync_path(self.where)
 
     def restore(self) -> None:
-        loaded = torch.load(self.path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for k, t in self.state.items():
-                t.copy_(loaded[k])
+        self.fill(torch.load(self.path, map_location="cpu", weights_only=True))
 
 
 class Safetensors(Method):
@@ -199,10 +202,7 @@ class Safetensors(Method):
     def restore(self) -> None:
         from safetensors.torch import load_file
 
-        loaded = load_file(self.path, device="cpu")  # maps lazily: the copy_ reads
-        with torch.no_grad():
-            for k, t in self.state.items():
-                t.copy_(loaded[k])
+        self.fill(load_file(self.path, device="cpu"))  # maps lazily: the copy_ reads
 
 
 class DCP(Method):
