@@ -87,6 +87,15 @@ class Saver:
       storage: the :class:`~trainhooks.checkpoint.storage.base.Storage` that checkpoint
         directories are written through (default: the local disk); the state file and
         retention's deletes always go to the local disk.
+      atomic_restore: True (default): :meth:`restore` writes nothing into the state
+        until the whole checkpoint verified, so a corrupt one leaves the state as it
+        was. False reads each large tensor (at least 4 MiB, in contiguous host memory)
+        straight from the file into the state and checksums it there: one pass over
+        the data instead of a read and a copy (``docs/format.md``), and a checkpoint
+        larger than free memory is read from disk once, not twice. A corrupt checkpoint
+        is still found and raises ``DataLossError``, but the large tensors read before
+        the mismatch then hold its values; :meth:`restore_latest` goes on to an older
+        checkpoint, which overwrites them.
       clock: the time source for ``keep_checkpoint_every_n_hours``.
       process_group: the processes that save and restore together
         (:class:`~trainhooks.checkpoint.distributed.torch_group.TorchProcessGroup` in a
@@ -128,6 +137,7 @@ class Saver:
         storage: Storage | None = None,
         clock: Clock = wall_clock,
         process_group: ProcessGroup | None = None,
+        atomic_restore: bool = True,
     ) -> None:
         from trainhooks import _checks
 
@@ -145,6 +155,7 @@ class Saver:
         _checks.boolean("allow_empty", allow_empty)
         _checks.integer("max_shard_bytes", max_shard_bytes, example=2**30)
         _checks.boolean("async_save", async_save)
+        _checks.boolean("atomic_restore", atomic_restore)
         _checks.function("clock", clock, example="time.time")
         self._var_list = VarList(var_list)
         if self._var_list.is_empty and not allow_empty:
@@ -160,6 +171,7 @@ class Saver:
         self._filename = filename
         self._max_shard_bytes = max_shard_bytes
         self._async_save = bool(async_save)
+        self._atomic_restore = bool(atomic_restore)
         self._storage = storage
         self._clock = clock
         self._pool = SnapshotPool()
@@ -437,7 +449,8 @@ class Saver:
         """Restore the checkpoint at ``save_path`` into the session.
 
         The whole checkpoint is verified before anything is written into the user's
-        objects; then the state is restored in place and ``session.global_step`` is set.
+        objects (unless the saver was built with ``atomic_restore=False``); then the
+        state is restored in place and ``session.global_step`` is set.
         A background save into the same directory from this process is waited for
         first (its error, if any, is left for :meth:`wait` or :meth:`poll_committed`).
 
@@ -455,7 +468,8 @@ class Saver:
 
         Raises:
           ValueError: there is no checkpoint at ``save_path``, or it is a TensorFlow one.
-          DataLossError: the checkpoint failed verification; nothing was changed.
+          DataLossError: the checkpoint failed verification; nothing was changed (with
+            ``atomic_restore=False``: nothing but the large tensors read before then).
           StateMismatchError: the checkpoint does not fit the state; nothing was changed.
             With ``strict=False`` only for an object (a module, an optimizer, anything
             with ``state_dict()``) that the checkpoint holds but none of whose saved
@@ -477,7 +491,9 @@ class Saver:
             raise ValueError("Can't load save_path when it is None.")
         prefix = os.fspath(save_path)
         wait_for_saves_into(os.path.dirname(prefix))  # one may be writing this very checkpoint
-        report = restore_checkpoint(session, prefix, self._var_list, strict=strict)
+        report = restore_checkpoint(
+            session, prefix, self._var_list, strict=strict, atomic=self._atomic_restore
+        )
         return None if strict else report
 
     def restore_latest(

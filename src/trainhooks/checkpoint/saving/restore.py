@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 from trainhooks import errors
@@ -31,6 +31,7 @@ from trainhooks.checkpoint.management.state_file import (
 from trainhooks.checkpoint.saving.sharded_restore import ShardedRestore
 from trainhooks.checkpoint.saving.var_list import StateHolder, VarList
 from trainhooks.checkpoint.state import tree
+from trainhooks.checkpoint.state.host_copies import HostCopies
 from trainhooks.checkpoint.storage.commit import checkpoint_containing, is_checkpoint
 
 __all__ = [
@@ -50,7 +51,12 @@ logger = logging.getLogger(__name__)
 
 
 def restore_checkpoint(
-    session: StateHolder, prefix: str, var_list: VarList, *, strict: bool = True
+    session: StateHolder,
+    prefix: str,
+    var_list: VarList,
+    *,
+    strict: bool = True,
+    atomic: bool = True,
 ) -> RestoreReport:
     """Verify the checkpoint at ``prefix``, then restore it into ``session``.
 
@@ -60,13 +66,21 @@ def restore_checkpoint(
       var_list: which part of the state to restore.
       strict: refuse a checkpoint whose entries differ from the state's; False restores
         what matches, skips the rest and logs both, per top-level entry.
+      atomic: True (the default) writes nothing until every checksum passed. False
+        reads each large tensor (a checksum run of its own, at least 4 MiB, into
+        C-contiguous host memory) straight into the state and checksums it there: one
+        pass over the data and no second copy. The rest is checked as before; the state
+        must still fit the checkpoint before anything is read. A corrupt checkpoint
+        still raises ``DataLossError``, but the tensors read before the mismatch was
+        found then hold its values.
 
     Returns:
       What was restored and what skipped, per top-level entry of the state.
 
     Raises:
       ValueError: there is no checkpoint at ``prefix``, or it is a TensorFlow one.
-      DataLossError: the checkpoint failed verification; nothing was changed.
+      DataLossError: the checkpoint failed verification; nothing was changed (with
+        ``atomic=False``: nothing but the large tensors read before the mismatch).
       StateMismatchError: the checkpoint does not fit the state (with ``strict=False``:
         an object in both matches nothing the checkpoint holds for it); nothing was
         changed.
@@ -92,10 +106,12 @@ def restore_checkpoint(
     # The collector stays off until the manifest and the plan (~300k containers for 100k
     # tensors, none of them garbage) are freed again: otherwise it walks them all once.
     with paused_gc():
-        return _restore(session, prefix, var_list, strict)
+        return _restore(session, prefix, var_list, strict, atomic)
 
 
-def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool) -> RestoreReport:
+def _restore(
+    session: StateHolder, prefix: str, var_list: VarList, strict: bool, atomic: bool
+) -> RestoreReport:
     try:
         reader = open_checkpoint(prefix)
     except errors.NotFoundError:  # deleted since the check above
@@ -105,7 +121,8 @@ def _restore(session: StateHolder, prefix: str, var_list: VarList, strict: bool)
         # DTensors read only their own regions (checksummed as read); the rest is checked here
         sharded = ShardedRestore(reader, state)
         try:
-            report = _restore_state(reader, state, sharded, pool, strict)
+            restore_state = _restore_state if atomic else _restore_state_in_one_pass
+            report = restore_state(reader, state, sharded, pool, strict)
         except BaseException:
             sharded.undo()
             raise
@@ -144,6 +161,58 @@ def _restore_state(
         strict=strict,
         locate=reader.locator(unchecked=True),
         before_apply=verified.result,
+    )
+
+
+def _restore_state_in_one_pass(
+    reader: MappedCheckpoint,
+    state: Any,
+    sharded: ShardedRestore,
+    pool: ThreadPoolExecutor,
+    strict: bool,
+) -> RestoreReport:
+    # Nothing is read before the state is known to fit. Then the large tensors are read
+    # straight into the state and checked there while the rest is checksummed from the
+    # mapping; the remaining copies follow once both passed.
+    saved_tree = reader.tree
+    if not isinstance(saved_tree, Mapping):
+        raise errors.DataLossError(f"Checkpoint {reader.prefix}: the manifest holds no state tree")
+
+    def get_tensor(name: str) -> TensorData:
+        try:
+            piece = sharded.piece(name)
+            return reader.tensor_data(name, unchecked=True) if piece is None else piece  # type: ignore[return-value]
+        except errors.NotFoundError:
+            raise KeyError(name) from None
+
+    def read_large(copies: HostCopies) -> None:
+        large = copies.take_large(reader.claim_run)
+        rest = pool.submit(
+            reader.verify, files=sharded.verify_files, exclude={run for _, run in large}
+        )
+        try:
+            try:
+                nbytes = reader.read_runs(large)
+            finally:
+                wait([rest])  # no thread of this restore is left running
+            rest.result()
+        except errors.DataLossError as e:
+            if not large:
+                raise  # nothing was written
+            raise errors.DataLossError(
+                f"{e}. The restore read large tensors straight into the state "
+                "(atomic_restore=False): those read before this was found hold the "
+                "checkpoint's values; restore another checkpoint before using the state."
+            ) from e
+        logger.debug("Read %d tensors (%d bytes) straight into the state", len(large), nbytes)
+
+    return tree.restore_state_report(
+        state,
+        saved_tree,
+        get_tensor,
+        strict=strict,
+        locate=reader.locator(unchecked=True),
+        before_write=read_large,
     )
 
 

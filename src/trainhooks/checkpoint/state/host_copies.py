@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
 from operator import attrgetter, itemgetter, setitem
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from trainhooks.checkpoint.format.mapped_checkpoint import Located
 from trainhooks.checkpoint.format.tensor import TensorData
 
 __all__ = ["PARALLEL_COPY_BYTES", "HostCopies", "Run", "plan_run"]
+
+Key = TypeVar("Key")
 
 #: Copies of at least this many bytes run on the copy threads.
 PARALLEL_COPY_BYTES = 4 * 2**20
@@ -63,6 +65,44 @@ class HostCopies:
         """Record ``source[starts[i]:ends[i]]`` into each ``targets[i]`` (plain NumPy arrays
         of the saved dtype and shape); one Python tuple per run, not per array."""
         self.runs.append((len(self.located), (targets, source, starts, ends)))
+
+    def take_large(
+        self, claim: Callable[[int, int], Key | None]
+    ) -> list[tuple[np.ndarray[Any, Any], Key]]:
+        """Take out the large copies whose source ``claim`` accepts, to be done elsewhere.
+
+        ``claim(address, nbytes)`` sees where a copy of at least
+        :data:`PARALLEL_COPY_BYTES` into C-contiguous memory would read from; what it
+        returns (not None) comes back beside the destination as a flat uint8 array, and
+        :meth:`run` no longer performs that copy. A restore that reads large tensors
+        straight from the file into the user's memory (``restore.py``) uses it.
+        """
+        taken: list[tuple[np.ndarray[Any, Any], Key]] = []
+        kept: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]] = []
+        kept_before = []  # kept_before[i]: how many of located[:i] are kept
+        for job in self.located:
+            kept_before.append(len(kept))
+            target, source, start, end = job
+            if end - start >= PARALLEL_COPY_BYTES and target.flags.c_contiguous:
+                key = claim(source.ctypes.data + start, end - start)
+                if key is not None:
+                    taken.append((target.reshape(-1).view(np.uint8), key))
+                    continue
+            kept.append(job)
+        kept_before.append(len(kept))
+        self.runs = [(kept_before[position], run) for position, run in self.runs]
+        self.located = kept
+        host = []
+        for dst, data in self.host:
+            if dst.nbytes >= PARALLEL_COPY_BYTES and dst.flags.c_contiguous:
+                source = np.frombuffer(data.buffer, np.uint8)
+                key = claim(source.ctypes.data, source.nbytes)
+                if key is not None:
+                    taken.append((dst.reshape(-1), key))
+                    continue
+            host.append((dst, data))
+        self.host = host
+        return taken
 
     def run(self) -> None:
         """Perform every copy: the located ones and runs, the small ones, then the rest."""

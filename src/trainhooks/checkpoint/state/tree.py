@@ -45,6 +45,7 @@ from trainhooks import errors
 from trainhooks.checkpoint.format.columns import TensorColumns
 from trainhooks.checkpoint.format.tensor import TensorData
 from trainhooks.checkpoint.gc_pause import paused_gc
+from trainhooks.checkpoint.state.host_copies import HostCopies
 from trainhooks.checkpoint.state.tree_flatten import RESERVED_NAMES, Flattener, PlainDict
 from trainhooks.checkpoint.state.tree_nodes import MalformedTree, Mismatch, entry_of
 from trainhooks.checkpoint.state.tree_restore import Locate, Restorer
@@ -224,6 +225,7 @@ def restore_state(
     *,
     locate: Locate | None = None,
     before_apply: Callable[[], None] | None = None,
+    before_write: Callable[[HostCopies], None] | None = None,
 ) -> list[Mismatch]:
     """Restore a flattened state into ``state``'s objects, in place.
 
@@ -250,6 +252,10 @@ def restore_state(
       before_apply: called once everything is checked and before anything is written
         (also before a mismatch is raised); an exception it raises stops the restore.
         ``restore.py`` waits here for the checksum pass it ran alongside the checks.
+      before_write: called with the planned host copies once the state was found to
+        fit, right before they are written; it may take some out and do them itself
+        (``HostCopies.take_large``). An exception it raises stops the restore.
+        ``restore.py`` reads large tensors straight from the file here when asked to.
 
     Returns:
       The entries that were skipped (empty when ``strict``); they are also logged, with
@@ -271,7 +277,13 @@ def restore_state(
         array([1., 1.])
     """
     return restore_state_report(
-        state, tree, get_tensor, strict, locate=locate, before_apply=before_apply
+        state,
+        tree,
+        get_tensor,
+        strict,
+        locate=locate,
+        before_apply=before_apply,
+        before_write=before_write,
     ).skipped
 
 
@@ -283,6 +295,7 @@ def restore_state_report(
     *,
     locate: Locate | None = None,
     before_apply: Callable[[], None] | None = None,
+    before_write: Callable[[HostCopies], None] | None = None,
 ) -> RestoreReport:
     """:func:`restore_state`, returning a :class:`RestoreReport` of what it did.
 
@@ -311,6 +324,8 @@ def restore_state_report(
         raise StateMismatchError(restorer.problems)
     if restorer.unmatched:
         raise StateMismatchError(restorer.unmatched, strict=False)
+    if before_write is not None:
+        before_write(restorer.copies)
     with paused_gc():
         restorer.apply()
     report = _report(state, restorer)

@@ -109,7 +109,7 @@ class Restorer:
         #: non-strict restore refuses them (``tree.restore_state``)
         self.unmatched: list[Mismatch] = []
         self._data: dict[str, TensorData | None] = {}
-        self._copies = HostCopies()
+        self.copies = HostCopies()  # what apply copies into host memory
         self._actions: list[Callable[[], None]] = []
 
     def problem(self, path: Path, text: str) -> None:
@@ -123,7 +123,7 @@ class Restorer:
 
     def apply(self) -> None:
         """Write everything planned: host copies (batched), then the rest in order."""
-        self._copies.run()
+        self.copies.run()
         for action in self._actions:
             action()
 
@@ -212,7 +212,7 @@ class Restorer:
             return None
         view = adapter.host_view(target)
         if view is not None:
-            self._copies.host.append((view, data))
+            self.copies.host.append((view, data))
             return None
         return lambda: adapter.restore(target, data, want)
 
@@ -235,7 +235,7 @@ class Restorer:
                 return False
             if saved_code != code or saved_shape != tshape:
                 return False
-            self._copies.located.append((target, source, start, end))
+            self.copies.located.append((target, source, start, end))
             return True
         if not target.flags.c_contiguous:
             # A flat uint8 view of strided memory would be a copy (or impossible): the
@@ -251,9 +251,9 @@ class Restorer:
         self._data[name] = data
         # A byte memoryview (the small-copy path) of a 0-d or empty array cannot be cast.
         if target.nbytes >= PARALLEL_COPY_BYTES or not target.ndim or not target.nbytes:
-            self._copies.host.append((target.reshape(-1).view(np.uint8), data))
+            self.copies.host.append((target.reshape(-1).view(np.uint8), data))
         else:
-            self._copies.small.append((target, buffer))
+            self.copies.small.append((target, buffer))
         return True
 
     def _restore_object(self, target: Any, node: Any, path: Path, name: str) -> None:
@@ -310,11 +310,11 @@ class Restorer:
         many = self._locate_many
         ok = many and len(target) > 1 and type(keys) is type(values) is list
         # fast path: plain arrays that all match exactly are checked as one run in C loops
-        if ok and plan_run(self._copies, target, keys, values, prefix, many):  # type: ignore[arg-type]
+        if ok and plan_run(self.copies, target, keys, values, prefix, many):  # type: ignore[arg-type]
             return
         saved = dict(dict_items(node))
         ndarray, codes_of, locate = np.ndarray, GATHER_DTYPES, self.locate
-        located = self._copies.located
+        located = self.copies.located
         for key, value in target.items():
             child = saved.get(key, saved)  # saved itself: a sentinel no node can be
             if child is saved:

@@ -1,0 +1,242 @@
+"""``Saver(atomic_restore=False)``: large tensors read straight into the state, checked there.
+
+Each large tensor (a checksum run of its own, at least 4 MiB, into C-contiguous host
+memory) is read from the data file into the user's memory and hashed as it lands
+(``MappedCheckpoint.read_runs``); everything else is checksummed from the mapping and
+copied afterwards, as in an atomic restore. These tests restore every layout that way,
+from cached and from evicted files, check that the large tensors really took the direct
+path (the restore logs how many), and that a corrupt checkpoint still raises
+``DataLossError`` and says what it already wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tests.helpers.checkpoints import flip_byte_of
+
+from trainhooks import errors
+from trainhooks.checkpoint.format.opening import open_checkpoint
+from trainhooks.checkpoint.saver import Saver
+from trainhooks.checkpoint.saving.write import write_checkpoint
+from trainhooks.checkpoint.state.host_copies import PARALLEL_COPY_BYTES
+from trainhooks.checkpoint.state.tree import flatten_state
+from trainhooks.session.session import Session
+
+torch = pytest.importorskip("torch")
+
+_BIG = PARALLEL_COPY_BYTES // 4 + 2**20 + 3  # float32s: over the limit and over two 8 MiB steps
+_LOGGER = "trainhooks.checkpoint.saving.restore"
+
+
+def _evict(prefix: str) -> None:
+    for name in os.listdir(prefix):
+        fd = os.open(os.path.join(prefix, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _state(seed: int) -> dict[str, Any]:
+    """Large tensors that can be read in place, and every kind that cannot."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    return {
+        "big": rng.standard_normal(_BIG).astype(np.float32),
+        "big_2d": rng.standard_normal((1100, 1000)),  # 8.8 MB of float64
+        "big_fortran": np.asfortranarray(rng.standard_normal((1100, 1000))),  # not C order
+        "torch": {
+            "big": torch.randn(_BIG),
+            "param": torch.nn.Parameter(torch.randn(1200, 1100)),
+            "transposed": torch.randn(1100, 1200).t(),  # not contiguous
+            "bf16": torch.randn(_BIG).to(torch.bfloat16),
+            "small": torch.randn(10),
+        },
+        "small": {f"t{i:03d}": rng.standard_normal(300).astype(np.float32) for i in range(400)},
+        "scalar": np.array(2.5),
+    }
+
+
+#: the leaves of _state read in place: large, C-contiguous host memory
+_DIRECT = {"big", "big_2d", "torch/big", "torch/param", "torch/bf16"}
+
+
+def _leaves(state: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(state, dict):
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            out.update(_leaves(value, f"{path}/{key}" if path else key))
+        return out
+    return {path: state}
+
+
+def _bytes(state: dict[str, Any]) -> dict[str, bytes]:
+    out = {}
+    for key, value in _leaves(state).items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous().view(torch.uint8).numpy()
+        out[key] = np.ascontiguousarray(value).tobytes()
+    return out
+
+
+def _save(state: dict[str, Any], directory: Path, step: int = 3) -> str:
+    prefix = Saver(max_to_keep=None).save(
+        Session(state), str(directory / "model.ckpt"), global_step=step
+    )
+    assert prefix is not None
+    return prefix
+
+
+def _read_in_place(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """(tensors, bytes) the last restore logged as read straight into the state."""
+    found = [r.args for r in caplog.records if r.msg.startswith("Read %d tensors")]
+    assert found, "the restore read nothing in place"
+    return found[-1]  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "dropped from the cache"])
+def test_every_layout_restores_exactly_and_large_tensors_in_place(
+    tmp_path: Path, cached: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = _state(0)
+    saved = _bytes(state)
+    prefix = _save(state, tmp_path)
+    restored = _state(1)  # other values, to be overwritten in place
+    objects = _leaves(restored)
+    if not cached:
+        _evict(prefix)
+    caplog.set_level(logging.DEBUG, logger=_LOGGER)
+    Saver(atomic_restore=False).restore(Session(restored), prefix)
+    assert _bytes(restored) == saved
+    assert _read_in_place(caplog) == (len(_DIRECT), sum(len(saved[key]) for key in _DIRECT))
+    for key, value in _leaves(restored).items():
+        assert value is objects[key], f"{key} was replaced, not restored in place"
+
+
+def test_a_module_and_optimizer_restore_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1200, 1200), torch.nn.Linear(1200, 3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1200)).sum().backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+    prefix = _save(state, tmp_path)
+    weight = model[0].weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    for moment in opt.state.values():
+        moment["exp_avg"].zero_()
+    _evict(prefix)
+    caplog.set_level(logging.DEBUG, logger=_LOGGER)
+    Saver(atomic_restore=False).restore(Session(state), prefix)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg"], moments[k]), k
+    assert model[0].weight is weight
+    tensors, _ = _read_in_place(caplog)
+    assert tensors >= 1  # the 1200 x 1200 weight (5.8 MB) at least
+
+
+@pytest.mark.parametrize("tensor", ["big", "torch/param"])
+@pytest.mark.parametrize("where", [0.0, 1.0])
+def test_a_corrupt_large_tensor_raises_and_says_what_was_written(
+    tmp_path: Path, tensor: str, where: float
+) -> None:
+    prefix = _save(_state(0), tmp_path)
+    flip_byte_of(prefix, tensor, where)
+    target = _state(1)
+    before = _bytes(target)
+    with pytest.raises(errors.DataLossError, match=r"checksum mismatch.*atomic_restore=False"):
+        Saver(atomic_restore=False).restore(Session(target), prefix)
+    after = _bytes(target)
+    # Only tensors read in place may have changed; everything copied afterwards is intact.
+    assert {k for k in before if before[k] != after[k]} <= _DIRECT
+    assert after[tensor] != before[tensor]  # the corrupt bytes landed: that is the trade-off
+
+
+def test_a_corrupt_small_tensor_raises_and_small_ones_stay(tmp_path: Path) -> None:
+    prefix = _save(_state(0), tmp_path)
+    flip_byte_of(prefix, "small/t123")
+    target = _state(1)
+    before = _bytes(target)
+    with pytest.raises(errors.DataLossError, match=r"small/t123|checksummed together"):
+        Saver(atomic_restore=False).restore(Session(target), prefix)
+    after = _bytes(target)
+    assert {k for k in before if before[k] != after[k]} <= _DIRECT
+
+
+def test_a_state_that_does_not_fit_reads_nothing(tmp_path: Path) -> None:
+    prefix = _save(_state(0), tmp_path)
+    target = _state(1)
+    target["torch"]["small"] = torch.zeros(11)  # the checkpoint holds 10
+    before = _bytes(target)
+    with pytest.raises(errors.StateMismatchError, match="small"):
+        Saver(atomic_restore=False).restore(Session(target), prefix)
+    assert _bytes(target) == before
+
+
+def test_restore_latest_goes_on_to_an_older_checkpoint_and_overwrites_what_was_read(
+    tmp_path: Path,
+) -> None:
+    older, newer = _state(0), _state(1)
+    saver = Saver(max_to_keep=5, atomic_restore=False)
+    saver.save(Session(older, global_step=1), str(tmp_path / "model.ckpt"), global_step=1)
+    newest = saver.save(Session(newer), str(tmp_path / "model.ckpt"), global_step=2)
+    assert newest is not None
+    flip_byte_of(newest, "torch/big", 1.0)  # found last: everything large was read
+    target = _state(2)
+    session = Session(target)
+    saver.restore_latest(session, str(tmp_path))
+    assert _bytes(target) == _bytes(older)
+    assert session.global_step == 1
+
+
+def test_read_runs_refuses_a_file_truncated_after_it_was_opened(tmp_path: Path) -> None:
+    state = {"w": np.arange(_BIG, dtype=np.float32)}
+    prefix = str(tmp_path / "ckpt-1")
+    write_checkpoint(prefix, flatten_state(state), global_step=1)
+    target = np.zeros(_BIG, np.float32)
+    with open_checkpoint(prefix) as ckpt:
+        entry = ckpt.entry("w")
+        address = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data + entry.start
+        run = ckpt.claim_run(address, entry.end - entry.start)
+        assert run is not None
+        os.truncate(Path(prefix) / entry.file, entry.start + 1000)
+        with pytest.raises(errors.DataLossError, match=r"ends at byte .* truncated after"):
+            ckpt.read_runs([(target.view(np.uint8), run)])
+
+
+def test_claim_run_takes_only_a_whole_unchecked_run(tmp_path: Path) -> None:
+    state = {"w": np.arange(_BIG, dtype=np.float32), "a": np.ones(3), "b": np.zeros(3)}
+    prefix = str(tmp_path / "ckpt-1")
+    write_checkpoint(prefix, flatten_state(state), global_step=1)
+    with open_checkpoint(prefix) as ckpt:
+        entry = ckpt.entry("w")
+        base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
+        size = entry.end - entry.start
+        assert ckpt.claim_run(base + entry.start, size) is not None
+        assert ckpt.claim_run(base + entry.start, size - 1) is None  # part of the run
+        assert ckpt.claim_run(base + entry.start + 4, size - 4) is None  # not its start
+        assert ckpt.claim_run(np.zeros(8).ctypes.data, 8) is None  # not in any file
+        small = ckpt.entry("a")  # shares its run with "b"
+        assert ckpt.claim_run(base + small.start, small.end - small.start) is None
+        ckpt.verify()
+        assert ckpt.claim_run(base + entry.start, size) is None  # already checked
+
+
+def test_atomic_restore_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="atomic_restore"):
+        Saver(atomic_restore="no")  # type: ignore[arg-type]
