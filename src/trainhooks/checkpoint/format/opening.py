@@ -46,8 +46,6 @@ __all__ = [
 
 # A re-save swaps the directory under a reader; it then starts over on the new one.
 _OPEN_ATTEMPTS = 3
-# How much of each data file's start is prefetched while the headers are checked.
-_PREFETCH_BYTES = 8 * 2**20
 
 
 def open_checkpoint(
@@ -135,12 +133,14 @@ def _open_at(prefix: str, directory: DirectoryReader) -> MappedCheckpoint:
     try:
         for name in manifest.files:
             opened[name] = _open_file(prefix, directory, name, "data file")
-        # Every file's first bytes are asked for at once: a cold disk then serves the
-        # headers (and the first runs the checksums read) in parallel, not one by one.
-        for data in opened.values():
+        # Every file's header (its length is in the manifest) is asked for at once: a
+        # cold disk then serves them side by side, not one page fault after another.
+        # Only the headers: prefetching 8 MiB of each file competed with the restore's
+        # own reads (512 MiB in three files, cold, median of 10: 0.350 s against 0.318 s).
+        for name, data in opened.items():
             prefetch = getattr(data, "prefetch", None)
             if prefetch is not None:
-                prefetch(0, min(data.size, _PREFETCH_BYTES))
+                prefetch(0, min(data.size, manifest.files[name].data_start))
         for name, entry in manifest.files.items():
 
             def fail(message: str, file: str = name) -> DataLossError:
