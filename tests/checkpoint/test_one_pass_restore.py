@@ -215,7 +215,9 @@ def test_read_runs_refuses_a_file_truncated_after_it_was_opened(tmp_path: Path) 
         run = ckpt.claim_run(address, entry.end - entry.start)
         assert run is not None
         os.truncate(Path(prefix) / entry.file, entry.start + 1000)
-        with pytest.raises(errors.DataLossError, match=r"ends at byte .* truncated after"):
+        with pytest.raises(
+            errors.DataLossError, match=r"ends at byte .* shorter than when it was opened"
+        ):
             ckpt.read_runs([(target.view(np.uint8), run)])
 
 
@@ -240,3 +242,70 @@ def test_claim_run_takes_only_a_whole_unchecked_run(tmp_path: Path) -> None:
 def test_atomic_restore_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="atomic_restore"):
         Saver(atomic_restore="no")  # type: ignore[arg-type]
+
+
+def test_a_dict_of_large_arrays_in_one_file_is_read_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One data file and a dict of plain arrays: the restore plans them as one batched
+    run (``plan_run``); its large arrays are still read in place."""
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal(_BIG).astype(np.float32) for i in range(4)}
+    state.update({f"s{i}": rng.standard_normal(100).astype(np.float32) for i in range(50)})
+    saved = _bytes(state)
+    prefix = _save(state, tmp_path)
+    with open_checkpoint(prefix) as ckpt:
+        assert len(ckpt.manifest.files) == 1
+    target = {k: np.zeros_like(v) for k, v in state.items()}
+    caplog.set_level(logging.DEBUG, logger=_LOGGER)
+    Saver(atomic_restore=False).restore(Session(target), prefix)
+    assert _bytes(target) == saved
+    assert _read_in_place(caplog) == (4, 4 * _BIG * 4)
+
+
+def test_one_array_under_two_names_is_read_in_place_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tied weights restored from a checkpoint of untied ones: two runs, one memory. Two
+    threads reading into it at once would hash each other's bytes; one is read in place,
+    the other copied after, as an atomic restore does."""
+    rng = np.random.default_rng(0)
+    saved = {"a": rng.standard_normal(_BIG).astype(np.float32)}
+    saved["b"] = rng.standard_normal(_BIG).astype(np.float32)
+    prefix = _save(saved, tmp_path)
+    shared = np.zeros(_BIG, np.float32)
+    caplog.set_level(logging.DEBUG, logger=_LOGGER)
+    for _ in range(3):
+        shared[:] = 0
+        Saver(atomic_restore=False).restore(Session({"a": shared, "b": shared}), prefix)
+        assert np.array_equal(shared, saved["a"]) or np.array_equal(shared, saved["b"])
+        assert _read_in_place(caplog)[0] == 1
+
+
+def test_a_corrupt_checkpoint_that_does_not_fit_is_reported_as_corrupt(tmp_path: Path) -> None:
+    """restore_latest goes on past a corrupt checkpoint, but stops at one that does not
+    fit: a checkpoint both corrupt and unfit must read as corrupt, as when atomic."""
+    prefix = _save(_state(0), tmp_path)
+    flip_byte_of(prefix, "big")
+    target = _state(1)
+    target["torch"]["small"] = torch.zeros(11)
+    before = _bytes(target)
+    with pytest.raises(errors.DataLossError, match="'big'"):
+        Saver(atomic_restore=False).restore(Session(target), prefix)
+    assert _bytes(target) == before
+
+
+def test_a_restore_with_strict_false_stays_atomic(tmp_path: Path) -> None:
+    """The older checkpoint lacks "new": a one-pass read of the newer, corrupt one would
+    leave its bytes there while restore_latest reports success."""
+    older = _state(0)
+    newer = {**_state(1), "new": np.arange(_BIG, dtype=np.float32)}
+    saver = Saver(max_to_keep=5, atomic_restore=False)
+    saver.save(Session(older, global_step=1), str(tmp_path / "model.ckpt"), global_step=1)
+    newest = saver.save(Session(newer), str(tmp_path / "model.ckpt"), global_step=2)
+    assert newest is not None
+    flip_byte_of(newest, "torch/param", 1.0)
+    target = {**_state(2), "new": np.full(_BIG, 7.0, np.float32)}
+    saver.restore_latest(Session(target), str(tmp_path), strict=False)
+    assert _bytes({k: v for k, v in target.items() if k != "new"}) == _bytes(older)
+    assert (target["new"] == 7.0).all()

@@ -94,8 +94,10 @@ class Saver:
         the data instead of a read and a copy (``docs/format.md``), and a checkpoint
         larger than free memory is read from disk once, not twice. A corrupt checkpoint
         is still found and raises ``DataLossError``, but the large tensors read before
-        the mismatch then hold its values; :meth:`restore_latest` goes on to an older
-        checkpoint, which overwrites them.
+        the mismatch then hold its values (the error says so); :meth:`restore_latest`
+        goes on to an older checkpoint, which restores every tensor again. A restore
+        with ``strict=False`` is atomic either way: an older checkpoint restored after a
+        failure need not hold every tensor the failed one wrote.
       clock: the time source for ``keep_checkpoint_every_n_hours``.
       process_group: the processes that save and restore together
         (:class:`~trainhooks.checkpoint.distributed.torch_group.TorchProcessGroup` in a

@@ -4,7 +4,7 @@
 then hands the memory-mapped files to a :class:`MappedCheckpoint`. Its tensors are
 checksummed, run by run (``manifest.py``), on first access, or all at once by
 :meth:`MappedCheckpoint.verify`, which hashes the runs straight from the mappings on a
-few threads; nothing unchecked is ever returned. A restore that may write before
+few threads; nothing unchecked is returned unless asked for (``unchecked=True``). A restore that may write before
 everything is checked (``Saver(atomic_restore=False)``) instead reads the large runs
 straight into their destinations and checksums them there
 (:meth:`MappedCheckpoint.read_runs`): one pass over the data, no second copy.
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import threading
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -55,7 +56,9 @@ _VERIFY_THREADS = 4
 # also copies (in the kernel) and hashes what it read. On two cores, four threads were
 # slower than two (512 MiB cold, min of 6: 0.299 against 0.294 s, median 0.403 against
 # 0.338 s), the kernel's readahead keeping the disk busy behind each sequential read.
-_READ_THREADS = min(4, os.cpu_count() or 1)
+_READ_THREADS = min(
+    4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
 # ...and makes a long run's pages resident this many bytes at a time.
 _POPULATE_STEP = 8 * 2**20
 
@@ -65,8 +68,8 @@ class MappedCheckpoint:
 
     The manifest and every file's size and header were checked on opening. Tensor
     bytes are checksummed on first access (:meth:`tensor_data`) or all at once
-    (:meth:`verify`); nothing unchecked is ever returned. Close it (or use ``with``)
-    to unmap the files; memoryviews handed out keep their mapping alive.
+    (:meth:`verify`); nothing unchecked is returned unless asked for. Close it (or use
+    ``with``) to unmap the files; memoryviews handed out keep their mapping alive.
 
     Example:
         >>> with open_checkpoint("ckpt/model.ckpt-200") as ckpt:  # doctest: +SKIP
@@ -363,12 +366,17 @@ class MappedCheckpoint:
         Returns:
           The number of bytes read.
 
+        The first failure stops the other threads before their next step; none is
+        left reading when this returns or raises.
+
         Raises:
           DataLossError: a run's checksum does not match, or its file ends early.
+          OSError: reading failed (the storage's error).
         """
         ordered = sorted(
             jobs, key=lambda job: self.manifest.files[job[1][0]].chunks[job[1][1]].start
         )
+        stop = threading.Event()
 
         def read(job: tuple[np.ndarray[Any, Any], RunKey]) -> int:
             destination, (file, index) = job
@@ -381,6 +389,8 @@ class MappedCheckpoint:
             out = destination.data.cast("B")
             hasher = xxhash.xxh3_128()
             for done in range(0, len(out), _POPULATE_STEP):
+                if stop.is_set():
+                    raise CancelledError  # another run failed: read no more
                 step = out[done : done + _POPULATE_STEP]
                 self._read_exactly(file, chunk.start + done, step)
                 hasher.update(step)
@@ -390,8 +400,14 @@ class MappedCheckpoint:
         threads = min(len(ordered), num_threads or _READ_THREADS)
         if threads <= 1:
             return sum(map(read, ordered))
-        with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-read") as pool:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-read")
+        try:
             return sum(pool.map(read, ordered))
+        except BaseException:
+            stop.set()  # before waiting: the others stop at their next step
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _read_exactly(self, file: str, position: int, out: memoryview) -> None:
         handle = self._files[file]
@@ -401,7 +417,7 @@ class MappedCheckpoint:
             if got <= 0:
                 raise DataLossError(
                     f"Checkpoint {self.prefix}: file {file} ends at byte {position + done}, "
-                    f"inside a tensor's bytes (it was truncated after it was opened)"
+                    f"inside a tensor's bytes: it is shorter than when it was opened"
                 )
             done += got
 

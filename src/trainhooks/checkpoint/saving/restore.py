@@ -72,7 +72,9 @@ def restore_checkpoint(
         pass over the data and no second copy. The rest is checked as before; the state
         must still fit the checkpoint before anything is read. A corrupt checkpoint
         still raises ``DataLossError``, but the tensors read before the mismatch was
-        found then hold its values.
+        found then hold its values (the error, or the note added to any other
+        exception, says so). Ignored with ``strict=False``: a checkpoint restored after
+        such a failure need not cover every tensor the failed one wrote.
 
     Returns:
       What was restored and what skipped, per top-level entry of the state.
@@ -103,6 +105,8 @@ def restore_checkpoint(
             "a prefix returned by Saver.save or latest_checkpoint."
         )
     logger.info("Restoring parameters from %s", prefix)
+    # Another checkpoint restored after a failure may lack what a one-pass read wrote.
+    atomic = atomic or not strict
     # The collector stays off until the manifest and the plan (~300k containers for 100k
     # tensors, none of them garbage) are freed again: otherwise it walks them all once.
     with paused_gc():
@@ -164,6 +168,26 @@ def _restore_state(
     )
 
 
+class _ReadIntoState(errors.DataLossError):
+    """A one-pass restore failed verification after writing into the state."""
+
+
+_WRITTEN = (
+    "The restore was reading large tensors straight into the state (atomic_restore=False): "
+    "those read before this happened hold the checkpoint's values; restore another "
+    "checkpoint before using the state."
+)
+
+
+def _note(error: BaseException, text: str) -> None:
+    """``error.add_note(text)`` (Python 3.11+: shown under its traceback); logged on 3.10."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+    else:
+        logger.error("%s: %s", type(error).__name__, text)
+
+
 def _restore_state_in_one_pass(
     reader: MappedCheckpoint,
     state: Any,
@@ -199,21 +223,30 @@ def _restore_state_in_one_pass(
         except errors.DataLossError as e:
             if not large:
                 raise  # nothing was written
-            raise errors.DataLossError(
-                f"{e}. The restore read large tensors straight into the state "
-                "(atomic_restore=False): those read before this was found hold the "
-                "checkpoint's values; restore another checkpoint before using the state."
-            ) from e
+            raise _ReadIntoState(f"{e}. {_WRITTEN}") from e
+        except BaseException as e:
+            if large:
+                _note(e, _WRITTEN)
+            raise
         logger.debug("Read %d tensors (%d bytes) straight into the state", len(large), nbytes)
 
-    return tree.restore_state_report(
-        state,
-        saved_tree,
-        get_tensor,
-        strict=strict,
-        locate=reader.locator(unchecked=True),
-        before_write=read_large,
-    )
+    try:
+        return tree.restore_state_report(
+            state,
+            saved_tree,
+            get_tensor,
+            strict=strict,
+            locate=reader.locator(unchecked=True),
+            before_write=read_large,
+        )
+    except errors.StateMismatchError as mismatch:
+        # Nothing was written or checked. As in an atomic restore, a corrupt checkpoint
+        # is reported as such (restore_latest then goes on to an older one).
+        try:
+            reader.verify(files=sharded.verify_files)
+        except errors.DataLossError as e:
+            raise e from mismatch
+        raise
 
 
 class RestoredLatest(NamedTuple):
@@ -315,6 +348,7 @@ def restore_first(
     )
     skipped: list[str] = []
     missing_only = True
+    written = False  # a one-pass restore wrote into the state before failing
     root = os.path.realpath(checkpoint_dir)
     for named in candidates.names:
         prefix = inside_by_name(named, checkpoint_dir) or named
@@ -336,13 +370,20 @@ def restore_first(
             restore(prefix)
         except errors.DataLossError as e:
             missing_only = False
+            written = written or isinstance(e, _ReadIntoState)
             skipped.append(f"{prefix} (failed verification: {e})")
             continue
         except ValueError as e:
             if checkpoint_exists(prefix):
+                if written:
+                    _note(e, f"An earlier checkpoint failed verification. {_WRITTEN}")
                 raise
             skipped.append(f"{prefix} (missing: {e})")
             continue
+        except BaseException as e:
+            if written:
+                _note(e, f"An earlier checkpoint failed verification. {_WRITTEN}")
+            raise
         if skipped:
             logger.warning(
                 "Restored %s instead of the latest checkpoint; skipped: %s",
@@ -406,9 +447,11 @@ def restore_latest_in_group(
         return None
 
     def restore_together(prefix: str) -> None:
-        failure: list[str] | None = None
+        failure: list[Any] | None = None
         try:
             restore(prefix)
+        except _ReadIntoState as e:
+            failure = ["data loss", f"rank {group.rank}: {e}", True]
         except errors.DataLossError as e:
             failure = ["data loss", f"rank {group.rank}: {e}"]
         except ValueError as e:
@@ -421,21 +464,27 @@ def restore_latest_in_group(
             failed = [r for r in reports if r is not None]
             # The gravest kind decides what every rank does next.
             for kind in ("other", "value", "data loss"):
-                same = [message for k, message in failed if k == kind]
+                same = [message for k, message, *_ in failed if k == kind]
                 if same:
-                    verdict = [kind, "; ".join(same)]
+                    written = any(len(f) > 2 for f in failed)  # some rank read into its state
+                    verdict = [kind, "; ".join(same), written]
                     break
         verdict = group.broadcast(verdict)
         if verdict is None:
             return
-        kind, message = verdict
-        if kind == "data loss":
-            raise errors.DataLossError(message)  # every rank tries the next candidate
+        kind, message, written = verdict
+        error: Exception
+        if kind == "data loss":  # every rank tries the next candidate
+            raise (_ReadIntoState if written else errors.DataLossError)(message)
         if kind == "value":
-            raise ValueError(message)
-        raise errors.UnknownError(
-            f"Restoring {prefix} failed on some ranks; no rank may train from a state the "
-            f"others do not share: {message}"
-        )
+            error = ValueError(message)
+        else:
+            error = errors.UnknownError(
+                f"Restoring {prefix} failed on some ranks; no rank may train from a state "
+                f"the others do not share: {message}"
+            )
+        if written:
+            _note(error, _WRITTEN)
+        raise error
 
     return restore_first(restore_together, checkpoint_dir, Candidates(*offer["candidates"]))

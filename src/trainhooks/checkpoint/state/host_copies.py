@@ -8,6 +8,7 @@ on a few threads, as NumPy releases the GIL while it copies.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import deque
 from collections.abc import Callable
@@ -74,33 +75,55 @@ class HostCopies:
         ``claim(address, nbytes)`` sees where a copy of at least
         :data:`PARALLEL_COPY_BYTES` into C-contiguous memory would read from; what it
         returns (not None) comes back beside the destination as a flat uint8 array, and
-        :meth:`run` no longer performs that copy. A restore that reads large tensors
-        straight from the file into the user's memory (``restore.py``) uses it.
+        :meth:`run` no longer performs that copy. Destinations never overlap: a copy
+        into memory another taken copy writes (one array under two names, tied
+        weights) stays here. A restore that reads large tensors straight from the file
+        into the user's memory (``restore.py``) uses it.
         """
         taken: list[tuple[np.ndarray[Any, Any], Key]] = []
+        spans = _Spans()
+
+        def take(target: np.ndarray[Any, Any], address: int, nbytes: int) -> bool:
+            if nbytes < PARALLEL_COPY_BYTES or not target.flags.c_contiguous:
+                return False
+            where = target.ctypes.data
+            if spans.overlaps(where, where + target.nbytes):
+                return False
+            key = claim(address, nbytes)
+            if key is None:
+                return False
+            spans.add(where, where + target.nbytes)
+            taken.append((target.reshape(-1).view(np.uint8), key))
+            return True
+
         kept: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]] = []
         kept_before = []  # kept_before[i]: how many of located[:i] are kept
         for job in self.located:
             kept_before.append(len(kept))
             target, source, start, end = job
-            if end - start >= PARALLEL_COPY_BYTES and target.flags.c_contiguous:
-                key = claim(source.ctypes.data + start, end - start)
-                if key is not None:
-                    taken.append((target.reshape(-1).view(np.uint8), key))
-                    continue
-            kept.append(job)
+            if not take(target, source.ctypes.data + start, end - start):
+                kept.append(job)
         kept_before.append(len(kept))
-        self.runs = [(kept_before[position], run) for position, run in self.runs]
-        self.located = kept
+        runs = []
+        for position, (targets, source, starts, ends) in self.runs:
+            if ((ends - starts) >= PARALLEL_COPY_BYTES).any():  # else no Python loop
+                base = source.ctypes.data
+                mask = np.array(
+                    [
+                        not take(t, base + a, b - a)
+                        for t, a, b in zip(targets, starts.tolist(), ends.tolist())
+                    ],
+                    dtype=bool,
+                )
+                targets = [t for t, keep in zip(targets, mask.tolist()) if keep]
+                starts, ends = starts[mask], ends[mask]
+            runs.append((kept_before[position], (targets, source, starts, ends)))
+        self.located, self.runs = kept, runs
         host = []
         for dst, data in self.host:
-            if dst.nbytes >= PARALLEL_COPY_BYTES and dst.flags.c_contiguous:
-                source = np.frombuffer(data.buffer, np.uint8)
-                key = claim(source.ctypes.data, source.nbytes)
-                if key is not None:
-                    taken.append((dst.reshape(-1), key))
-                    continue
-            host.append((dst, data))
+            source = np.frombuffer(data.buffer, np.uint8)
+            if not take(dst, source.ctypes.data, source.nbytes):
+                host.append((dst, data))
         self.host = host
         return taken
 
@@ -249,3 +272,22 @@ def _copy_large(job: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, int]
 def _copy(job: tuple[np.ndarray[Any, Any], TensorData]) -> None:
     dst, data = job
     dst[:] = np.frombuffer(data.buffer, np.uint8)  # releases the GIL
+
+
+class _Spans:
+    """Disjoint ``[start, end)`` address ranges, to tell whether a new one overlaps any."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._starts, start)
+        if i and self._ends[i - 1] > start:
+            return True
+        return i < len(self._starts) and self._starts[i] < end
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_right(self._starts, start)
+        self._starts.insert(i, start)
+        self._ends.insert(i, end)

@@ -3,9 +3,10 @@
 :class:`Restorer` walks the state and the tree together once (:meth:`Restorer.plan`):
 it collects every :class:`Mismatch` and, for the entries that match, what to do: array
 copies into the user's memory, ``load_state_dict`` calls, values to replace in their
-containers. Nothing is written until :meth:`Restorer.apply`, which ``tree.restore_state``
-calls only when the plan found no problem (or ``strict=False``). Copies into host
-memory run in one batch, the large ones on a few threads (``host_copies.py``).
+containers. Nothing is written until the plan found no problem (or ``strict=False``):
+then ``tree.restore_state`` calls its ``before_write`` (which may take large copies out
+and do them itself, ``HostCopies.take_large``) and :meth:`Restorer.apply`. Copies into
+host memory run in one batch, the large ones on a few threads (``host_copies.py``).
 
 Paths for messages (``state['model'].state_dict()['weight']``) are built only when a
 message needs one: during the walk a path is a chain of tuples (:data:`Path`).
