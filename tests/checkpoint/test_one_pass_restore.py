@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.helpers.checkpoints import flip_byte_of
+from tests.helpers.checkpoints import evict, flip_byte_of
 
 from trainhooks import errors
 from trainhooks.checkpoint.format.opening import open_checkpoint
@@ -32,16 +32,6 @@ torch = pytest.importorskip("torch")
 
 _BIG = PARALLEL_COPY_BYTES // 4 + 2**20 + 3  # float32s: over the limit and over two 8 MiB steps
 _LOGGER = "trainhooks.checkpoint.saving.restore"
-
-
-def _evict(prefix: str) -> None:
-    for name in os.listdir(prefix):
-        fd = os.open(os.path.join(prefix, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _state(seed: int) -> dict[str, Any]:
@@ -111,7 +101,7 @@ def test_every_layout_restores_exactly_and_large_tensors_in_place(
     restored = _state(1)  # other values, to be overwritten in place
     objects = _leaves(restored)
     if not cached:
-        _evict(prefix)
+        evict(prefix)
     caplog.set_level(logging.DEBUG, logger=_LOGGER)
     Saver(atomic_restore=False).restore(Session(restored), prefix)
     assert _bytes(restored) == saved
@@ -138,7 +128,7 @@ def test_a_module_and_optimizer_restore_in_place(
             p.normal_()
     for moment in opt.state.values():
         moment["exp_avg"].zero_()
-    _evict(prefix)
+    evict(prefix)
     caplog.set_level(logging.DEBUG, logger=_LOGGER)
     Saver(atomic_restore=False).restore(Session(state), prefix)
     for k, v in model.state_dict().items():

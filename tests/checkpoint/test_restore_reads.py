@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.helpers.checkpoints import flip_byte_of
+from tests.helpers.checkpoints import evict, flip_byte_of
 
 from trainhooks import errors
 from trainhooks.checkpoint.format.manifest import GLOBAL_STEP_NAME
@@ -30,17 +30,6 @@ from trainhooks.checkpoint.storage import LocalStorage
 from trainhooks.session.session import Session
 
 torch = pytest.importorskip("torch")
-
-
-def _evict(prefix: str) -> None:
-    """Drop the checkpoint's files from the page cache (written back first)."""
-    for name in os.listdir(prefix):
-        fd = os.open(os.path.join(prefix, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _layouts(rng: np.random.Generator) -> dict[str, Any]:
@@ -113,7 +102,7 @@ def test_restore_into_existing_arrays_of_every_layout(tmp_path: Path, cached: bo
     objects = _leaves(state)
     _zero(state)
     if not cached:
-        _evict(prefix)
+        evict(prefix)
     Saver().restore(Session(state), prefix)
     assert _snapshot(state) == saved
     for key, value in _leaves(state).items():
@@ -146,7 +135,7 @@ def test_every_data_file_is_prefetched_before_any_header_is_read(
     state = {f"w{i}": rng.standard_normal(40_000).astype(np.float32) for i in range(12)}
     prefix = str(tmp_path / "ckpt-1")
     write_checkpoint(prefix, flatten_state(state), global_step=1, max_shard_bytes=200_000)
-    _evict(prefix)
+    evict(prefix)
     events: list[tuple[str, str]] = []
     lengths: list[int] = []
     prefetch, verify_header = local.LocalReadFile.prefetch, opening.verify_header
@@ -231,7 +220,7 @@ def test_a_corrupt_byte_leaves_the_state_untouched(
         assert prefix is not None
         flip_byte_of(prefix, tensor, where)
         if not cached:
-            _evict(prefix)
+            evict(prefix)
         target = _layouts(np.random.default_rng(4))  # other values: must stay as they are
         before = _snapshot(target)
         with pytest.raises(errors.DataLossError):
@@ -251,7 +240,7 @@ def test_many_small_tensors(tmp_path: Path) -> None:
     prefix = Saver().save(Session(state), str(tmp_path / "model.ckpt"), global_step=1)
     assert prefix is not None
     _zero(state)
-    _evict(prefix)
+    evict(prefix)
     Saver().restore(Session(state), prefix)
     assert _snapshot(state) == saved
     flip_byte_of(prefix, "block123/p45")

@@ -86,3 +86,15 @@ def flip_byte_of(prefix: str, tensor: str, where: float | None = None, *, mask: 
     else:
         raw[entry.start + int((entry.end - entry.start - 1) * where)] ^= mask
     path.write_bytes(bytes(raw))
+
+
+def evict(prefix: str) -> None:
+    """Drop the checkpoint's files from the page cache (written back first), so that the
+    next read comes from the disk."""
+    for name in os.listdir(prefix):
+        fd = os.open(os.path.join(prefix, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

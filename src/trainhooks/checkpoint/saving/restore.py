@@ -150,18 +150,10 @@ def _restore_state(
         verified.result()
         raise errors.DataLossError(f"Checkpoint {reader.prefix}: the manifest holds no state tree")
 
-    def get_tensor(name: str) -> TensorData:
-        verified.result()  # tensor_data would checksum on its own otherwise
-        try:
-            piece = sharded.piece(name)
-            return reader.tensor_data(name) if piece is None else piece  # type: ignore[return-value]
-        except errors.NotFoundError:
-            raise KeyError(name) from None
-
     return tree.restore_state_report(
         state,
         saved_tree,
-        get_tensor,
+        _tensor_getter(reader, sharded, first=verified.result),
         strict=strict,
         locate=reader.locator(unchecked=True),
         before_apply=verified.result,
@@ -177,6 +169,31 @@ _WRITTEN = (
     "those read before this happened hold the checkpoint's values; restore another "
     "checkpoint before using the state."
 )
+
+
+def _tensor_getter(
+    reader: MappedCheckpoint,
+    sharded: ShardedRestore,
+    *,
+    first: Callable[[], object] | None = None,
+    unchecked: bool = False,
+) -> Callable[[str], TensorData]:
+    """``get_tensor`` for ``tree.restore_state``: a DTensor's own region (``sharded``) or the
+    tensor's bytes, after ``first()`` (the checksum pass, so that ``tensor_data`` does not
+    checksum on its own); ``unchecked`` for a restore that checks them later itself."""
+
+    def get_tensor(name: str) -> TensorData:
+        if first is not None:
+            first()
+        try:
+            piece = sharded.piece(name)
+            if piece is not None:
+                return piece  # type: ignore[return-value]
+            return reader.tensor_data(name, unchecked=unchecked)
+        except errors.NotFoundError:
+            raise KeyError(name) from None
+
+    return get_tensor
 
 
 def _note(error: BaseException, text: str) -> None:
@@ -201,13 +218,6 @@ def _restore_state_in_one_pass(
     saved_tree = reader.tree
     if not isinstance(saved_tree, Mapping):
         raise errors.DataLossError(f"Checkpoint {reader.prefix}: the manifest holds no state tree")
-
-    def get_tensor(name: str) -> TensorData:
-        try:
-            piece = sharded.piece(name)
-            return reader.tensor_data(name, unchecked=True) if piece is None else piece  # type: ignore[return-value]
-        except errors.NotFoundError:
-            raise KeyError(name) from None
 
     def read_large(copies: HostCopies) -> None:
         large = copies.take_large(reader.claim_run)
@@ -234,7 +244,7 @@ def _restore_state_in_one_pass(
         return tree.restore_state_report(
             state,
             saved_tree,
-            get_tensor,
+            _tensor_getter(reader, sharded, unchecked=True),
             strict=strict,
             locate=reader.locator(unchecked=True),
             before_write=read_large,
