@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from tests.helpers.checkpoints import evict, flip_byte_of
+from tests.helpers.torch_models import trained_mlp
 
 from trainhooks import errors
 from trainhooks.checkpoint.format.opening import open_checkpoint
@@ -113,14 +114,8 @@ def test_every_layout_restores_exactly_and_large_tensors_in_place(
 def test_a_module_and_optimizer_restore_in_place(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(1200, 1200), torch.nn.Linear(1200, 3))
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 1200)).sum().backward()
-    opt.step()
+    model, opt, params, moments = trained_mlp()
     state = {"model": model, "optimizer": opt}
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    moments = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
     prefix = _save(state, tmp_path)
     weight = model[0].weight
     with torch.no_grad():

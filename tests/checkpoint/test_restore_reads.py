@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from tests.helpers.checkpoints import evict, flip_byte_of
+from tests.helpers.torch_models import trained_mlp
 
 from trainhooks import errors
 from trainhooks.checkpoint.format.manifest import GLOBAL_STEP_NAME
@@ -296,14 +297,8 @@ def test_cuda_tensors_restore_in_place_from_the_mapping(tmp_path: Path) -> None:
 
 def test_a_module_and_optimizer_with_large_tensors_restore_exactly(tmp_path: Path) -> None:
     """Their state dicts' large tensors are built on threads (futures, then resolved)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(1200, 1200), torch.nn.Linear(1200, 3))
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 1200)).sum().backward()
-    opt.step()
+    model, opt, params, moments = trained_mlp()
     state = {"model": model, "optimizer": opt}
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    moments = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
     prefix = Saver().save(Session(state), str(tmp_path / "model.ckpt"), global_step=1)
     assert prefix is not None
     with torch.no_grad():
