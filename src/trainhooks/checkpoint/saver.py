@@ -11,8 +11,8 @@ The first save into a directory takes that directory's writer lock
 lock until :meth:`Saver.close`, so a second process saving into the directory fails at
 once with ``CheckpointDirLockedError``. Restores never take it.
 
-Restoring lives in ``checkpoint/saving/restore.py``, ``var_list`` handling in
-``checkpoint/saving/var_list.py``, names in ``checkpoint/management/naming.py``, the directory claims in
+Restoring lives in ``checkpoint/saving/restore.py`` and ``latest.py``, ``var_list``
+handling in ``checkpoint/saving/var_list.py``, names in ``checkpoint/management/naming.py``, the directory claims in
 ``checkpoint/saving/directories.py``, and taking and writing a snapshot in
 ``checkpoint/saving/save_job.py``.
 """
@@ -35,13 +35,12 @@ from trainhooks.checkpoint.saving.directories import (
     track_background_writer,
     wait_for_saves_into,
 )
-from trainhooks.checkpoint.saving.layout import SaveCache
-from trainhooks.checkpoint.saving.restore import (
-    RestoreReport,
-    restore_checkpoint,
+from trainhooks.checkpoint.saving.latest import (
     restore_latest_checkpoint,
     restore_latest_in_group,
 )
+from trainhooks.checkpoint.saving.layout import SaveCache
+from trainhooks.checkpoint.saving.restore import RestoreReport, restore_checkpoint
 from trainhooks.checkpoint.saving.save_job import (
     CommittedSave,
     SaveJob,

@@ -6,5 +6,7 @@
 * ``background.py``: the one thread that writes background saves.
 * ``write.py``: data files, then the manifest, then the commit.
 * ``directories.py``: writer locks and crash leftovers per checkpoint directory.
-* ``restore.py``: verify everything, then restore in place.
+* ``restore.py``: verify everything, then restore in place (or read large tensors in
+  place and check them there).
+* ``latest.py``: restore the newest checkpoint that verifies, alone or as a job.
 """
