@@ -294,3 +294,48 @@ def test_a_restore_with_strict_false_stays_atomic(tmp_path: Path) -> None:
     saver.restore_latest(Session(target), str(tmp_path), strict=False)
     assert _bytes({k: v for k, v in target.items() if k != "new"}) == _bytes(older)
     assert (target["new"] == 7.0).all()
+
+
+def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
+    """A long run is being read when a short one fails: the long one stops at its next
+    step and the runs not yet started are never read into their destinations."""
+    rng = np.random.default_rng(0)
+    step = 8 * 2**20
+    state = {"long": rng.standard_normal(6 * step // 4).astype(np.float32)}
+    state.update({f"b{i}": rng.standard_normal(_BIG).astype(np.float32) for i in range(6)})
+    prefix = str(tmp_path / "ckpt-1")
+    write_checkpoint(prefix, flatten_state(state), global_step=1)
+    flip_byte_of(prefix, "b0")
+    targets = {k: np.zeros_like(v) for k, v in state.items()}
+    with open_checkpoint(prefix) as ckpt:
+        assert sorted(state, key=lambda k: ckpt.entry(k).start)[:2] == ["long", "b0"]
+        jobs = []
+        for name, target in targets.items():
+            entry = ckpt.entry(name)
+            base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
+            run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
+            assert run is not None
+            jobs.append((target.view(np.uint8), run))
+        with pytest.raises(errors.DataLossError, match="'b0'"):
+            ckpt.read_runs(jobs, num_threads=2)
+    assert all(not targets[f"b{i}"].any() for i in range(1, 6)), "read after the failure"
+    assert not np.array_equal(targets["long"], state["long"]), "the long run was not stopped"
+
+
+def test_a_mismatch_found_by_the_checksum_pass_is_the_error_raised(tmp_path: Path) -> None:
+    """The small tensors are checked from the mapping while the large ones are read; a
+    mismatch there stops the reads, and it (not the stop) is what the restore raises."""
+    prefix = _save(_state(0), tmp_path)
+    flip_byte_of(prefix, "scalar")
+    with pytest.raises(errors.DataLossError, match=r"scalar|checksummed together"):
+        Saver(atomic_restore=False).restore(Session(_state(1)), prefix)
+
+
+def test_an_error_noted_as_written_is_told_apart() -> None:
+    from trainhooks.checkpoint.saving.restore import WRITTEN_NOTE, add_note, wrote_into_state
+
+    error = OSError(5, "Input/output error")
+    assert not wrote_into_state(error)
+    add_note(error, WRITTEN_NOTE)
+    assert wrote_into_state(error)
+    assert not wrote_into_state(errors.DataLossError("corrupt"))

@@ -90,10 +90,12 @@ class Saver:
         until the whole checkpoint verified, so a corrupt one leaves the state as it
         was. False reads each large tensor (at least 4 MiB, in contiguous host memory)
         straight from the file into the state and checksums it there: one pass over
-        the data instead of a read and a copy (``docs/format.md``), and a checkpoint
-        larger than free memory is read from disk once, not twice. A corrupt checkpoint
-        is still found and raises ``DataLossError``, but the large tensors read before
-        the mismatch then hold its values (the error says so); :meth:`restore_latest`
+        the data instead of a read and a copy (``docs/format.md``), and the large
+        tensors of a checkpoint larger than free memory are read from disk once, not
+        twice (tensors on an accelerator, small or non-contiguous ones are checked, then
+        copied, as before). A corrupt checkpoint is still found and raises
+        ``DataLossError``, but the large tensors read before the restore stopped then
+        hold its values (the error says so); :meth:`restore_latest`
         goes on to an older checkpoint, which restores every tensor again. A restore
         with ``strict=False`` is atomic either way: an older checkpoint restored after a
         failure need not hold every tensor the failed one wrote.
@@ -470,7 +472,8 @@ class Saver:
         Raises:
           ValueError: there is no checkpoint at ``save_path``, or it is a TensorFlow one.
           DataLossError: the checkpoint failed verification; nothing was changed (with
-            ``atomic_restore=False``: nothing but the large tensors read before then).
+            ``atomic_restore=False``: nothing but the large tensors read before the
+            restore stopped).
           StateMismatchError: the checkpoint does not fit the state; nothing was changed.
             With ``strict=False`` only for an object (a module, an optimizer, anything
             with ``state_dict()``) that the checkpoint holds but none of whose saved

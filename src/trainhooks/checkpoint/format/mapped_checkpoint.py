@@ -16,7 +16,7 @@ import difflib
 import os
 import threading
 from collections.abc import Collection, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Any
 
@@ -280,6 +280,7 @@ class MappedCheckpoint:
         *,
         files: Any = None,
         exclude: Collection[RunKey] = (),
+        stop: threading.Event | None = None,
     ) -> None:
         """Checksum every tensor, checksum run by run, on a few threads (``num_threads``).
 
@@ -294,7 +295,9 @@ class MappedCheckpoint:
 
         ``files`` (names) limits the check to those data files; the others are then
         checksummed on access, as before. ``exclude`` names runs left to
-        :meth:`read_runs`, which checks them as it reads them.
+        :meth:`read_runs`, which checks them as it reads them; with ``stop`` shared
+        between the two, a mismatch found by either stops both (this one raises its
+        own mismatch, else ``CancelledError`` if it was stopped before it was done).
 
         Raises:
           DataLossError: naming the checkpoint, file and tensor of the first mismatch.
@@ -309,9 +312,14 @@ class MappedCheckpoint:
         jobs.sort(key=lambda job: job[2].start)  # every file front to back, side by side
         threads = min(len(jobs), num_threads or _VERIFY_THREADS)
 
-        def digest(job: tuple[str, int, Chunk]) -> str:
+        def digest(job: tuple[str, int, Chunk]) -> str | None:
             file, _, chunk = job
-            return _checksum_mapped(self._files[file], self._views[file], chunk.start, chunk.end)
+            if stop is not None and stop.is_set():
+                return None  # a failure here or in read_runs: left unchecked
+            actual = _checksum_mapped(self._files[file], self._views[file], chunk.start, chunk.end)
+            if stop is not None and actual != chunk.checksum:
+                stop.set()  # raised below, in offset order
+            return actual
 
         if threads <= 1:
             digests = list(map(digest, jobs))
@@ -319,7 +327,10 @@ class MappedCheckpoint:
             with ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-verify") as pool:
                 digests = list(pool.map(digest, jobs))
         for (file, index, _), actual in zip(jobs, digests):
-            self._check(file, index, actual)
+            if actual is not None:
+                self._check(file, index, actual)
+        if None in digests:
+            raise CancelledError  # stopped by read_runs, which raises its own failure
         self._all_verified = files is None and not exclude
 
     def claim_run(self, address: int, nbytes: int) -> RunKey | None:
@@ -352,6 +363,8 @@ class MappedCheckpoint:
         self,
         jobs: Sequence[tuple[np.ndarray[Any, Any], RunKey]],
         num_threads: int | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> int:
         """Read each checksum run straight into its destination and checksum it there.
 
@@ -366,19 +379,28 @@ class MappedCheckpoint:
         Returns:
           The number of bytes read.
 
-        The first failure stops the other threads before their next step; none is
-        left reading when this returns or raises.
+        The first failure (or ``stop``, set from outside: :meth:`verify` alongside)
+        stops every thread before its next step and leaves the runs not started unread;
+        none is left reading when this returns or raises.
 
         Raises:
           DataLossError: a run's checksum does not match, or its file ends early.
           OSError: reading failed (the storage's error).
+          CancelledError: ``stop`` was set from outside.
         """
         ordered = sorted(
             jobs, key=lambda job: self.manifest.files[job[1][0]].chunks[job[1][1]].start
         )
-        stop = threading.Event()
+        stop = threading.Event() if stop is None else stop
 
         def read(job: tuple[np.ndarray[Any, Any], RunKey]) -> int:
+            try:
+                return read_run(job)
+            except BaseException:
+                stop.set()  # every other thread stops at its next step
+                raise
+
+        def read_run(job: tuple[np.ndarray[Any, Any], RunKey]) -> int:
             destination, (file, index) = job
             chunk = self.manifest.files[file].chunks[index]
             if destination.nbytes != chunk.end - chunk.start:
@@ -401,13 +423,20 @@ class MappedCheckpoint:
         if threads <= 1:
             return sum(map(read, ordered))
         pool = ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-read")
+        futures = [pool.submit(read, job) for job in ordered]
         try:
-            return sum(pool.map(read, ordered))
-        except BaseException:
-            stop.set()  # before waiting: the others stop at their next step
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # interrupted while waiting
+            stop.set()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        failures = [e for f in futures if not f.cancelled() and (e := f.exception())]
+        if failures:
+            # The failure itself, not a thread it stopped; the first in offset order.
+            causes = [e for e in failures if not isinstance(e, CancelledError)]
+            raise (causes or failures)[0]
+        return sum(f.result() for f in futures)
 
     def _read_exactly(self, file: str, position: int, out: memoryview) -> None:
         handle = self._files[file]

@@ -21,7 +21,12 @@ from trainhooks.checkpoint.management.state_file import (
     get_checkpoint_state,
     inside_by_name,
 )
-from trainhooks.checkpoint.saving.restore import WRITTEN_NOTE, ReadIntoStateError, add_note
+from trainhooks.checkpoint.saving.restore import (
+    WRITTEN_NOTE,
+    ReadIntoStateError,
+    add_note,
+    wrote_into_state,
+)
 
 __all__ = [
     "Candidates",
@@ -156,7 +161,7 @@ def restore_first(
             restore(prefix)
         except errors.DataLossError as e:
             missing_only = False
-            written = written or isinstance(e, ReadIntoStateError)
+            written = written or wrote_into_state(e)
             skipped.append(f"{prefix} (failed verification: {e})")
             continue
         except ValueError as e:
@@ -185,7 +190,7 @@ def restore_first(
             + "; skipped: "
             + "; ".join(skipped)
         )
-    raise errors.DataLossError(
+    raise (ReadIntoStateError if written else errors.DataLossError)(
         f"No checkpoint listed in {checkpoint_dir} could be restored: " + "; ".join(skipped)
     )
 
@@ -236,23 +241,21 @@ def restore_latest_in_group(
         failure: list[Any] | None = None
         try:
             restore(prefix)
-        except ReadIntoStateError as e:
-            failure = ["data loss", f"rank {group.rank}: {e}", True]
         except errors.DataLossError as e:
-            failure = ["data loss", f"rank {group.rank}: {e}"]
+            failure = ["data loss", f"rank {group.rank}: {e}", wrote_into_state(e)]
         except ValueError as e:
-            failure = ["value", f"rank {group.rank}: {type(e).__name__}: {e}"]
+            failure = ["value", f"rank {group.rank}: {type(e).__name__}: {e}", wrote_into_state(e)]
         except Exception as e:
-            failure = ["other", f"rank {group.rank}: {type(e).__name__}: {e}"]
+            failure = ["other", f"rank {group.rank}: {type(e).__name__}: {e}", wrote_into_state(e)]
         reports = group.gather(failure)
         verdict: Any = None
         if reports is not None:
             failed = [r for r in reports if r is not None]
             # The gravest kind decides what every rank does next.
             for kind in ("other", "value", "data loss"):
-                same = [message for k, message, *_ in failed if k == kind]
+                same = [message for k, message, _ in failed if k == kind]
                 if same:
-                    written = any(len(f) > 2 for f in failed)  # some rank read into its state
+                    written = any(w for _, _, w in failed)  # some rank read into its state
                     verdict = [kind, "; ".join(same), written]
                     break
         verdict = group.broadcast(verdict)

@@ -11,8 +11,9 @@ writer lock.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from typing import Any
 
 from trainhooks import errors
@@ -33,6 +34,7 @@ __all__ = [
     "RestoreReport",
     "add_note",
     "restore_checkpoint",
+    "wrote_into_state",
 ]
 
 RestoreReport = tree.RestoreReport
@@ -61,9 +63,10 @@ def restore_checkpoint(
         C-contiguous host memory) straight into the state and checksums it there: one
         pass over the data and no second copy. The rest is checked as before; the state
         must still fit the checkpoint before anything is read. A corrupt checkpoint
-        still raises ``DataLossError``, but the tensors read before the mismatch was
-        found then hold its values (the error, or the note added to any other
-        exception, says so). Ignored with ``strict=False``: a checkpoint restored after
+        still raises ``DataLossError``, but the tensors read before the restore stopped
+        (the first failure stops every reading thread at its next 8 MiB step) then
+        hold its values (the error, or the note added to any other exception, says
+        so). Ignored with ``strict=False``: a checkpoint restored after
         such a failure need not cover every tensor the failed one wrote.
 
     Returns:
@@ -72,7 +75,7 @@ def restore_checkpoint(
     Raises:
       ValueError: there is no checkpoint at ``prefix``, or it is a TensorFlow one.
       DataLossError: the checkpoint failed verification; nothing was changed (with
-        ``atomic=False``: nothing but the large tensors read before the mismatch).
+        ``atomic=False``: nothing but the large tensors read before it stopped).
       StateMismatchError: the checkpoint does not fit the state (with ``strict=False``:
         an object in both matches nothing the checkpoint holds for it); nothing was
         changed.
@@ -156,8 +159,8 @@ class ReadIntoStateError(errors.DataLossError):
 
 WRITTEN_NOTE = (
     "The restore was reading large tensors straight into the state (atomic_restore=False): "
-    "those read before this happened hold the checkpoint's values; restore another "
-    "checkpoint before using the state."
+    "those it read before it stopped (the last ones in part) hold the checkpoint's values; "
+    "restore another checkpoint before using the state."
 )
 
 
@@ -187,12 +190,21 @@ def _tensor_getter(
 
 
 def add_note(error: BaseException, text: str) -> None:
-    """``error.add_note(text)`` (Python 3.11+: shown under its traceback); logged on 3.10."""
+    """``error.add_note(text)``: shown under its traceback (Python 3.11+; on 3.10 the note
+    is kept in ``__notes__`` all the same, and logged)."""
     note = getattr(error, "add_note", None)
     if note is not None:
         note(text)
-    else:
-        logger.error("%s: %s", type(error).__name__, text)
+        return
+    error.__notes__ = [*getattr(error, "__notes__", ()), text]  # type: ignore[attr-defined]
+    logger.error("%s: %s", type(error).__name__, text)
+
+
+def wrote_into_state(error: BaseException) -> bool:
+    """Whether ``error`` ended a one-pass restore after it wrote into the state."""
+    return isinstance(error, ReadIntoStateError) or any(
+        WRITTEN_NOTE in note for note in getattr(error, "__notes__", ())
+    )
 
 
 def _restore_state_in_one_pass(
@@ -211,12 +223,23 @@ def _restore_state_in_one_pass(
 
     def read_large(copies: HostCopies) -> None:
         large = copies.take_large(reader.claim_run)
+        stop = threading.Event()  # a failure on either side stops both
         rest = pool.submit(
-            reader.verify, files=sharded.verify_files, exclude={run for _, run in large}
+            reader.verify,
+            files=sharded.verify_files,
+            exclude={run for _, run in large},
+            stop=stop,
         )
         try:
             try:
-                nbytes = reader.read_runs(large)
+                nbytes = reader.read_runs(large, stop=stop)
+            except CancelledError:
+                wait([rest])
+                rest.result()  # the mismatch that stopped the reads
+                raise
+            except BaseException:
+                stop.set()
+                raise
             finally:
                 wait([rest])  # no thread of this restore is left running
             rest.result()
