@@ -4,9 +4,9 @@
 then hands the memory-mapped files to a :class:`MappedCheckpoint`. Its tensors are
 checksummed, run by run (``manifest.py``), on first access, or all at once by
 :meth:`MappedCheckpoint.verify`, which hashes the runs straight from the mappings on a
-few threads; nothing unchecked is returned unless asked for (``unchecked=True``). A restore that may write before
-everything is checked (``Saver(atomic_restore=False)``) instead reads the large runs
-straight into their destinations and checksums them there
+few threads; nothing unchecked is returned unless asked for (``unchecked=True``). A
+restore that may write before everything is checked (``Saver(atomic_restore=False)``)
+instead reads the large runs straight into their destinations and checksums them there
 (:meth:`MappedCheckpoint.read_runs`): one pass over the data, no second copy.
 """
 
@@ -376,12 +376,12 @@ class MappedCheckpoint:
         the disk and no second copy, but the destination holds the bytes before they
         are checked: on a mismatch it holds the corrupt ones.
 
-        Returns:
-          The number of bytes read.
-
         The first failure (or ``stop``, set from outside: :meth:`verify` alongside)
         stops every thread before its next step and leaves the runs not started unread;
-        none is left reading when this returns or raises.
+        none is left reading when this returns or raises. A failure here sets ``stop``.
+
+        Returns:
+          The number of bytes read.
 
         Raises:
           DataLossError: a run's checksum does not match, or its file ends early.

@@ -234,11 +234,10 @@ def _restore_state_in_one_pass(
             try:
                 nbytes = reader.read_runs(large, stop=stop)
             except CancelledError:
-                wait([rest])
-                rest.result()  # the mismatch that stopped the reads
+                rest.result()  # raises the mismatch that stopped the reads
                 raise
             except BaseException:
-                stop.set()
+                stop.set()  # read_runs did, unless interrupted between two runs
                 raise
             finally:
                 wait([rest])  # no thread of this restore is left running
