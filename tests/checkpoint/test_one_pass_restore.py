@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,22 @@ def test_a_restore_with_strict_false_stays_atomic(tmp_path: Path) -> None:
     assert (target["new"] == 7.0).all()
 
 
+class _HeldAfterFirstStep:
+    """A data file whose reads in ``held`` (a byte range) wait until ``release`` is set, so
+    that a thread reading a long run is still reading it when another run fails."""
+
+    def __init__(self, handle: Any, held: range, release: threading.Event) -> None:
+        self._handle, self._held, self._release = handle, held, release
+
+    def readinto(self, position: int, out: memoryview) -> int:
+        if position in self._held:
+            assert self._release.wait(30), "no run failed"
+        return int(self._handle.readinto(position, out))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
     """A long run is being read when a short one fails: the long one stops at its next
     step and the runs not yet started are never read into their destinations."""
@@ -307,6 +324,7 @@ def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
     write_checkpoint(prefix, flatten_state(state), global_step=1)
     flip_byte_of(prefix, "b0")
     targets = {k: np.zeros_like(v) for k, v in state.items()}
+    stop = threading.Event()
     with open_checkpoint(prefix) as ckpt:
         assert sorted(state, key=lambda k: ckpt.entry(k).start)[:2] == ["long", "b0"]
         jobs = []
@@ -316,10 +334,17 @@ def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
             run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
             assert run is not None
             jobs.append((target.view(np.uint8), run))
+        long = ckpt.entry("long")
+        ckpt._files[long.file] = _HeldAfterFirstStep(
+            ckpt._files[long.file], range(long.start + step, long.end), release=stop
+        )
+        # The long run's second step waits for b0's failure, which sets ``stop``.
         with pytest.raises(errors.DataLossError, match="'b0'"):
-            ckpt.read_runs(jobs, num_threads=2)
+            ckpt.read_runs(jobs, num_threads=2, stop=stop)
     assert all(not targets[f"b{i}"].any() for i in range(1, 6)), "read after the failure"
-    assert not np.array_equal(targets["long"], state["long"]), "the long run was not stopped"
+    read = targets["long"].view(np.uint8)
+    assert np.array_equal(read[: 2 * step], state["long"].view(np.uint8)[: 2 * step])
+    assert not read[2 * step :].any(), "the long run was not stopped at its next step"
 
 
 def test_a_mismatch_found_by_the_checksum_pass_is_the_error_raised(tmp_path: Path) -> None:
