@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.helpers.checkpoints import evict, flip_byte_of
+from tests.helpers.checkpoints import cache, evict, flip_byte_of
 from tests.helpers.torch_models import trained_mlp
 
 from trainhooks import errors
@@ -102,8 +102,7 @@ def test_every_layout_restores_exactly_and_large_tensors_in_place(
     prefix = _save(state, tmp_path)
     restored = _state(1)  # other values, to be overwritten in place
     objects = _leaves(restored)
-    if not cached:
-        evict(prefix)
+    cache(prefix) if cached else evict(prefix)
     caplog.set_level(logging.DEBUG, logger=_LOGGER)
     Saver(atomic_restore=False).restore(Session(restored), prefix)
     assert _bytes(restored) == saved
@@ -297,16 +296,22 @@ def test_a_restore_with_strict_false_stays_atomic(tmp_path: Path) -> None:
     assert (target["new"] == 7.0).all()
 
 
-class _HeldAfterFirstStep:
-    """A data file whose reads in ``held`` (a byte range) wait until ``release`` is set, so
-    that a thread reading a long run is still reading it when another run fails."""
+class _OrderedReads:
+    """A data file whose reads are put in order: a read in ``held`` (a byte range) marks
+    that the holding thread got there and waits until ``release`` is set; a read in
+    ``after`` waits until then. So the long run's thread is inside its second step, and
+    only there, when the other run is read and fails, on any machine, however loaded."""
 
-    def __init__(self, handle: Any, held: range, release: threading.Event) -> None:
-        self._handle, self._held, self._release = handle, held, release
+    def __init__(self, handle: Any, held: range, after: range, release: threading.Event) -> None:
+        self._handle, self._held, self._after, self._release = handle, held, after, release
+        self._entered = threading.Event()
 
     def readinto(self, position: int, out: memoryview) -> int:
         if position in self._held:
+            self._entered.set()
             assert self._release.wait(30), "no run failed"
+        elif position in self._after:
+            assert self._entered.wait(30), "the long run's second step was never reached"
         return int(self._handle.readinto(position, out))
 
     def __getattr__(self, name: str) -> Any:
@@ -334,11 +339,16 @@ def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
             run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
             assert run is not None
             jobs.append((target.view(np.uint8), run))
-        long = ckpt.entry("long")
-        ckpt._files[long.file] = _HeldAfterFirstStep(
-            ckpt._files[long.file], range(long.start + step, long.end), release=stop
+        long, b0 = ckpt.entry("long"), ckpt.entry("b0")
+        assert long.file == b0.file
+        ckpt._files[long.file] = _OrderedReads(
+            ckpt._files[long.file],
+            held=range(long.start + step, long.end),
+            after=range(b0.start, b0.end),
+            release=stop,
         )
-        # The long run's second step waits for b0's failure, which sets ``stop``.
+        # b0 is read once the long run is in its second step, which waits for b0's
+        # failure (it sets ``stop``) and is then read whole: the check comes per step.
         with pytest.raises(errors.DataLossError, match="'b0'"):
             ckpt.read_runs(jobs, num_threads=2, stop=stop)
     assert all(not targets[f"b{i}"].any() for i in range(1, 6)), "read after the failure"
