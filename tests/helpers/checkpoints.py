@@ -88,6 +88,42 @@ def flip_byte_of(prefix: str, tensor: str, where: float | None = None, *, mask: 
     path.write_bytes(bytes(raw))
 
 
+def cache(prefix: str) -> None:
+    """Read the checkpoint's files whole, so that the next read comes from the page cache
+    (a save writes its data files with ``O_DIRECT``: they are not cached after it), and
+    check that every page is resident where the OS can tell (``mincore``, on Linux)."""
+    for name in os.listdir(prefix):
+        path = os.path.join(prefix, name)
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 * 2**20):
+                pass
+        resident = _resident_fraction(path)
+        assert resident in (None, 1.0), f"{path}: {resident:.0%} of it cached after reading"
+
+
+def _resident_fraction(path: str) -> float | None:
+    """The fraction of the file's pages in the page cache; None where ``mincore`` is not
+    available (not Linux) or the file is empty."""
+    import ctypes
+    import ctypes.util
+    import mmap
+    import sys
+
+    size = os.path.getsize(path)
+    if not sys.platform.startswith("linux") or size == 0:
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        view = np.frombuffer(mapped, np.uint8)  # for the mapping's address
+        failed = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vector)
+        del view  # the mapping closes only once nothing views it
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(byte & 1 for byte in vector) / pages
+
+
 def evict(prefix: str) -> None:
     """Drop the checkpoint's files from the page cache (written back first), so that the
     next read comes from the disk."""
