@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 from tests.helpers.clock import FakeClock
+
+# No per-example deadline for any property test: on a busy machine an example that takes
+# milliseconds can take a second, which is no failure of the code under test. Everything
+# else stays Hypothesis's default or what a test's own @settings says.
+settings.register_profile("trainhooks", deadline=None)
+settings.load_profile("trainhooks")
 
 
 @pytest.fixture

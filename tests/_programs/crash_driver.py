@@ -19,7 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +107,30 @@ def _wait_for_step(proc: subprocess.Popen[str], step: int) -> None:
             return
 
 
+def _wait_for_checkpoint_after(directory: str, step: int, timeout: float = 60.0) -> None:
+    """Return once ``directory``'s state file lists a checkpoint newer than ``step``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ckpt = get_checkpoint_state(directory)
+        if ckpt is not None and int(ckpt.model_checkpoint_path.rsplit("-", 1)[1]) > step:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{directory}: no checkpoint newer than step {step} listed within {timeout:g} s"
+            )
+        time.sleep(0.05)
+
+
 def _kill_at_random(
     proc: subprocess.Popen[str],
     rng: random.Random,
     result: SoakResult,
     max_delay_secs: float,
     early_kill_fraction: float,
+    before_delay: Callable[[], None] | None = None,
 ) -> None:
+    """SIGKILL ``proc`` during start-up, or after it is ready, ``before_delay()`` has
+    returned and a random delay has passed."""
     assert proc.stdout is not None
     try:
         if rng.random() < early_kill_fraction:
@@ -129,6 +148,8 @@ def _kill_at_random(
             # more committed save), so that every kill after start-up lands in steady
             # training and the loop makes progress however slow the machine is.
             _wait_for_step(proc, int(line.split()[1]) + 2)
+            if before_delay is not None:
+                before_delay()
             time.sleep(rng.uniform(0.0, max_delay_secs))
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -198,18 +219,27 @@ def upload_crash_loop(
     restores bit for bit), and neither's latest step goes back. A last run to its end
     must upload its final checkpoint and leave ``target`` with no manifest-less prefix
     and no unfinished upload.
+
+    The first 3 rounds kill only after ``target`` lists a checkpoint newer than the one
+    the round before left there, so at least 3 distinct uploaded steps are checked
+    however slow the machine is; the later rounds kill wherever the delay lands.
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     rng = random.Random(seed)
     result = SoakResult()
     last = {directory: -1, target: -1}
-    for _ in range(kills):
+    for round_ in range(kills):
         # Steps of 20 ms and kills up to 2 s in (the first upload starts about 0.5 s
         # after "ready", then one runs all the time): uploads commit between kills,
-        # and kills cut others off part-way.
+        # and kills cut others off part-way. On a busy machine an upload can take longer
+        # than the whole window, so that alone would not make the uploads go on between
+        # kills: the first rounds wait for a newer uploaded step before the delay (and
+        # never kill during start-up; the draw is still made, so later kills land alike).
+        waits = round_ < 3
+        before_delay = partial(_wait_for_checkpoint_after, target, last[target]) if waits else None
         with _start(directory, "mts", None, "--upload", target, "--step-secs", "0.02") as proc:
-            _kill_at_random(proc, rng, result, 2.0, 0.1)
+            _kill_at_random(proc, rng, result, 2.0, 0.0 if waits else 0.1, before_delay)
         result.kills += 1
         for where in (directory, target):
             step = check_directory(where)

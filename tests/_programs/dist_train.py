@@ -7,7 +7,9 @@ is bit-exact against an uninterrupted one. All ranks call ``Saver.save`` every
 of its K-th save (after it wrote a data file, before the commit), as a crash would.
 
 Writes ``<dir>/result-<rank>.json``: the step restored, the step reached and a digest of
-the model and optimizer, or the error that ended the run.
+the model and optimizer, or the error that ended the run; and ``save_secs``, how long
+the last save took, a failed one too (measured here, where a loaded machine's start-up
+and training steps do not count).
 
 Run (per rank): ``RANK=0 WORLD_SIZE=2 python dist_train.py DIR --steps 12``.
 """
@@ -65,7 +67,7 @@ def main() -> int:
         deny_reads_below(os.path.realpath(args.dir))
     result: dict[str, Any] = {"rank": rank}
     try:
-        result.update(train(args, rank, world))
+        result.update(train(args, rank, world, result))
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
@@ -115,7 +117,11 @@ class KillMidSave:
         return f
 
 
-def train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
+def train(
+    args: argparse.Namespace, rank: int, world: int, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Train and save; what ``main`` writes as the result. ``report`` gets ``save_secs``
+    as each save ends, so that it is written even when the save raised."""
     import trainhooks as th
     from trainhooks.checkpoint.distributed.torch_group import TorchProcessGroup
     from trainhooks.checkpoint.storage import LocalStorage
@@ -161,10 +167,13 @@ def train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
             if killer is not None:
                 killer.saves = saves
             began = time.monotonic()
-            saver.save(session, os.path.join(checkpoint_dir, "model.ckpt"), global_step=step)
-            if args.async_save:
-                saver.wait()
-            if time.monotonic() - began > args.timeout + 10:
+            try:
+                saver.save(session, os.path.join(checkpoint_dir, "model.ckpt"), global_step=step)
+                if args.async_save:
+                    saver.wait()
+            finally:
+                report["save_secs"] = time.monotonic() - began
+            if report["save_secs"] > args.timeout + 10:
                 raise RuntimeError("a save took longer than the checkpoint timeout")
     saver.close()
     digest = hashlib.sha256()

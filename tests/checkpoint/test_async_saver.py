@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,17 @@ def _restored(prefix: str, like: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _while_pending(saver: Saver, step: Callable[[], object] = lambda: None) -> None:
+    """Call ``step()`` until ``saver`` has no save in flight, pausing between calls (the
+    writer thread needs the CPU more than this loop on a busy machine); fail, not hang."""
+    end = time.monotonic() + 100
+    while saver.pending is not None:
+        if time.monotonic() > end:
+            pytest.fail(f"{saver.pending} still in flight after 100 s")
+        step()
+        time.sleep(0.01)
+
+
 # ---- the snapshot ----------------------------------------------------------------------
 
 
@@ -67,8 +80,7 @@ def test_snapshot_is_consistent_when_state_changes_right_after_save(tmp_path: Pa
     # Training goes on in place, for as long as the save is in flight.
     w += 1.0
     b *= 2.0
-    while saver.pending is not None:
-        w += 1.0
+    _while_pending(saver, lambda: w.__iadd__(1.0))
     saver.wait()
     restored = _restored(prefix, {"w": w, "b": b})
     np.testing.assert_array_equal(restored["w"], np.arange(4 * 2**20, dtype=np.float32))
@@ -138,6 +150,11 @@ _needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="torch.cuda is not available: no GPU on this machine"
 )
 
+# GPU clock cycles a "long step" spins for (torch.cuda._sleep): about 1 s at the 1.5 to
+# 2 GHz of current GPUs, so that what the host does meanwhile (queueing a snapshot,
+# calling a state_dict) ends before the step does however fast the GPU and busy the host.
+_LONG_STEP_CYCLES = 2_000_000_000
+
 
 @_needs_cuda
 def test_cuda_snapshot_is_ordered_after_the_step_and_before_the_next() -> None:
@@ -147,7 +164,7 @@ def test_cuda_snapshot_is_ordered_after_the_step_and_before_the_next() -> None:
     w = torch.zeros(2**22, device="cuda")  # 16 MiB
     pool.take({"w": w})  # pinned buffer and side stream made once, outside what is checked
     torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # a long step: the stream is busy for a while...
+    torch.cuda._sleep(_LONG_STEP_CYCLES)  # a long step: the stream is busy for a while...
     w.add_(1.0)  # ...then writes the values the snapshot must hold
     flat = pool.take({"w": w}, wait=False)
     step_done = torch.cuda.Event()
@@ -175,7 +192,7 @@ def test_cuda_snapshot_waits_for_tensors_a_state_dict_computes() -> None:
             self.avg = torch.zeros(2**22, device="cuda")
 
         def state_dict(self) -> dict[str, Any]:
-            torch.cuda._sleep(200_000_000)
+            torch.cuda._sleep(_LONG_STEP_CYCLES)
             return {"avg": self.avg + 1.0}  # computed on the device, after "a" was seen
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -212,7 +229,7 @@ def test_cuda_model_and_optimizer_saved_in_the_background_as_they_were(tmp_path:
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # queued: no host sync
     sess = Session({"model": model, "opt": opt}, global_step=1)
     saver = Saver(async_save=True)
-    torch.cuda._sleep(200_000_000)  # the copies queue behind a busy stream...
+    torch.cuda._sleep(_LONG_STEP_CYCLES)  # the copies queue behind a busy stream...
     prefix = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=1)
     for _ in range(3):  # ...and in-place updates queue right after save() returned
         model(torch.randn(64, 2048, device="cuda")).sum().backward()
@@ -334,8 +351,7 @@ def test_background_error_surfaces_on_the_training_thread(tmp_path: Path) -> Non
 
     # Raised by poll_committed (the hook's step boundary) ...
     saver.save(sess, str(tmp_path / "m"), global_step=2)
-    while saver.pending is not None:  # done, its error not yet collected
-        pass
+    _while_pending(saver)  # done, its error not yet collected
     with pytest.raises(OSError, match="disk quota exceeded"):
         saver.poll_committed()
     assert saver.poll_committed() == []

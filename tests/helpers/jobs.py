@@ -20,13 +20,21 @@ from tests.helpers.paths import SRC
 
 
 def run_job(
-    program: Path, directory: Path, world: int, *args: str, timeout: float = 150
+    program: Path,
+    directory: Path,
+    world: int,
+    *args: str,
+    timeout: float = 150,
+    after_first_exit: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run one job of ``world`` ranks of ``program`` to the end; every rank's result.
 
     Each result has the rank's ``stderr`` (its tail), ``returncode`` and
-    ``killed_at_deadline`` (still running ``timeout`` seconds after the start: a hang)
-    beside what the program wrote; a rank that wrote nothing has no more than these.
+    ``killed_at_deadline`` (still running ``timeout`` seconds after the start, or
+    ``after_first_exit`` seconds after the first rank ended where given: a hang) beside
+    what the program wrote; a rank that wrote nothing has no more than these.
+    ``after_first_exit`` is for a job with a rank that hangs on purpose: the test need
+    not wait out a ``timeout`` generous enough for a loaded machine.
     """
     run_id = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", RUN_ID=run_id)
@@ -45,11 +53,19 @@ def run_job(
     deadline = time.monotonic() + timeout
     killed: set[int] = set()
     try:
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass  # killed below; its result says so
+        if after_first_exit is None:
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass  # killed below; its result says so
+        else:
+            first_exit = None
+            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                if first_exit is None and any(p.poll() is not None for p in procs):
+                    first_exit = time.monotonic()
+                    deadline = min(deadline, first_exit + after_first_exit)
+                time.sleep(0.05)
     finally:
         for rank, p in enumerate(procs):
             if p.poll() is None:

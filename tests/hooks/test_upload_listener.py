@@ -97,17 +97,20 @@ def _restored_w(run: str) -> tuple[str | None, np.ndarray]:
     return prefix, sess.state["w"]
 
 
+def _through(proxy: FaultProxy, read_timeout: float = 1) -> S3Storage:
+    """S3 storage sending every request through ``proxy``, tried up to 5 times at most 0.05 s apart;
+    an attempt with no answer within ``read_timeout`` seconds fails."""
+    return S3Storage(
+        {"endpoint_url": proxy.endpoint, "read_timeout": read_timeout, "connect_timeout": 1},
+        retry=RetryPolicy(max_attempts=5, timeout=120, base_delay=0.01, max_delay=0.05),
+    )
+
+
 @pytest.fixture
 def proxied(s3_endpoint: str, s3_bucket: str) -> Iterator[FaultProxy]:
     """Every request for ``s3_bucket`` goes through a fault proxy (no fault until told)."""
     proxy = FaultProxy(s3_endpoint)
-    register_storage(
-        s3_bucket,
-        S3Storage(
-            {"endpoint_url": proxy.endpoint, "read_timeout": 1, "connect_timeout": 1},
-            retry=RetryPolicy(max_attempts=5, timeout=120, base_delay=0.01, max_delay=0.05),
-        ),
-    )
+    register_storage(s3_bucket, _through(proxy))
     yield proxy
     register_storage(s3_bucket, None)
     proxy.stop()
@@ -162,6 +165,10 @@ def test_training_goes_on_while_the_store_is_stalled(
     s3_endpoint: str, s3_bucket: str, tmp_path: Path, proxied: FaultProxy
 ) -> None:
     run = f"{s3_bucket}/run"
+    # A held request waits for as long as the hold lasts, which is as long as the steps
+    # below take: on a busy machine, more than 5 attempts of 1 s, after which step 1's
+    # upload would fail instead of finishing from its hold.
+    register_storage(s3_bucket, _through(proxied, read_timeout=120))
     stalled, arrived, gate = threading.Event(), threading.Event(), threading.Event()
 
     def hold_everything(method: str, path: str) -> str | None:
