@@ -23,6 +23,7 @@ from tests.helpers.checkpoints import cache, evict, flip_byte_of
 from tests.helpers.torch_models import trained_mlp
 
 from trainhooks import errors
+from trainhooks.checkpoint.format import mapped_checkpoint
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.saver import Saver
 from trainhooks.checkpoint.saving.write import write_checkpoint
@@ -297,14 +298,23 @@ def test_a_restore_with_strict_false_stays_atomic(tmp_path: Path) -> None:
 
 
 class _OrderedReads:
-    """A data file whose reads are put in order: a read in ``held`` (a byte range) marks
-    that the holding thread got there and waits until ``release`` is set; a read in
-    ``after`` waits until then. So the long run's thread is inside its second step, and
-    only there, when the other run is read and fails, on any machine, however loaded."""
+    """A data file whose reads are put in order across two threads: a read in ``held`` (a
+    byte range) sets ``entered`` and waits until ``release`` is set; a read in ``after``
+    waits until ``entered`` is set. So the long run's thread is inside its second step,
+    and only there, when the other file's run is read and fails, however loaded the
+    machine."""
 
-    def __init__(self, handle: Any, held: range, after: range, release: threading.Event) -> None:
-        self._handle, self._held, self._after, self._release = handle, held, after, release
-        self._entered = threading.Event()
+    def __init__(
+        self,
+        handle: Any,
+        *,
+        held: range = range(0),
+        after: range = range(0),
+        entered: threading.Event,
+        release: threading.Event,
+    ) -> None:
+        self._handle, self._held, self._after = handle, held, after
+        self._entered, self._release = entered, release
 
     def readinto(self, position: int, out: memoryview) -> int:
         if position in self._held:
@@ -318,20 +328,88 @@ class _OrderedReads:
         return getattr(self._handle, name)
 
 
-def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
-    """A long run is being read when a short one fails: the long one stops at its next
-    step and the runs not yet started are never read into their destinations."""
+def test_the_first_failure_stops_the_other_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long run is being read when a run of another file fails: the long one stops at
+    its next step and the runs not yet started, in either file, are never read into
+    their destinations."""
+    step = 2**20
+    monkeypatch.setattr(mapped_checkpoint, "_READ_STEP", step)
     rng = np.random.default_rng(0)
-    step = 8 * 2**20
     state = {"long": rng.standard_normal(6 * step // 4).astype(np.float32)}
     state.update({f"b{i}": rng.standard_normal(_BIG).astype(np.float32) for i in range(6)})
     prefix = str(tmp_path / "ckpt-1")
-    write_checkpoint(prefix, flatten_state(state), global_step=1)
-    flip_byte_of(prefix, "b0")
-    targets = {k: np.zeros_like(v) for k, v in state.items()}
-    stop = threading.Event()
+    total = sum(v.nbytes for v in state.values())
+    write_checkpoint(prefix, flatten_state(state), global_step=1, max_shard_bytes=total // 3)
     with open_checkpoint(prefix) as ckpt:
-        assert sorted(state, key=lambda k: ckpt.entry(k).start)[:2] == ["long", "b0"]
+        entries = {name: ckpt.entry(name) for name in state}
+    in_file: dict[str, list[str]] = {}  # each file's tensors, in file order
+    for name, entry in sorted(entries.items(), key=lambda item: item[1].start):
+        in_file.setdefault(entry.file, []).append(name)
+    long = entries["long"]
+    assert in_file[long.file][0] == "long" and len(in_file[long.file]) > 1
+    # The failing run is the first of another file, with a run after it.
+    bad = next(names[0] for file, names in in_file.items() if file != long.file and len(names) > 1)
+    read_from = in_file[long.file] + in_file[entries[bad].file]  # two files, two threads
+    flip_byte_of(prefix, bad)
+    targets = {k: np.zeros_like(v) for k, v in state.items()}
+    stop, entered = threading.Event(), threading.Event()
+    with open_checkpoint(prefix) as ckpt:
+        jobs = []
+        for name in read_from:
+            target, entry = targets[name], ckpt.entry(name)
+            base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
+            run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
+            assert run is not None
+            jobs.append((target.view(np.uint8), run))
+        files, failing = ckpt._files, entries[bad]
+        held = range(long.start + step, long.end)
+        files[long.file] = _OrderedReads(files[long.file], held=held, entered=entered, release=stop)
+        after = range(failing.start, failing.end)
+        files[failing.file] = _OrderedReads(
+            files[failing.file], after=after, entered=entered, release=stop
+        )
+        # The failing run is read once the long run is in its second step, which waits
+        # for the failure (it sets ``stop``) and is then read whole: the check comes per
+        # step.
+        with pytest.raises(errors.DataLossError, match=f"'{bad}'"):
+            ckpt.read_runs(jobs, num_threads=2, stop=stop)
+    later = [name for name in read_from if name not in ("long", bad)]
+    assert not any(targets[name].any() for name in later), "read after the failure"
+    read = targets["long"].view(np.uint8)
+    assert np.array_equal(read[: 2 * step], state["long"].view(np.uint8)[: 2 * step])
+    assert not read[2 * step :].any(), "the long run was not stopped at its next step"
+
+
+class _Recorded:
+    """A data file that records which thread read which position."""
+
+    def __init__(self, handle: Any, file: str, log: list[tuple[str, int, int]]) -> None:
+        self._handle, self._file, self._log = handle, file, log
+
+    def readinto(self, position: int, out: memoryview) -> int:
+        self._log.append((self._file, threading.get_ident(), position))
+        return int(self._handle.readinto(position, out))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def test_each_file_is_read_front_to_back_by_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's readahead follows one sequential reader per file: two threads taking
+    turns in one file were measured 2.4x slower cold than one reading it in order."""
+    monkeypatch.setattr(mapped_checkpoint, "_READ_STEP", 2**20)
+    rng = np.random.default_rng(0)
+    state = {f"t{i}": rng.standard_normal(_BIG).astype(np.float32) for i in range(8)}
+    prefix = str(tmp_path / "ckpt-1")
+    total = sum(v.nbytes for v in state.values())
+    write_checkpoint(prefix, flatten_state(state), global_step=1, max_shard_bytes=total // 2)
+    targets = {k: np.zeros_like(v) for k, v in state.items()}
+    log: list[tuple[str, int, int]] = []
+    with open_checkpoint(prefix) as ckpt:
         jobs = []
         for name, target in targets.items():
             entry = ckpt.entry(name)
@@ -339,22 +417,18 @@ def test_the_first_failure_stops_the_other_reads(tmp_path: Path) -> None:
             run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
             assert run is not None
             jobs.append((target.view(np.uint8), run))
-        long, b0 = ckpt.entry("long"), ckpt.entry("b0")
-        assert long.file == b0.file
-        ckpt._files[long.file] = _OrderedReads(
-            ckpt._files[long.file],
-            held=range(long.start + step, long.end),
-            after=range(b0.start, b0.end),
-            release=stop,
-        )
-        # b0 is read once the long run is in its second step, which waits for b0's
-        # failure (it sets ``stop``) and is then read whole: the check comes per step.
-        with pytest.raises(errors.DataLossError, match="'b0'"):
-            ckpt.read_runs(jobs, num_threads=2, stop=stop)
-    assert all(not targets[f"b{i}"].any() for i in range(1, 6)), "read after the failure"
-    read = targets["long"].view(np.uint8)
-    assert np.array_equal(read[: 2 * step], state["long"].view(np.uint8)[: 2 * step])
-    assert not read[2 * step :].any(), "the long run was not stopped at its next step"
+        for file in list(ckpt._files):
+            ckpt._files[file] = _Recorded(ckpt._files[file], file, log)
+        assert ckpt.read_runs(jobs, num_threads=4) == total
+    assert all(np.array_equal(targets[k], v) for k, v in state.items())
+    files = {file for file, _, _ in log}
+    assert len(files) >= 2
+    for file in files:
+        reads = [(thread, position) for f, thread, position in log if f == file]
+        assert len({thread for thread, _ in reads}) == 1, f"{file} read by several threads"
+        positions = [position for _, position in reads]
+        assert positions == sorted(positions), f"{file} not read front to back"
+    assert len({thread for _, thread, _ in log}) >= 2, "the files were not read side by side"
 
 
 def test_a_mismatch_found_by_the_checksum_pass_is_the_error_raised(tmp_path: Path) -> None:
