@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tests.helpers.checkpoints import cache, evict, flip_byte_of
 from tests.helpers.torch_models import trained_mlp
 
@@ -207,6 +209,87 @@ def test_read_runs_refuses_a_file_truncated_after_it_was_opened(tmp_path: Path) 
             ckpt.read_runs([(target.view(np.uint8), run)])
 
 
+@given(
+    runs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40)), max_size=8),
+    step=st.integers(1, 32),
+)
+def test_steps_cover_every_run_in_reads_of_at_most_a_step(
+    runs: list[tuple[int, int]], step: int
+) -> None:
+    """``_steps`` of (gap before, size) runs, each read done as a file would (byte ``p``
+    of the file is ``p % 251``): every run ends up with its own bytes, each read is at
+    most ``step`` bytes back to back, the reads go front to back, and each run's last
+    piece is marked once, in order."""
+    laid, position = [], 0
+    for index, (gap, size) in enumerate(runs):
+        position += gap
+        laid.append((position, memoryview(bytearray(b"\xff" * size)), index))
+        position += size
+    reads = list(mapped_checkpoint._steps(laid, step))
+    ends = []
+    for at, pieces in reads:
+        assert sum(len(piece) for piece, _, _ in pieces) <= step
+        for piece, index, last in pieces:
+            piece[:] = bytes((at + k) % 251 for k in range(len(piece)))
+            at += len(piece)
+            ends += [index] if last else []
+    assert [at for at, _ in reads] == sorted(at for at, _ in reads)
+    assert ends == [index for _, _, index in laid]
+    for start, out, _ in laid:
+        assert bytes(out) == bytes((start + k) % 251 for k in range(len(out)))
+
+
+class _Trickle:
+    """A data file that reads at most ``most`` bytes per call, into one buffer only when
+    ``vectored`` is False (as a storage without ``readinto_many``)."""
+
+    def __init__(self, handle: Any, most: int, vectored: bool) -> None:
+        self._handle, self._most = handle, most
+        if vectored:
+            self.readinto_many = self._readinto_many
+
+    def readinto(self, position: int, out: memoryview) -> int:
+        return int(self._handle.readinto(position, out[: self._most]))
+
+    def _readinto_many(self, position: int, buffers: list[memoryview]) -> int:
+        left, capped = self._most, []
+        for buffer in buffers:
+            if left:
+                capped.append(buffer[:left])
+                left -= len(capped[-1])
+        return int(self._handle.readinto_many(position, capped))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+@pytest.mark.parametrize("vectored", [True, False], ids=["preadv", "readinto"])
+def test_short_reads_are_continued_across_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vectored: bool
+) -> None:
+    """Reads that return less than asked (a storage may) continue where they stopped,
+    across the runs one read spans, with or without a vectored read."""
+    monkeypatch.setattr(mapped_checkpoint, "_READ_STEP", 3 * 2**20 + 7)
+    rng = np.random.default_rng(0)
+    state = {f"t{i}": rng.standard_normal(2**18 + 5 * i).astype(np.float32) for i in range(5)}
+    prefix = str(tmp_path / "ckpt-1")
+    write_checkpoint(prefix, flatten_state(state), global_step=1)
+    targets = {k: np.zeros_like(v) for k, v in state.items()}
+    with open_checkpoint(prefix) as ckpt:
+        jobs = []
+        for name, target in targets.items():
+            entry = ckpt.entry(name)
+            base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
+            run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
+            assert run is not None
+            jobs.append((target.view(np.uint8), run))
+        for file in list(ckpt._files):
+            ckpt._files[file] = _Trickle(ckpt._files[file], 300_001, vectored)
+        assert ckpt.read_runs(jobs) == sum(v.nbytes for v in state.values())
+    for name, value in state.items():
+        assert np.array_equal(targets[name], value), name
+
+
 def test_claim_run_takes_only_a_whole_unchecked_run(tmp_path: Path) -> None:
     state = {"w": np.arange(_BIG, dtype=np.float32), "a": np.ones(3), "b": np.zeros(3)}
     prefix = str(tmp_path / "ckpt-1")
@@ -317,12 +400,19 @@ class _OrderedReads:
         self._entered, self._release = entered, release
 
     def readinto(self, position: int, out: memoryview) -> int:
+        self._wait(position)
+        return int(self._handle.readinto(position, out))
+
+    def readinto_many(self, position: int, buffers: list[memoryview]) -> int:
+        self._wait(position)
+        return int(self._handle.readinto_many(position, buffers))
+
+    def _wait(self, position: int) -> None:
         if position in self._held:
             self._entered.set()
             assert self._release.wait(30), "no run failed"
         elif position in self._after:
             assert self._entered.wait(30), "the long run's second step was never reached"
-        return int(self._handle.readinto(position, out))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handle, name)
@@ -333,7 +423,7 @@ def test_the_first_failure_stops_the_other_reads(
 ) -> None:
     """A long run is being read when a run of another file fails: the long one stops at
     its next step and the runs not yet started, in either file, are never read into
-    their destinations."""
+    their destinations (but for what the failing run's last read took of the next)."""
     step = 2**20
     monkeypatch.setattr(mapped_checkpoint, "_READ_STEP", step)
     rng = np.random.default_rng(0)
@@ -375,7 +465,12 @@ def test_the_first_failure_stops_the_other_reads(
         # step.
         with pytest.raises(errors.DataLossError, match=f"'{bad}'"):
             ckpt.read_runs(jobs, num_threads=2, stop=stop)
-    later = [name for name in read_from if name not in ("long", bad)]
+    # The run after the failing one shares its last read (one preadv up to the step,
+    # where the two lie back to back): that much of it is read, no more.
+    failing, after = entries[bad], entries[in_file[entries[bad].file][1]]
+    shared = -(failing.end - failing.start) % step if after.start == failing.end else 0
+    assert not targets[in_file[failing.file][1]].view(np.uint8)[shared:].any()
+    later = [name for name in read_from if name not in ("long", bad, in_file[failing.file][1])]
     assert not any(targets[name].any() for name in later), "read after the failure"
     read = targets["long"].view(np.uint8)
     assert np.array_equal(read[: 2 * step], state["long"].view(np.uint8)[: 2 * step])
@@ -391,6 +486,10 @@ class _Recorded:
     def readinto(self, position: int, out: memoryview) -> int:
         self._log.append((self._file, threading.get_ident(), position))
         return int(self._handle.readinto(position, out))
+
+    def readinto_many(self, position: int, buffers: list[memoryview]) -> int:
+        self._log.append((self._file, threading.get_ident(), position))
+        return int(self._handle.readinto_many(position, buffers))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handle, name)

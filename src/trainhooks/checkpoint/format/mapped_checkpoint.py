@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Any
@@ -57,7 +57,7 @@ _VERIFY_THREADS = 4
 # taking runs in offset order against a thread per file, best of 12: 0.294 against
 # 0.245-0.268 s (floor 0.218 s); 200 MiB in one file, 0.284 against 0.118 s (floor 0.107 s).
 _READ_FILES = 8
-_READ_STEP = 32 * 2**20
+_READ_STEP = 64 * 2**20
 # ...and makes a long run's pages resident this many bytes at a time.
 _POPULATE_STEP = 8 * 2**20
 
@@ -398,29 +398,34 @@ class MappedCheckpoint:
 
         def read(stream: list[tuple[np.ndarray[Any, Any], RunKey]]) -> int:
             try:
-                return sum(map(read_run, stream))
+                return read_file(stream)
             except BaseException:
                 stop.set()  # every other thread stops at its next step
                 raise
 
-        def read_run(job: tuple[np.ndarray[Any, Any], RunKey]) -> int:
-            destination, (file, index) = job
-            chunk = self.manifest.files[file].chunks[index]
-            if destination.nbytes != chunk.end - chunk.start:
-                raise ValueError(
-                    f"{file}: run {index} holds {chunk.end - chunk.start} bytes, the "
-                    f"destination {destination.nbytes}"
-                )
-            out = destination.data.cast("B")
-            hasher = xxhash.xxh3_128()
-            for done in range(0, len(out), _READ_STEP):
+        def read_file(stream: list[tuple[np.ndarray[Any, Any], RunKey]]) -> int:
+            """Read one file's runs in order, a step of up to ``_READ_STEP`` bytes (one
+            ``preadv``, the runs it spans side by side) at a time."""
+            file = stream[0][1][0]
+            runs = []
+            for destination, (_, index) in stream:
+                chunk = self.manifest.files[file].chunks[index]
+                if destination.nbytes != chunk.end - chunk.start:
+                    raise ValueError(
+                        f"{file}: run {index} holds {chunk.end - chunk.start} bytes, the "
+                        f"destination {destination.nbytes}"
+                    )
+                runs.append((chunk.start, destination.data.cast("B"), index))
+            hashers = {index: xxhash.xxh3_128() for _, _, index in runs}
+            for position, pieces in _steps(runs, _READ_STEP):
                 if stop.is_set():
                     raise CancelledError  # another run failed: read no more
-                step = out[done : done + _READ_STEP]
-                self._read_exactly(file, chunk.start + done, step)
-                hasher.update(step)
-            self._check(file, index, str(hasher.hexdigest()))
-            return len(out)
+                self._read_exactly(file, position, [piece for piece, _, _ in pieces])
+                for piece, index, last in pieces:
+                    hashers[index].update(piece)
+                    if last:
+                        self._check(file, index, str(hashers[index].hexdigest()))
+            return sum(len(out) for _, out, _ in runs)
 
         threads = min(len(streams), num_threads or _READ_FILES)
         if threads <= 1:
@@ -441,17 +446,27 @@ class MappedCheckpoint:
             raise (causes or failures)[0]
         return sum(f.result() for f in futures)
 
-    def _read_exactly(self, file: str, position: int, out: memoryview) -> None:
+    def _read_exactly(self, file: str, position: int, buffers: list[memoryview]) -> None:
+        """Fill ``buffers``, in order, with the file's bytes from ``position`` on."""
         handle = self._files[file]
-        done = 0
-        while done < len(out):
-            got = handle.readinto(position + done, out[done:])
+        readinto_many = getattr(handle, "readinto_many", None)
+        pending = [buffer for buffer in buffers if len(buffer)]
+        while pending:
+            if readinto_many is not None:
+                got = readinto_many(position, pending)
+            else:
+                got = handle.readinto(position, pending[0])
             if got <= 0:
                 raise DataLossError(
-                    f"Checkpoint {self.prefix}: file {file} ends at byte {position + done}, "
+                    f"Checkpoint {self.prefix}: file {file} ends at byte {position}, "
                     f"inside a tensor's bytes: it is shorter than when it was opened"
                 )
-            done += got
+            position += got
+            while got:  # drop what was filled
+                if got >= len(pending[0]):
+                    got -= len(pending.pop(0))
+                else:
+                    pending[0], got = pending[0][got:], 0
 
     def close(self) -> None:
         """Unmap the data files (those still viewed stay mapped until the views go)."""
@@ -502,6 +517,33 @@ class Locator:
     def many(self, names: list[str]) -> Located | None:
         """See :meth:`MappedCheckpoint.locate_many`."""
         return self._checkpoint.locate_many(names, unchecked=self._unchecked)
+
+
+def _steps(
+    runs: Sequence[tuple[int, memoryview, int]], step: int
+) -> Iterator[tuple[int, list[tuple[memoryview, int, bool]]]]:
+    """The reads that fill ``runs`` (``(position, destination, index)`` in file order):
+    ``(position, [(piece of a destination, index, whether it ends the run), ...])``,
+    each read at most ``step`` bytes of the file that lie back to back."""
+    position, pieces, size = 0, [], 0
+    for start, out, index in runs:
+        if not len(out):  # nothing to read; checked with the read it joins
+            if not pieces:
+                position = start
+            pieces.append((out, index, True))
+            continue
+        done = 0
+        while done < len(out):
+            if pieces and (position + size != start + done or size == step):
+                yield position, pieces
+                pieces, size = [], 0
+            if not pieces:
+                position = start + done
+            take = min(len(out) - done, step - size)
+            pieces.append((out[done : done + take], index, done + take == len(out)))
+            size, done = size + take, done + take
+    if pieces:
+        yield position, pieces
 
 
 def _checksum_mapped(file: ReadableFile, view: memoryview, start: int, end: int) -> str:

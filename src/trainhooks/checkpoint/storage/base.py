@@ -67,7 +67,8 @@ class ReadableFile(Protocol):
     (large reads where the page cache lacks them). Readers look it up with ``getattr``
     and do without it; ``LocalReadFile`` and ``MemoryStorage``'s files have it. Likewise
     ``prefetch(start, length)`` (``LocalReadFile``) starts reading the range in the
-    background and returns at once.
+    background and returns at once, and ``readinto_many(position, buffers)``
+    (``LocalReadFile``: one ``preadv``) fills several buffers from one position, in order.
     """
 
     size: int

@@ -11,7 +11,7 @@ import secrets
 import shutil
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from trainhooks.checkpoint.storage.base import PreconditionFailed
@@ -305,6 +305,13 @@ class LocalReadFile:
         if self.fd is None:
             raise ValueError(f"{self.path} is closed")
         return os.preadv(self.fd, [buffer], position)
+
+    def readinto_many(self, position: int, buffers: Sequence[memoryview]) -> int:
+        """Read into ``buffers`` in order from ``position`` on (one ``preadv``); the
+        bytes read, 0 at the end of the file."""
+        if self.fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return os.preadv(self.fd, buffers, position)
 
     def close(self) -> None:
         if self._map is not None:
