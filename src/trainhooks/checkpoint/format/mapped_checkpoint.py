@@ -52,10 +52,9 @@ RunKey = tuple[str, int]
 # cached, few enough to leave the copies' memory bandwidth alone.
 _VERIFY_THREADS = 4
 # read_runs() reads each data file front to back on a thread of its own, at most this
-# many files at once, READ_STEP bytes per read. Threads sharing one file (its readahead
-# follows one reader) were measured slower: 512 MiB in three files, cold, 2 threads
-# taking runs in offset order against a thread per file, best of 12: 0.294 against
-# 0.245-0.268 s (floor 0.218 s); 200 MiB in one file, 0.284 against 0.118 s (floor 0.107 s).
+# many files at once, up to _READ_STEP bytes per read. Threads sharing one file (its
+# readahead follows one reader) were slower, and so were smaller reads: docs/format.md
+# has the figures.
 _READ_FILES = 8
 _READ_STEP = 64 * 2**20
 # ...and makes a long run's pages resident this many bytes at a time.
@@ -369,17 +368,20 @@ class MappedCheckpoint:
 
         Each job is ``(destination, run)``: a writable, C-contiguous uint8 array of the
         run's size (the user's tensor, as bytes) and a run :meth:`claim_run` returned.
-        The run is read from the file (``readinto``: ``preadv`` on a local disk, into the
-        destination itself) ``_READ_STEP`` at a time and hashed as each step lands. Each
-        file is read front to back by one thread, the files side by side (at most
-        ``num_threads`` of them at once): one sequential reader per file, which is what
-        the kernel's readahead follows. One read of the disk and no second copy, but the
-        destination holds the bytes before they are checked: on a mismatch it holds the
-        corrupt ones.
+        The runs are read from the file into the destinations themselves, and each is
+        hashed as its bytes land. Each file is read front to back by one thread, the
+        files side by side (at most ``num_threads`` of them at once): one sequential
+        reader per file, which is what the kernel's readahead follows. Each read takes
+        up to ``_READ_STEP`` bytes of the file, the runs it spans back to back filled in
+        one call (``readinto_many``: one ``preadv`` on a local disk; else ``readinto``
+        per destination). One read of the disk and no second copy, but the destination
+        holds the bytes before they are checked: on a mismatch it holds the corrupt
+        ones.
 
         The first failure (or ``stop``, set from outside: :meth:`verify` alongside)
-        stops every thread before its next step and leaves the runs not started unread;
-        none is left reading when this returns or raises. A failure here sets ``stop``.
+        stops every thread before its next read and leaves the runs not started unread
+        (but for the part of the next run that shares the failing run's last read); none
+        is left reading when this returns or raises. A failure here sets ``stop``.
 
         Returns:
           The number of bytes read.
