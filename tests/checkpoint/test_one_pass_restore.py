@@ -212,23 +212,24 @@ def test_read_runs_refuses_a_file_truncated_after_it_was_opened(tmp_path: Path) 
 @given(
     runs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40)), max_size=8),
     step=st.integers(1, 32),
+    most=st.integers(1, 4),
 )
 def test_steps_cover_every_run_in_reads_of_at_most_a_step(
-    runs: list[tuple[int, int]], step: int
+    runs: list[tuple[int, int]], step: int, most: int
 ) -> None:
     """``_steps`` of (gap before, size) runs, each read done as a file would (byte ``p``
     of the file is ``p % 251``): every run ends up with its own bytes, each read is at
-    most ``step`` bytes back to back, the reads go front to back, and each run's last
-    piece is marked once, in order."""
+    most ``step`` bytes back to back in at most ``most`` pieces, the reads go front to
+    back, and each run's last piece is marked once, in order."""
     laid, position = [], 0
     for index, (gap, size) in enumerate(runs):
         position += gap
         laid.append((position, memoryview(bytearray(b"\xff" * size)), index))
         position += size
-    reads = list(mapped_checkpoint._steps(laid, step))
+    reads = list(mapped_checkpoint._steps(laid, step, most))
     ends = []
     for at, pieces in reads:
-        assert sum(len(piece) for piece, _, _ in pieces) <= step
+        assert sum(len(piece) for piece, _, _ in pieces) <= step and len(pieces) <= most
         for piece, index, last in pieces:
             piece[:] = bytes((at + k) % 251 for k in range(len(piece)))
             at += len(piece)
@@ -528,6 +529,30 @@ def test_each_file_is_read_front_to_back_by_one_thread(
         positions = [position for _, position in reads]
         assert positions == sorted(positions), f"{file} not read front to back"
     assert len({thread for _, thread, _ in log}) >= 2, "the files were not read side by side"
+
+
+def test_a_tensor_stored_once_is_read_into_each_of_two_arrays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One tensor under two names is stored once; restored into two separate arrays, the
+    one run is read into both, each read checked on its own."""
+    rng = np.random.default_rng(0)
+    table, weight = rng.standard_normal(_BIG).astype(np.float32), torch.randn(_BIG)
+    prefix = _save({"table": table, "again": [table], "w": weight, "tied": {"w": weight}}, tmp_path)
+    t1, t2, w1, w2 = (
+        np.zeros_like(table),
+        np.zeros_like(table),
+        torch.zeros(_BIG),
+        torch.zeros(_BIG),
+    )
+    evict(prefix)
+    caplog.set_level(logging.DEBUG, logger=_LOGGER)
+    Saver(atomic_restore=False).restore(
+        Session({"table": t1, "again": [t2], "w": w1, "tied": {"w": w2}}), prefix
+    )
+    assert np.array_equal(t1, table) and np.array_equal(t2, table)
+    assert torch.equal(w1, weight) and torch.equal(w2, weight)
+    assert _read_in_place(caplog)[0] >= 2  # both copies of at least one of the two
 
 
 def test_a_mismatch_found_by_the_checksum_pass_is_the_error_raised(tmp_path: Path) -> None:

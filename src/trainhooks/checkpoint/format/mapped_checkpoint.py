@@ -57,6 +57,8 @@ _VERIFY_THREADS = 4
 # has the figures.
 _READ_FILES = 8
 _READ_STEP = 64 * 2**20
+# ...in at most this many pieces (one preadv takes at most IOV_MAX, 1024 on Linux).
+_READ_PIECES = 512
 # ...and makes a long run's pages resident this many bytes at a time.
 _POPULATE_STEP = 8 * 2**20
 
@@ -380,7 +382,7 @@ class MappedCheckpoint:
 
         The first failure (or ``stop``, set from outside: :meth:`verify` alongside)
         stops every thread before its next read and leaves the runs not started unread
-        (but for the part of the next run that shares the failing run's last read); none
+        (but for those that share the failing run's last read, in part or whole); none
         is left reading when this returns or raises. A failure here sets ``stop``.
 
         Returns:
@@ -417,33 +419,37 @@ class MappedCheckpoint:
                         f"{file}: run {index} holds {chunk.end - chunk.start} bytes, the "
                         f"destination {destination.nbytes}"
                     )
-                runs.append((chunk.start, destination.data.cast("B"), index))
-            hashers = {index: xxhash.xxh3_128() for _, _, index in runs}
+                runs.append((chunk.start, destination.data.cast("B"), len(runs)))
+            # A hasher per job, not per run: one run may be read into two destinations
+            # (a tensor stored once, restored into two arrays).
+            hashers = [xxhash.xxh3_128() for _ in runs]
             for position, pieces in _steps(runs, _READ_STEP):
                 if stop.is_set():
                     raise CancelledError  # another run failed: read no more
                 self._read_exactly(file, position, [piece for piece, _, _ in pieces])
-                for piece, index, last in pieces:
-                    hashers[index].update(piece)
+                for piece, job, last in pieces:
+                    hashers[job].update(piece)
                     if last:
-                        self._check(file, index, str(hashers[index].hexdigest()))
+                        self._check(file, stream[job][1][1], str(hashers[job].hexdigest()))
             return sum(len(out) for _, out, _ in runs)
 
         threads = min(len(streams), num_threads or _READ_FILES)
         if threads <= 1:
             return sum(map(read, streams.values()))
         pool = ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-read")
-        futures = [pool.submit(read, stream) for stream in streams.values()]
+        futures = []
         try:
+            futures += (pool.submit(read, stream) for stream in streams.values())
             wait(futures, return_when=FIRST_EXCEPTION)
-        except BaseException:  # interrupted while waiting
+        except BaseException:  # interrupted while waiting, or no thread could start
             stop.set()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         failures = [e for f in futures if not f.cancelled() and (e := f.exception())]
         if failures:
-            # The failure itself, not a thread it stopped; the first in file order.
+            # The failure itself, not a thread it stopped; the first file's (by the
+            # offset of its first run).
             causes = [e for e in failures if not isinstance(e, CancelledError)]
             raise (causes or failures)[0]
         return sum(f.result() for f in futures)
@@ -522,21 +528,25 @@ class Locator:
 
 
 def _steps(
-    runs: Sequence[tuple[int, memoryview, int]], step: int
+    runs: Sequence[tuple[int, memoryview, int]], step: int, most: int = _READ_PIECES
 ) -> Iterator[tuple[int, list[tuple[memoryview, int, bool]]]]:
-    """The reads that fill ``runs`` (``(position, destination, index)`` in file order):
-    ``(position, [(piece of a destination, index, whether it ends the run), ...])``,
-    each read at most ``step`` bytes of the file that lie back to back."""
+    """The reads that fill ``runs`` (``(position, destination, key)`` in file order):
+    ``(position, [(piece of a destination, key, whether it ends the run), ...])``, each
+    read at most ``step`` bytes of the file that lie back to back, in at most ``most``
+    pieces."""
     position, pieces, size = 0, [], 0
     for start, out, index in runs:
         if not len(out):  # nothing to read; checked with the read it joins
+            if len(pieces) == most:
+                yield position, pieces
+                pieces, size = [], 0
             if not pieces:
                 position = start
             pieces.append((out, index, True))
             continue
         done = 0
         while done < len(out):
-            if pieces and (position + size != start + done or size == step):
+            if pieces and (position + size != start + done or size == step or len(pieces) == most):
                 yield position, pieces
                 pieces, size = [], 0
             if not pieces:
