@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import threading
 from collections.abc import Collection, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Any
 
@@ -411,7 +411,7 @@ class MappedCheckpoint:
             """Read one file's runs in order, a step of up to ``_READ_STEP`` bytes (one
             ``preadv``, the runs it spans side by side) at a time."""
             file = stream[0][1][0]
-            runs = []
+            runs: list[tuple[int, memoryview, int]] = []
             for destination, (_, index) in stream:
                 chunk = self.manifest.files[file].chunks[index]
                 if destination.nbytes != chunk.end - chunk.start:
@@ -437,7 +437,7 @@ class MappedCheckpoint:
         if threads <= 1:
             return sum(map(read, streams.values()))
         pool = ThreadPoolExecutor(threads, thread_name_prefix="trainhooks-read")
-        futures = []
+        futures: list[Future[int]] = []
         try:
             futures += (pool.submit(read, stream) for stream in streams.values())
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -534,7 +534,8 @@ def _steps(
     ``(position, [(piece of a destination, key, whether it ends the run), ...])``, each
     read at most ``step`` bytes of the file that lie back to back, in at most ``most``
     pieces."""
-    position, pieces, size = 0, [], 0
+    position, size = 0, 0
+    pieces: list[tuple[memoryview, int, bool]] = []
     for start, out, index in runs:
         if not len(out):  # nothing to read; checked with the read it joins
             if len(pieces) == most:
