@@ -209,6 +209,18 @@ def test_read_runs_refuses_a_file_truncated_after_it_was_opened(tmp_path: Path) 
             ckpt.read_runs([(target.view(np.uint8), run)])
 
 
+def _claimed(ckpt: Any, targets: dict[str, np.ndarray[Any, Any]]) -> list[Any]:
+    """``read_runs`` jobs: each target with the run of its name, claimed."""
+    jobs = []
+    for name, target in targets.items():
+        entry = ckpt.entry(name)
+        base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
+        run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
+        assert run is not None
+        jobs.append((target.view(np.uint8), run))
+    return jobs
+
+
 @given(
     runs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40)), max_size=8),
     step=st.integers(1, 32),
@@ -277,13 +289,7 @@ def test_short_reads_are_continued_across_runs(
     write_checkpoint(prefix, flatten_state(state), global_step=1)
     targets = {k: np.zeros_like(v) for k, v in state.items()}
     with open_checkpoint(prefix) as ckpt:
-        jobs = []
-        for name, target in targets.items():
-            entry = ckpt.entry(name)
-            base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
-            run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
-            assert run is not None
-            jobs.append((target.view(np.uint8), run))
+        jobs = _claimed(ckpt, targets)
         for file in list(ckpt._files):
             ckpt._files[file] = _Trickle(ckpt._files[file], 300_001, vectored)
         assert ckpt.read_runs(jobs) == sum(v.nbytes for v in state.values())
@@ -447,13 +453,7 @@ def test_the_first_failure_stops_the_other_reads(
     targets = {k: np.zeros_like(v) for k, v in state.items()}
     stop, entered = threading.Event(), threading.Event()
     with open_checkpoint(prefix) as ckpt:
-        jobs = []
-        for name in read_from:
-            target, entry = targets[name], ckpt.entry(name)
-            base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
-            run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
-            assert run is not None
-            jobs.append((target.view(np.uint8), run))
+        jobs = _claimed(ckpt, {name: targets[name] for name in read_from})
         files, failing = ckpt._files, entries[bad]
         held = range(long.start + step, long.end)
         files[long.file] = _OrderedReads(files[long.file], held=held, entered=entered, release=stop)
@@ -468,10 +468,11 @@ def test_the_first_failure_stops_the_other_reads(
             ckpt.read_runs(jobs, num_threads=2, stop=stop)
     # The run after the failing one shares its last read (one preadv up to the step,
     # where the two lie back to back): that much of it is read, no more.
-    failing, after = entries[bad], entries[in_file[entries[bad].file][1]]
-    shared = -(failing.end - failing.start) % step if after.start == failing.end else 0
-    assert not targets[in_file[failing.file][1]].view(np.uint8)[shared:].any()
-    later = [name for name in read_from if name not in ("long", bad, in_file[failing.file][1])]
+    next_name = in_file[failing.file][1]
+    next_run = entries[next_name]
+    shared = -(failing.end - failing.start) % step if next_run.start == failing.end else 0
+    assert not targets[next_name].view(np.uint8)[shared:].any()
+    later = [name for name in read_from if name not in ("long", bad, next_name)]
     assert not any(targets[name].any() for name in later), "read after the failure"
     read = targets["long"].view(np.uint8)
     assert np.array_equal(read[: 2 * step], state["long"].view(np.uint8)[: 2 * step])
@@ -510,13 +511,7 @@ def test_each_file_is_read_front_to_back_by_one_thread(
     targets = {k: np.zeros_like(v) for k, v in state.items()}
     log: list[tuple[str, int, int]] = []
     with open_checkpoint(prefix) as ckpt:
-        jobs = []
-        for name, target in targets.items():
-            entry = ckpt.entry(name)
-            base = np.frombuffer(ckpt._views[entry.file], np.uint8).ctypes.data
-            run = ckpt.claim_run(base + entry.start, entry.end - entry.start)
-            assert run is not None
-            jobs.append((target.view(np.uint8), run))
+        jobs = _claimed(ckpt, targets)
         for file in list(ckpt._files):
             ckpt._files[file] = _Recorded(ckpt._files[file], file, log)
         assert ckpt.read_runs(jobs, num_threads=4) == total
