@@ -64,7 +64,7 @@ def restore_checkpoint(
         pass over the data and no second copy. The rest is checked as before; the state
         must still fit the checkpoint before anything is read. A corrupt checkpoint
         still raises ``DataLossError``, but the tensors read before the restore stopped
-        (the first failure stops every reading thread at its next 8 MiB step) then
+        (the first failure stops every reading thread before its next read) then
         hold its values (the error, or the note added to any other exception, says
         so). Ignored with ``strict=False``: a checkpoint restored after
         such a failure need not cover every tensor the failed one wrote.
