@@ -102,7 +102,10 @@ def test_restore_into_existing_arrays_of_every_layout(tmp_path: Path, cached: bo
     assert prefix is not None
     objects = _leaves(state)
     _zero(state)
-    cache(prefix) if cached else evict(prefix)
+    if cached:
+        cache(prefix)
+    else:
+        evict(prefix)
     Saver().restore(Session(state), prefix)
     assert _snapshot(state) == saved
     for key, value in _leaves(state).items():
@@ -219,7 +222,10 @@ def test_a_corrupt_byte_leaves_the_state_untouched(
         prefix = Saver().save(Session(state), str(directory / "model.ckpt"), global_step=3)
         assert prefix is not None
         flip_byte_of(prefix, tensor, where)
-        cache(prefix) if cached else evict(prefix)
+        if cached:
+            cache(prefix)
+        else:
+            evict(prefix)
         target = _layouts(np.random.default_rng(4))  # other values: must stay as they are
         before = _snapshot(target)
         with pytest.raises(errors.DataLossError):

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from trainhooks.checkpoint.format.opening import open_checkpoint
 from trainhooks.checkpoint.format.tensor import TensorData
@@ -91,28 +92,35 @@ def flip_byte_of(prefix: str, tensor: str, where: float | None = None, *, mask: 
 def cache(prefix: str) -> None:
     """Read the checkpoint's files whole, so that the next read comes from the page cache
     (a save writes its data files with ``O_DIRECT``: they are not cached after it), and
-    check that every page is resident where the OS can tell (``mincore``, on Linux)."""
+    check that every page is resident where the OS can tell (``mincore``, on Linux).
+
+    A machine short of memory may evict pages between the read and the check: after
+    three tries the test is skipped, its premise (a cached checkpoint) not met.
+    """
     for name in os.listdir(prefix):
         path = os.path.join(prefix, name)
-        with open(path, "rb", buffering=0) as f:
-            while f.read(8 * 2**20):
-                pass
-        resident = _resident_fraction(path)
-        assert resident in (None, 1.0), f"{path}: {resident:.0%} of it cached after reading"
+        for _ in range(3):
+            with open(path, "rb", buffering=0) as f:
+                while f.read(8 * 2**20):
+                    pass
+            resident = _resident_fraction(path)
+            if resident in (None, 1.0):
+                break
+        else:
+            pytest.skip(f"{path}: only {resident:.0%} of it stayed cached after reading")
 
 
 def _resident_fraction(path: str) -> float | None:
     """The fraction of the file's pages in the page cache; None where ``mincore`` is not
     available (not Linux) or the file is empty."""
     import ctypes
-    import ctypes.util
     import mmap
     import sys
 
     size = os.path.getsize(path)
     if not sys.platform.startswith("linux") or size == 0:
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's mincore
     pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     vector = (ctypes.c_ubyte * pages)()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
