@@ -75,7 +75,12 @@ def run_job(
     results = []
     for rank in range(world):
         path = directory / f"result-{rank}.json"
-        result = json.loads(path.read_text()) if path.exists() else {"rank": rank}
+        try:
+            result = json.loads(path.read_text()) if path.exists() else {"rank": rank}
+        except json.JSONDecodeError:
+            if rank not in killed:
+                raise
+            result = {"rank": rank}  # killed while it wrote its result: none
         result["stderr"] = logs[rank].read_text()[-3000:]
         result["returncode"] = procs[rank].returncode
         result["killed_at_deadline"] = rank in killed
