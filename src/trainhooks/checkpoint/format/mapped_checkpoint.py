@@ -404,7 +404,7 @@ class MappedCheckpoint:
             try:
                 return read_file(stream)
             except BaseException:
-                stop.set()  # every other thread stops at its next step
+                stop.set()  # every other thread stops before its next read
                 raise
 
         def read_file(stream: list[tuple[np.ndarray[Any, Any], RunKey]]) -> int:
