@@ -401,7 +401,28 @@ def test_a_restore_with_strict_false_stays_atomic(tmp_path: Path) -> None:
     assert (target["new"] == 7.0).all()
 
 
-class _OrderedReads:
+class _Watched:
+    """A data file whose every read first calls :meth:`_before` with its position; all
+    else is the wrapped handle's."""
+
+    _handle: Any
+
+    def readinto(self, position: int, out: memoryview) -> int:
+        self._before(position)
+        return int(self._handle.readinto(position, out))
+
+    def readinto_many(self, position: int, buffers: list[memoryview]) -> int:
+        self._before(position)
+        return int(self._handle.readinto_many(position, buffers))
+
+    def _before(self, position: int) -> None:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+class _OrderedReads(_Watched):
     """A data file whose reads are put in order across two threads: a read in ``held`` (a
     byte range) sets ``entered`` and waits until ``release`` is set; a read in ``after``
     waits until ``entered`` is set. So the long run's thread is inside its second step,
@@ -420,23 +441,12 @@ class _OrderedReads:
         self._handle, self._held, self._after = handle, held, after
         self._entered, self._release = entered, release
 
-    def readinto(self, position: int, out: memoryview) -> int:
-        self._wait(position)
-        return int(self._handle.readinto(position, out))
-
-    def readinto_many(self, position: int, buffers: list[memoryview]) -> int:
-        self._wait(position)
-        return int(self._handle.readinto_many(position, buffers))
-
-    def _wait(self, position: int) -> None:
+    def _before(self, position: int) -> None:
         if position in self._held:
             self._entered.set()
             assert self._release.wait(30), "no run failed"
         elif position in self._after:
             assert self._entered.wait(30), "the long run's second step was never reached"
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
 
 
 def test_the_first_failure_stops_the_other_reads(
@@ -493,7 +503,7 @@ def test_the_first_failure_stops_the_other_reads(
     assert not read[2 * step :].any(), "the long run was not stopped at its next step"
 
 
-class _Recorded:
+class _Recorded(_Watched):
     """A data file that records which thread read which position; its first read waits
     at ``together`` until every file's first read is there (the files read side by side,
     or the barrier breaks)."""
@@ -504,22 +514,11 @@ class _Recorded:
         self._handle, self._file, self._log, self._together = handle, file, log, together
         self._first = True
 
-    def readinto(self, position: int, out: memoryview) -> int:
-        self._record(position)
-        return int(self._handle.readinto(position, out))
-
-    def readinto_many(self, position: int, buffers: list[memoryview]) -> int:
-        self._record(position)
-        return int(self._handle.readinto_many(position, buffers))
-
-    def _record(self, position: int) -> None:
+    def _before(self, position: int) -> None:
         self._log.append((self._file, threading.get_ident(), position))
         if self._first:
             self._first = False
             self._together.wait()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
 
 
 def test_each_file_is_read_front_to_back_by_one_thread(
